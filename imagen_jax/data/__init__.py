@@ -1,0 +1,5 @@
+"""Input data: shard listing (`shards`), the tf.data pipeline (`pipeline`), the synthetic demo set (`demo`).
+
+Submodules are imported explicitly (`from imagen_jax.data.pipeline import make_dataset`) so that code which
+only needs the demo classifiers does not pay for importing TensorFlow.
+"""

@@ -1,0 +1,54 @@
+"""Classifier-free guidance and x0 thresholding (Imagen section 2.2-2.3).
+
+High guidance weights push the predicted x0 far outside the data range [-1, 1]; sampling then diverges or
+saturates. Static clipping cuts values at +-1; dynamic thresholding rescales each image by a high
+percentile of its |x0| so saturated pixels are pushed inwards instead of flattened.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+THRESHOLD_MODES = ("dynamic", "static", "none")
+
+
+def guided_prediction(pred_cond: jax.Array, pred_uncond: jax.Array, scale: float | jax.Array) -> jax.Array:
+    """uncond + scale (cond - uncond): scale 1 is the plain conditional model, > 1 strengthens the text."""
+    return pred_uncond + scale * (pred_cond - pred_uncond)
+
+
+def check_percentile(percentile: float) -> None:
+    """Raises ValueError unless 0 < percentile <= 1 (a quantile level, not a percent)."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"thresholding percentile must be in (0, 1] (e.g. 0.995), got {percentile}")
+
+
+def dynamic_threshold(x0: jax.Array, percentile: float = 0.995) -> jax.Array:
+    """Per example: s = max(quantile(|x0|, percentile), 1); x0 -> clip(x0, -s, s) / s, so x0 lies in [-1, 1]."""
+    check_percentile(percentile)
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+
+
+def static_clip(x0: jax.Array) -> jax.Array:
+    """Clips x0 to the data range [-1, 1]."""
+    return jnp.clip(x0, -1.0, 1.0)
+
+
+def check_threshold_mode(mode: str) -> None:
+    """Raises ValueError for an unknown thresholding mode (call early, before tracing)."""
+    if mode not in THRESHOLD_MODES:
+        raise ValueError(f"unknown thresholding mode {mode!r}; valid modes: {', '.join(THRESHOLD_MODES)}")
+
+
+def threshold(x0: jax.Array, mode: str = "dynamic", percentile: float = 0.995) -> jax.Array:
+    """Applies the named thresholding ('dynamic', 'static' or 'none') to an x0 estimate."""
+    check_threshold_mode(mode)
+    if mode == "dynamic":
+        return dynamic_threshold(x0, percentile)
+    if mode == "static":
+        return static_clip(x0)
+    return x0

@@ -1,0 +1,39 @@
+"""Image output: [-1,1] floats -> uint8, grids, and PNG files written atomically (write, then rename)."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[..., H, W, 3] floats in [-1, 1] -> uint8 [0, 255]."""
+    images = np.asarray(images, dtype=np.float32)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 [N,H,W,3] -> one uint8 [rows*H, cols*W, 3] grid with `pad` white pixels between tiles."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    """Writes a uint8 [H,W,3] PNG to a temporary name and renames it, so no half-written file is left."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)

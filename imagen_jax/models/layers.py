@@ -1,0 +1,334 @@
+"""Building blocks shared by the Imagen U-Nets (base 64x64 and the super-resolution stages).
+
+Conventions:
+  * images are NHWC; text tokens are [B, L, C] with a bool mask [B, L] (True = valid token);
+  * parameters are always float32 and carry logical axis names (``nnx.with_partitioning``) from the
+    vocabulary ``conv_h, conv_w, channels_in, channels_out, text_embed`` (None = unsharded); the
+    training code maps these names to mesh axes with a rules table;
+  * ``dtype`` is the compute dtype: matmuls/convs run in it, normalisation statistics and softmax
+    run in float32 and are cast back, so bfloat16 compute stays numerically safe;
+  * dropout is functional: a block gets a PRNG key (or None for deterministic) at call time and
+    never mutates ``nnx.Rngs`` state, so the model runs inside a pure ``jax.jit`` over
+    ``nnx.split`` state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Names = tuple[str | None, ...]
+
+CONV_NAMES: Names = ("conv_h", "conv_w", "channels_in", "channels_out")
+DENSE_NAMES: Names = ("channels_in", "channels_out")
+VECTOR_NAMES: Names = ("channels_out",)
+
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+_default_kernel = nnx.initializers.lecun_normal()
+
+
+def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], names: Names) -> nnx.Param:
+    """A float32 parameter annotated with logical axis ``names``."""
+    if len(names) != len(shape):
+        raise ValueError(f"axis names {names} do not match parameter shape {tuple(shape)}")
+    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), tuple(shape), jnp.float32))
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype,
+    zero_init: bool = False,
+    kernel_names: Names = DENSE_NAMES,
+) -> nnx.Linear:
+    """Linear layer on the last axis with annotated float32 params and ``dtype`` compute."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, kernel_names),
+        bias_init=nnx.with_partitioning(_zeros, VECTOR_NAMES),
+        rngs=rngs,
+    )
+
+
+def conv(
+    in_channels: int,
+    out_channels: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype,
+    kernel_size: int = 3,
+    stride: int = 1,
+    zero_init: bool = False,
+) -> nnx.Conv:
+    """Square NHWC convolution with symmetric padding ``kernel_size // 2`` (size-preserving at
+    stride 1, exact halving at stride 2 for even sizes)."""
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        kernel_size=(kernel_size, kernel_size),
+        strides=stride,
+        padding=kernel_size // 2,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, CONV_NAMES),
+        bias_init=nnx.with_partitioning(_zeros, VECTOR_NAMES),
+        rngs=rngs,
+    )
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+    """Group count for GroupNorm: 32 where channels allow it, else the largest divisor of 32 that
+    divides ``channels`` (so tiny test widths such as 16 or 48 work)."""
+    return math.gcd(max_groups, channels)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over (H, W, channels-in-group) of NHWC input; statistics in float32."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5):
+        self.groups = num_groups(channels)
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, _ones, (channels,), VECTOR_NAMES)
+        self.bias = param(rngs, _zeros, (channels,), VECTOR_NAMES)
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis (text tokens); statistics in float32."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, _ones, (channels,), VECTOR_NAMES)
+        self.bias = param(rngs, _zeros, (channels,), VECTOR_NAMES)
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(axis=-1, keepdims=True)
+        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout; identity when ``key`` is None or ``rate`` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def fold_key(key: Array | None, index: int) -> Array | None:
+    """A distinct dropout key per layer index (None stays None: deterministic)."""
+    return None if key is None else jax.random.fold_in(key, index)
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+    """Sinusoidal features [B, dim] of continuous time ``t`` in [0, 1], scaled by 1000 so the
+    frequencies span the same range as for DDPM's integer steps."""
+    if dim % 2:
+        raise ValueError(f"timestep embedding width must be even, got {dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (t.astype(jnp.float32) * 1000.0)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimeEmbedding(nnx.Module):
+    """t -> sinusoidal(dim) -> Linear -> SiLU -> Linear, giving the conditioning embedding width."""
+
+    def __init__(self, dim: int, emb_dim: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.dim = dim
+        self.dtype = dtype
+        self.fc1 = dense(dim, emb_dim, rngs=rngs, dtype=dtype)
+        self.fc2 = dense(emb_dim, emb_dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, t: Array) -> Array:
+        h = timestep_embedding(t, self.dim).astype(self.dtype)
+        return self.fc2(jax.nn.silu(self.fc1(h)))
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
+    """Multi-head attention; q [B,Lq,H,D], k/v [B,Lk,H,D], mask [B,Lk] bool (True = attend).
+
+    Masked logits are *replaced* by the float32 minimum (not added to), so fully masked rows give a
+    finite uniform average instead of NaN, and masked keys get exactly zero weight otherwise.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _split_heads(x: Array, head_dim: int) -> Array:
+    return x.reshape(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
+
+
+def _check_heads(channels: int, head_dim: int) -> None:
+    if channels % head_dim:
+        raise ValueError(f"attention width {channels} is not a multiple of head_dim {head_dim}")
+
+
+class ResBlock(nnx.Module):
+    """BigGAN/ADM residual block with FiLM conditioning:
+
+    GN -> SiLU -> conv3x3 -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv3x3 (zero-init),
+    where (scale, shift) = Linear(SiLU(emb)); the skip is a 1x1 conv when channels change.
+    The zero-initialised last conv makes every block start as the identity.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        *,
+        dropout_rate: float,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+    ):
+        self.dropout_rate = dropout_rate
+        self.norm1 = GroupNorm(in_channels, rngs=rngs, dtype=dtype)
+        self.conv1 = conv(in_channels, out_channels, rngs=rngs, dtype=dtype)
+        self.film = dense(emb_dim, 2 * out_channels, rngs=rngs, dtype=dtype)
+        self.norm2 = GroupNorm(out_channels, rngs=rngs, dtype=dtype)
+        self.conv2 = conv(out_channels, out_channels, rngs=rngs, dtype=dtype, zero_init=True)
+        self.skip = (
+            conv(in_channels, out_channels, rngs=rngs, dtype=dtype, kernel_size=1)
+            if in_channels != out_channels
+            else None
+        )
+
+    def __call__(self, x: Array, emb: Array, dropout_key: Array | None = None) -> Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        scale, shift = jnp.split(self.film(jax.nn.silu(emb))[:, None, None, :], 2, axis=-1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(dropout(jax.nn.silu(h), self.dropout_rate, dropout_key))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class SelfAttention(nnx.Module):
+    """Residual multi-head self-attention over the H*W positions (pre-GroupNorm, zero-init
+    output projection)."""
+
+    def __init__(self, channels: int, *, head_dim: int, rngs: nnx.Rngs, dtype: jnp.dtype):
+        _check_heads(channels, head_dim)
+        self.head_dim = head_dim
+        self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
+        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.k = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.v = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+
+    def __call__(self, x: Array) -> Array:
+        b, hgt, wid, c = x.shape
+        h = self.norm(x).reshape(b, hgt * wid, c)
+        q, k, v = (_split_heads(proj(h), self.head_dim) for proj in (self.q, self.k, self.v))
+        o = attention(q, k, v).reshape(b, hgt, wid, c)
+        return x + self.out(o)
+
+
+class CrossAttention(nnx.Module):
+    """Residual multi-head cross-attention from image positions to (masked) text tokens.
+
+    ``context`` is [B, L, context_dim] (already normalised by the caller), ``mask`` [B, L] bool.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context_dim: int,
+        *,
+        head_dim: int,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+    ):
+        _check_heads(channels, head_dim)
+        self.head_dim = head_dim
+        self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
+        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.k = dense(context_dim, channels, rngs=rngs, dtype=dtype)
+        self.v = dense(context_dim, channels, rngs=rngs, dtype=dtype)
+        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+
+    def __call__(self, x: Array, context: Array, mask: Array) -> Array:
+        b, hgt, wid, c = x.shape
+        q = _split_heads(self.q(self.norm(x).reshape(b, hgt * wid, c)), self.head_dim)
+        k = _split_heads(self.k(context), self.head_dim)
+        v = _split_heads(self.v(context), self.head_dim)
+        o = attention(q, k, v, mask).reshape(b, hgt, wid, c)
+        return x + self.out(o)
+
+
+class AttentionPool(nnx.Module):
+    """Pools masked text tokens [B, L, C] into one vector [B, out_dim] with multi-head attention
+    from a single learned query (Imagen adds this pooled text to the timestep embedding)."""
+
+    def __init__(
+        self,
+        channels: int,
+        out_dim: int,
+        *,
+        head_dim: int,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+    ):
+        _check_heads(channels, head_dim)
+        self.head_dim = head_dim
+        self.dtype = dtype
+        query_init = nnx.initializers.normal(1.0)
+        self.query = param(rngs, query_init, (1, channels), (None, "channels_out"))
+        self.k = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.v = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.out = dense(channels, out_dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, tokens: Array, mask: Array) -> Array:
+        b = tokens.shape[0]
+        q = jnp.broadcast_to(self.query[...].astype(self.dtype), (b, *self.query.shape))
+        q = _split_heads(q, self.head_dim)
+        k = _split_heads(self.k(tokens), self.head_dim)
+        v = _split_heads(self.v(tokens), self.head_dim)
+        pooled = attention(q, k, v, mask)
+        return self.out(pooled.reshape(b, -1))
+
+
+class Downsample(nnx.Module):
+    """Halves H and W with a stride-2 3x3 conv (ADM's conv_resample)."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.conv = conv(channels, channels, rngs=rngs, dtype=dtype, stride=2)
+
+    def __call__(self, x: Array) -> Array:
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    """Doubles H and W with nearest-neighbour repetition followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.conv = conv(channels, channels, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)

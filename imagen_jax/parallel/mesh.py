@@ -1,0 +1,91 @@
+"""The device mesh and the logical-name -> mesh-axis rules that shard parameters and batches.
+
+Every parameter carries logical axis names (`nnx.with_partitioning`); a rules table in the config maps
+each name to a mesh axis (`data`, `fsdp`, `tensor`) or to nothing. A dimension that the mesh axis does not
+divide is replicated instead, so small layers of a big model never fail to shard.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+# Batches are split over every axis that holds data-parallel replicas.
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_cfg[a]) for a in AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {dict(zip(AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: axis sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, have {len(devices)}")
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, str | None]:
+    """The config's rules table ((logical_name, mesh_axis_or_None), ...) as a dict."""
+    table = {}
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"mesh.rules: each rule is (logical_name, mesh_axis or None), got {rule!r}")
+        name, axis = rule
+        if axis is not None and axis not in AXES:
+            raise ValueError(f"mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; axes are {AXES}")
+        table[name] = axis
+    return table
+
+
+def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: dict) -> P:
+    """PartitionSpec for one array: each named dim goes to its mesh axis when that axis divides it."""
+    if not names:
+        return P()
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        axis = rules.get(name) if name is not None else None
+        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+            spec.append(None)
+        else:
+            spec.append(axis)
+            used.add(axis)
+    return P(*spec)
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict) -> nnx.State:
+    """NamedShardings for an (abstract) nnx.State, read from each variable's logical names."""
+
+    def one(variable: nnx.Variable) -> nnx.Variable:
+        names = variable.get_metadata().get("out_sharding")
+        return variable.replace(NamedSharding(mesh, spec_for(names, variable.shape, mesh, rules)))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the data-parallel axes; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each host's local batch into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

@@ -1,0 +1,327 @@
+"""Frozen T5 encoder in Flax NNX, loaded from Hugging Face checkpoints without torch.
+
+Covers T5 v1.0 (ReLU feed-forward) and v1.1 / FLAN-T5 (gated GELU). The math follows Hugging
+Face's `T5EncoderModel`: RMS layer norm without mean or bias (variance in float32), unscaled
+dot-product attention, a bucketed relative position bias owned by the first layer and shared by
+all layers, and a final layer norm. Inference only: no dropout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import DTypeLike
+from safetensors import safe_open
+
+from imagen_jax.text.tokenizer import Tokenizer
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """The fields of a Hugging Face T5 config.json that the encoder uses."""
+
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_heads: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+
+    def __post_init__(self) -> None:
+        _activation_name(self.feed_forward_proj)  # fail at load time, naming the bad value
+
+    @classmethod
+    def from_json(cls, path: str) -> T5Config:
+        """Reads config.json; the size fields are required, the rest default as in transformers."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: T5 config.json not found")
+        with open(path) as f:
+            raw = json.load(f)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, field in fields.items():
+            if field.default is dataclasses.MISSING and name not in raw:
+                raise KeyError(f"{path}: missing key '{name}'")
+        return cls(**{k: v for k, v in raw.items() if k in fields})
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> Callable[[jax.Array], jax.Array]:
+        return _ACTIVATIONS[_activation_name(self.feed_forward_proj)]
+
+
+def _activation_name(feed_forward_proj: str) -> str:
+    """Maps "ACT" or "gated-ACT" to ACT; as in transformers, "gated-gelu" is the tanh GELU."""
+    if feed_forward_proj == "gated-gelu":
+        return "gelu_new"
+    name = feed_forward_proj.removeprefix("gated-")
+    if name not in _ACTIVATIONS:
+        raise ValueError(
+            f"unsupported feed_forward_proj '{feed_forward_proj}' (expected ACT or gated-ACT, ACT in {sorted(_ACTIVATIONS)})"
+        )
+    return name
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bidirectional T5 buckets of (key - query) for a length x length attention, int32 [L, L].
+
+    Half of the buckets hold keys after the query. Within a half, distances below a quarter of the
+    buckets are exact, larger ones are log-spaced up to `max_distance` and clamped beyond it.
+    Computed in float32 like transformers so the bucket boundaries agree exactly.
+    """
+    relative = np.arange(length)[None, :] - np.arange(length)[:, None]
+    half = num_buckets // 2
+    buckets = (relative > 0).astype(np.int32) * half
+    distance = np.abs(relative)
+    max_exact = half // 2
+    log_ratio = np.log(np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact))
+    scaled = log_ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
+    large = np.minimum(max_exact + scaled.astype(np.int32), half - 1)
+    return buckets + np.where(distance < max_exact, distance, large).astype(np.int32)
+
+
+def _param(shape: Sequence[int], names: tuple[str, ...], dtype: DTypeLike, init: jax.Array | None) -> nnx.Param:
+    """A parameter with logical axis names; sharded later by the caller's rules, not eagerly."""
+    value = jnp.ones(shape, dtype) if init is None else init.astype(dtype)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """T5 layer norm: scale * x / rms(x); no mean subtraction, no bias, variance in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype: DTypeLike) -> None:
+        self.scale = _param((dim,), ("embed",), dtype, None)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        return self.scale[...] * (x32 * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """Bias-free projection with kernel [in, out] (Hugging Face stores [out, in])."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+        init = jax.random.normal(rngs.params(), (d_in, d_out)) / math.sqrt(d_in)
+        self.kernel = _param((d_in, d_out), names, dtype, init)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...]
+
+
+class T5Block(nnx.Module):
+    """Pre-norm self-attention and feed-forward sublayers with residual connections."""
+
+    def __init__(self, cfg: T5Config, dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+        inner = cfg.num_heads * cfg.d_kv
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
+        self.q = Dense(cfg.d_model, inner, ("embed", "heads_x_dim"), dtype, rngs)
+        self.k = Dense(cfg.d_model, inner, ("embed", "heads_x_dim"), dtype, rngs)
+        self.v = Dense(cfg.d_model, inner, ("embed", "heads_x_dim"), dtype, rngs)
+        self.o = Dense(inner, cfg.d_model, ("heads_x_dim", "embed"), dtype, rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
+        if cfg.is_gated:
+            self.wi_0 = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), dtype, rngs)
+            self.wi_1 = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), dtype, rngs)
+        else:
+            self.wi = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), dtype, rngs)
+        self.wo = Dense(cfg.d_ff, cfg.d_model, ("mlp", "embed"), dtype, rngs)
+
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """x: [B, L, D]; bias: float32 [B or 1, H, L, L] position bias plus mask."""
+        b, length, _ = x.shape
+        heads = (b, length, self.cfg.num_heads, self.cfg.d_kv)
+        h = self.attn_norm(x)
+        q, k, v = (proj(h).reshape(heads) for proj in (self.q, self.k, self.v))
+        # T5 folds 1/sqrt(d_kv) into the q initialisation: no scaling here. Softmax in float32.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, -1)
+        x = x + self.o(attended)
+        h = self.ffn_norm(x)
+        if self.cfg.is_gated:
+            hidden = self.cfg.activation(self.wi_0(h)) * self.wi_1(h)
+        else:
+            hidden = self.cfg.activation(self.wi(h))
+        return x + self.wo(hidden)
+
+
+class T5EncoderModule(nnx.Module):
+    """Token embedding, T5 blocks sharing one relative position bias, final layer norm."""
+
+    def __init__(self, cfg: T5Config, *, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        embed = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model))
+        self.embed = _param((cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, embed)
+        bias = jax.random.normal(rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads))
+        self.relative_bias = _param(bias.shape, ("relpos_buckets", "heads"), dtype, bias)
+        self.blocks = nnx.List([T5Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids int [B, L], attention_mask bool/int [B, L] -> hidden states [B, L, d_model]."""
+        length = input_ids.shape[1]
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        buckets = relative_position_buckets(
+            length, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance
+        )
+        position_bias = jnp.take(self.relative_bias[...], buckets, axis=0).transpose(2, 0, 1)[None]
+        key_mask = jnp.asarray(attention_mask, jnp.bool_)[:, None, None, :]
+        bias = position_bias.astype(jnp.float32) + jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)
+        for block in self.blocks:
+            x = block(x, bias)
+        return self.final_norm(x)
+
+
+def hf_tensor_names(cfg: T5Config) -> dict[tuple, tuple[str, bool]]:
+    """Maps each parameter path of T5EncoderModule to (Hugging Face tensor name, transpose?)."""
+    names: dict[tuple, tuple[str, bool]] = {
+        ("embed",): ("encoder.embed_tokens.weight", False),
+        ("relative_bias",): ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False),
+        ("final_norm", "scale"): ("encoder.final_layer_norm.weight", False),
+    }
+    ffn = ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
+    for i in range(cfg.num_layers):
+        prefix = f"encoder.block.{i}.layer"
+        names[("blocks", i, "attn_norm", "scale")] = (f"{prefix}.0.layer_norm.weight", False)
+        names[("blocks", i, "ffn_norm", "scale")] = (f"{prefix}.1.layer_norm.weight", False)
+        for proj in ("q", "k", "v", "o"):
+            names[("blocks", i, proj, "kernel")] = (f"{prefix}.0.SelfAttention.{proj}.weight", True)
+        for proj in ffn:
+            names[("blocks", i, proj, "kernel")] = (f"{prefix}.1.DenseReluDense.{proj}.weight", True)
+    return names
+
+
+class _SafetensorsFolder:
+    """Reads single tensors lazily from model.safetensors or a sharded index, never the rest."""
+
+    def __init__(self, folder: str, stack: contextlib.ExitStack) -> None:
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        self._stack = stack
+        self._handles: dict[str, object] = {}
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: missing key 'weight_map'")
+            self.source = index
+            self.where = {key: os.path.join(folder, name) for key, name in weight_map.items()}
+        elif os.path.isfile(single):
+            self.source = single
+            self.where = dict.fromkeys(self._open(single).keys(), single)
+        else:
+            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+    def _open(self, path: str):
+        if path not in self._handles:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: safetensors shard named in {self.source} not found")
+            self._handles[path] = self._stack.enter_context(safe_open(path, framework="np"))
+        return self._handles[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.where:
+            raise KeyError(f"{self.source}: missing tensor '{key}'")
+        return self._open(self.where[key]).get_tensor(key)
+
+
+def _load_params(folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLike) -> Iterator[tuple]:
+    """Yields (path, Param with the checkpoint's value) for every parameter of the module."""
+    names = hf_tensor_names(cfg)
+    with contextlib.ExitStack() as stack:
+        reader = _SafetensorsFolder(folder, stack)
+        for path, variable in nnx.to_flat_state(abstract):
+            key, transpose = names[path]
+            if key == "encoder.embed_tokens.weight" and key not in reader:
+                key = "shared.weight"  # seq2seq checkpoints tie the encoder embedding to `shared`
+            array = reader.get(key)
+            if transpose:
+                array = array.T
+            if array.shape != variable.shape:
+                raise ValueError(f"{reader.source}: tensor '{key}' has shape {array.shape}, expected {variable.shape}")
+            yield path, variable.replace(jnp.asarray(array, dtype=dtype))
+
+
+class T5Encoder:
+    """Frozen T5 text encoder: tokenizer + NNX module + a jitted pure forward.
+
+    Separate from anything trained: its state is never handed to an optimizer, and `encode`
+    applies `stop_gradient`, so callers may treat the embeddings as constants.
+    """
+
+    def __init__(self, module: T5EncoderModule, tokenizer: Tokenizer) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.graphdef, self.state = nnx.split(module)
+        self._forward = jax.jit(self.apply)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: DTypeLike = jnp.float32) -> T5Encoder:
+        """Loads a Hugging Face T5 folder (config.json, spiece.model, safetensors weights).
+
+        Reads only the encoder tensors: a full T5ForConditionalGeneration checkpoint works and its
+        decoder and lm_head are never touched. `dtype` is the parameter and compute dtype.
+        """
+        cfg = T5Config.from_json(os.path.join(path, "config.json"))
+        tokenizer = Tokenizer(path)
+        abstract = nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        loaded = nnx.from_flat_state(list(_load_params(path, cfg, state, dtype)))
+        return cls(nnx.merge(graphdef, loaded), tokenizer)
+
+    @property
+    def dim(self) -> int:
+        return self.module.cfg.d_model
+
+    @property
+    def dtype(self) -> DTypeLike:
+        return self.module.dtype
+
+    def apply(self, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Pure function of the parameters: pass `self.state` as a jit argument (e.g. sharded)
+        instead of letting a large encoder be captured as a constant of the caller's program."""
+        return jax.lax.stop_gradient(nnx.merge(self.graphdef, state)(input_ids, attention_mask))
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Forward pass [B, L] -> [B, L, d_model] with the loaded parameters; traceable."""
+        return self._forward(self.state, input_ids, attention_mask)
+
+    def encode(self, texts: list[str], max_length: int) -> tuple[jax.Array, jax.Array]:
+        """Texts -> (embeddings [B, max_length, d_model] in `dtype`, mask bool [B, max_length]).
+
+        Always pads to `max_length`, so the jitted forward compiles once per (batch, length).
+        """
+        ids, mask = self.tokenizer(texts, max_length)
+        mask = jnp.asarray(mask)
+        return self._forward(self.state, jnp.asarray(ids), mask), mask

@@ -1,0 +1,167 @@
+"""The training loop, top to bottom: setup, text encoder, model, data, resume, steps, samples, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from imagen_jax import config as config_lib
+from imagen_jax import images as images_lib
+from imagen_jax.data.pipeline import make_dataset
+from imagen_jax.diffusion import sample as diffusion_sample
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.text import T5Encoder
+from imagen_jax.train import optimizer as optimizer_lib
+from imagen_jax.train import state as state_lib
+from imagen_jax.train.checkpoint import Checkpointer
+from imagen_jax.train.metrics import MetricWriter
+from imagen_jax.train.step import make_apply_fn, make_train_step
+
+CONFIG_FILE = "config.json"
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the stage `config` describes in `workdir`, resuming from its latest checkpoint. Returns the
+    last logged metrics."""
+    # ----------------------------------------------------------------------------------------------
+    # Setup: validate, workdir, mesh.
+    # ----------------------------------------------------------------------------------------------
+    validate(config)
+    tf.io.gfile.makedirs(workdir)
+    if jax.process_index() == 0:
+        with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(config_lib.to_json(config), f, indent=2)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % replicas:
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} data-parallel devices")
+    log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, mesh: {dict(mesh.shape)}")
+    # Every jit gets explicit NamedShardings, so no ambient mesh is set: under jax.set_mesh, nnx.eval_shape
+    # would try to read the logical parameter names as mesh axes.
+    return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict:
+
+    # ----------------------------------------------------------------------------------------------
+    # Frozen T5 text encoder: parameters replicated, never in the optimizer.
+    # ----------------------------------------------------------------------------------------------
+    encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=state_lib.compute_dtype(config.text.dtype))
+    t5_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
+    t5_params = jax.device_put(encoder.state, t5_shardings)
+    log(f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})")
+
+    # ----------------------------------------------------------------------------------------------
+    # U-Net, optimizer, train state (born sharded, or restored from the latest checkpoint).
+    # ----------------------------------------------------------------------------------------------
+    spec = state_lib.model_spec(config, encoder.dim, mesh)
+    tx = optimizer_lib.make_optimizer(config.train)
+    schedule = optimizer_lib.learning_rate_schedule(config.train)
+    shardings = state_lib.state_shardings(spec, tx, mesh)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_params))
+    log(f"U-Net: {num_params / 1e6:.2f}M parameters")
+    checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = state_lib.init_state(config, encoder.dim, tx, shardings)
+        data_position = {"batches_consumed": 0}
+        log("initialised a new train state")
+    else:
+        target = state_lib.abstract_state(config, encoder.dim, tx, shardings)
+        state, data_position = checkpointer.restore(latest, target)
+        log(f"resumed from checkpoint at step {latest} in {workdir}")
+    start_step = int(state["step"])
+
+    # ----------------------------------------------------------------------------------------------
+    # Data: each process reads its own shard files; local batches become global arrays.
+    # ----------------------------------------------------------------------------------------------
+    local_batch = config.train.batch_size // jax.process_count()
+    # A resumed run continues with a data order seeded by its start step (exact replay: see the README).
+    data_seed = config.seed + 1_000_003 * int(data_position["batches_consumed"])
+    dataset, data_stats = make_dataset(
+        config.data, batch_size=local_batch, seed=data_seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    batches = dataset.as_numpy_iterator()
+
+    def next_batch() -> dict:
+        raw = next(batches)
+        ids, mask = encoder.tokenizer([c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length)
+        return mesh_lib.global_batch({"image": raw["image"], "ids": ids, "mask": mask}, mesh)
+
+    # ----------------------------------------------------------------------------------------------
+    # Compiled train step; periodic samples use the EMA weights.
+    # ----------------------------------------------------------------------------------------------
+    train_step = make_train_step(config, spec.graphdef, encoder.apply, tx, schedule, mesh, shardings, t5_shardings)
+    apply_fn = make_apply_fn(spec.graphdef)
+    prompts = list(config.train.sample_prompts)
+    sample_text = encoder.encode(prompts, max_length=config.text.max_length) if prompts else None
+    writer = MetricWriter(workdir)
+
+    def write_samples(step: int) -> None:
+        if not prompts:
+            return
+        size = config.data.image_size
+        x = diffusion_sample(
+            apply_fn, state["ema"], sample_text[0], sample_text[1], jax.random.key(config.seed),
+            shape=(len(prompts), size, size, 3), steps=config.train.sample_steps,
+            guidance_scale=config.train.sample_guidance_scale, schedule=config.diffusion.schedule,
+            objective=config.diffusion.objective, thresholding=config.diffusion.thresholding,
+            percentile=config.diffusion.dynamic_threshold_percentile,
+        )
+        grid = images_lib.make_grid(images_lib.to_uint8(jax.device_get(x)))
+        if jax.process_index() == 0:
+            tf.io.gfile.makedirs(os.path.join(workdir, "samples"))
+            images_lib.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        writer.image(step, "samples", grid)
+        writer.text(step, "sample_prompts", " | ".join(prompts))
+
+    # ----------------------------------------------------------------------------------------------
+    # Train.
+    # ----------------------------------------------------------------------------------------------
+    num_steps = int(config.train.num_steps)
+    log(f"training steps {start_step} -> {num_steps}, global batch {config.train.batch_size}")
+    last_metrics: dict = {}
+    t_log, steps_since_log = time.perf_counter(), 0
+    for step in range(start_step, num_steps):
+        batch = next_batch()
+        state, metrics = train_step(state, t5_params, batch)
+        steps_since_log += 1
+        done = step + 1
+        if done % config.train.log_every == 0 or done == num_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - t_log
+            last_metrics = {k: float(v) for k, v in metrics.items()}
+            last_metrics["images_per_sec"] = steps_since_log * config.train.batch_size / elapsed
+            last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items()})
+            writer.scalars(done, last_metrics)
+            t_log, steps_since_log = time.perf_counter(), 0
+        if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
+            write_samples(done)
+        checkpointer.save(done, state, config, {"batches_consumed": done}, force=done == num_steps)
+    checkpointer.close()
+    writer.close()
+    log(f"finished at step {num_steps}; checkpoints in {workdir}")
+    return last_metrics
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Cross-field checks that would otherwise fail late and obscurely."""
+    if config.train.batch_size % jax.process_count():
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
+    if config.train.num_steps < 1:
+        raise ValueError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}")
+    if not config.text.encoder:
+        raise ValueError("config.text.encoder is empty: set it to a Hugging Face T5 folder")

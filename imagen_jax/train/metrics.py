@@ -1,0 +1,46 @@
+"""Metrics to the console and to TensorBoard event files in the workdir (process 0 only)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """Writes scalars and image grids; a no-op on processes other than 0 so logs are not duplicated."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.active else None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, float(value), step)
+        print(f"step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()), flush=True)
+
+    def image(self, step: int, name: str, grid: np.ndarray) -> None:
+        """grid: uint8 [H,W,3]."""
+        if self.active:
+            self.writer.add_image(name, grid, step, dataformats="HWC")
+
+    def text(self, step: int, name: str, value: str) -> None:
+        if self.active:
+            self.writer.add_text(name, value, step)
+
+    def flush(self) -> None:
+        if self.active:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.writer.close()
+
+
+def _fmt(value: float) -> str:
+    value = float(value)
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"

@@ -1,0 +1,92 @@
+"""The jitted train step: frozen T5 -> diffusion loss -> optimizer update -> EMA.
+
+One pure function over the train-state pytree, compiled once with explicit in/out shardings and the state
+donated, so a step never holds two copies of the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from imagen_jax.diffusion import diffusion_loss
+from imagen_jax.parallel import mesh as mesh_lib
+
+
+def make_apply_fn(graphdef: nnx.GraphDef) -> Callable:
+    """apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None) for the diffusion code."""
+
+    def apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None):
+        model = nnx.merge(graphdef, params)
+        return model(x_t, t, text, text_mask, drop_text=drop_text, dropout_key=dropout_key)
+
+    return apply_fn
+
+
+def ema_decay(step: jax.Array, decay: float) -> jax.Array:
+    """EMA decay warmed up as (1 + step) / (10 + step), so early averages are not dominated by the init."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    text_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: dict,
+    t5_shardings: Any,
+) -> Callable[[dict, Any, dict], tuple[dict, dict]]:
+    """Returns step(state, t5_params, batch) -> (state, metrics), jitted with shardings and donation.
+
+    text_fn(t5_params, ids, mask) -> [B,L,D] is the frozen encoder's pure forward (T5Encoder.apply).
+
+    batch: {'image': [B,H,W,3] in [-1,1], 'ids': [B,L] int32, 'mask': [B,L] bool}, sharded over the batch axes.
+    """
+    apply_fn = make_apply_fn(graphdef)
+    dcfg = config.diffusion
+    use_dropout = float(config.model.dropout) > 0
+
+    def step(state: dict, t5_params: Any, batch: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        loss_key, dropout_key = jax.random.split(key)
+        # The frozen T5 runs inside the step; its params are an argument, never differentiated.
+        text = jax.lax.stop_gradient(text_fn(t5_params, batch["ids"], batch["mask"]))
+
+        def loss_fn(params):
+            return diffusion_loss(
+                apply_fn, params, batch["image"], text, batch["mask"], loss_key,
+                schedule=dcfg.schedule, objective=dcfg.objective, cond_drop_prob=dcfg.cond_drop_prob,
+                model_kwargs={"dropout_key": dropout_key} if use_dropout else None,
+            )
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        decay = ema_decay(state["step"], config.train.ema_decay)
+        ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "learning_rate": schedule(state["step"]),
+            **aux,
+        }
+        new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": params, "ema": ema, "opt_state": opt_state}
+        return new_state, metrics
+
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, t5_shardings, batch_sharding),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )

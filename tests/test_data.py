@@ -1,0 +1,278 @@
+"""Tests for imagen_jax.data: shard listing, the tf.data pipeline, and the synthetic demo dataset."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from imagen_jax.data import demo
+from imagen_jax.data.pipeline import make_dataset
+from imagen_jax.data.shards import expand_braces, list_shards
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _write_records(path, records: list[dict]) -> str:
+    """Writes tf.train.Examples whose bytes features are given as {name: bytes}."""
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for features in records:
+            example = tf.train.Example(features=tf.train.Features(feature={
+                name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+                for name, value in features.items()
+            }))
+            writer.write(example.SerializeToString())
+    return str(path)
+
+
+def _config(shards, image_size: int = 16, **overrides) -> ml_collections.ConfigDict:
+    fields = dict(train_shards=shards, format="tfrecord", image_size=image_size, shuffle_buffer=64,
+                  num_parallel_calls=2)
+    return ml_collections.ConfigDict({**fields, **overrides})
+
+
+def _all_examples(cfg, **kwargs) -> tuple[list[dict], dict]:
+    """Reads one epoch with batch size 1; returns the examples and the stats."""
+    ds, stats = make_dataset(cfg, batch_size=1, seed=0, repeat=False, **kwargs)
+    examples = [{"image": b["image"][0], "caption": b["caption"][0].decode()} for b in ds.as_numpy_iterator()]
+    return examples, stats.read()
+
+
+def _solid(color, height=20, width=20) -> np.ndarray:
+    return np.full((height, width, len(color)), color, np.uint8).squeeze()
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return demo.write_demo_shards(str(out), num_examples=90, image_size=32, num_shards=5, seed=1)
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+def test_expand_braces_ranges_alternatives_and_nesting():
+    assert expand_braces("d/{00000..00012}.tfrecord") == [f"d/{i:05d}.tfrecord" for i in range(13)]
+    assert expand_braces("{8..10}") == ["8", "9", "10"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert expand_braces("x{a,{b,c}d}") == ["xa", "xbd", "xcd"]
+    assert expand_braces("gs://bucket/plain.tfrecord") == ["gs://bucket/plain.tfrecord"]
+    for bad in ("d/{0..3.tfrecord", "d/0..3}.tfrecord", "d/{solo}.tfrecord"):
+        with pytest.raises(ValueError, match="shard pattern"):
+            expand_braces(bad)
+
+
+def test_list_shards_glob_brace_list_and_comma_string(tmp_path):
+    files = [str(tmp_path / f"{i:05d}.tfrecord") for i in range(4)]
+    for f in files:
+        open(f, "wb").close()
+    assert list_shards(str(tmp_path / "*.tfrecord")) == files
+    assert list_shards(str(tmp_path / "{00001..00003}.tfrecord")) == files[1:]
+    assert list_shards([files[2], files[0], files[0]]) == [files[0], files[2]]
+    assert list_shards(f"{files[3]},{tmp_path}/{{00000,00001}}.tfrecord") == [files[0], files[1], files[3]]
+
+
+def test_list_shards_no_match_names_the_pattern(tmp_path):
+    open(tmp_path / "00000.tfrecord", "wb").close()
+    missing = str(tmp_path / "train-{00000..00003}.tfrecord")
+    with pytest.raises(FileNotFoundError, match="train-"):
+        list_shards(missing)
+    with pytest.raises(FileNotFoundError, match=r"nope\*"):  # One bad pattern among good ones still fails.
+        list_shards([str(tmp_path / "*.tfrecord"), str(tmp_path / "nope*")])
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def test_batches_have_shape_range_and_matching_captions(demo_shards):
+    ds, stats = make_dataset(_config(demo_shards, image_size=16), batch_size=8, seed=0)
+    batches = list(itertools.islice(ds.as_numpy_iterator(), 12))  # > one epoch: the stream repeats.
+    for batch in batches:
+        assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["caption"].shape == (8,)
+        assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    captions = set(demo.all_captions())
+    for batch in batches:
+        for image, text in zip(batch["image"], batch["caption"]):
+            text = text.decode()
+            assert text in captions
+            # The image decoded next to a caption shows what the caption says (pairing and RGB order).
+            assert f"a {demo.classify_color(image)} " in text
+    assert stats.read()["records"] >= 96 and stats.read()["empty_captions"] == 0
+
+
+def test_resize_short_side_then_center_crop(tmp_path):
+    stripes = np.zeros((40, 120, 3), np.uint8)  # Red | green | blue, 40 px each; output keeps the middle.
+    stripes[:, :40, 0] = stripes[:, 40:80, 1] = stripes[:, 80:, 2] = 255
+    shard = _write_records(tmp_path / "s.tfrecord", [
+        {"png": _encode(stripes, "PNG"), "txt": b"wide"},
+        {"png": _encode(np.ascontiguousarray(stripes.transpose(1, 0, 2)), "PNG"), "txt": b"tall"},
+        {"png": _encode(_solid((10, 130, 250), 7, 13), "PNG"), "txt": b"small"},  # Upsampled.
+    ])
+    examples, _ = _all_examples(_config(shard, image_size=10))
+    by_caption = {e["caption"]: e["image"] for e in examples}
+    green = np.array([-1.0, 1.0, -1.0])
+    np.testing.assert_allclose(by_caption["wide"][:, 3:7], np.broadcast_to(green, (10, 4, 3)), atol=0.02)
+    np.testing.assert_allclose(by_caption["tall"][3:7, :], np.broadcast_to(green, (4, 10, 3)), atol=0.02)
+    expected = np.array([10, 130, 250]) / 127.5 - 1.0
+    np.testing.assert_allclose(by_caption["small"], np.broadcast_to(expected, (10, 10, 3)), atol=1e-4)
+
+
+def test_image_formats_and_channel_conversion(tmp_path):
+    gray, rgba = _solid((100,)), _solid((10, 20, 30, 128))
+    shard = _write_records(tmp_path / "s.tfrecord", [
+        {"jpg": _encode(_solid((200, 40, 40)), "JPEG"), "txt": b"jpg"},
+        {"png": _encode(_solid((40, 200, 40)), "PNG"), "txt": b"png"},
+        {"webp": _encode(_solid((40, 40, 200)), "WEBP"), "txt": b"webp"},
+        {"png": _encode(gray, "PNG"), "txt": b"gray png"},
+        {"jpg": _encode(gray, "JPEG"), "txt": b"gray jpg"},
+        {"png": _encode(rgba, "PNG"), "txt": b"rgba png"},
+    ])
+    examples, stats = _all_examples(_config(shard, image_size=8))
+    assert stats["skipped_decode"] == 0
+    expected = {"jpg": (200, 40, 40), "png": (40, 200, 40), "webp": (40, 40, 200), "gray png": (100,) * 3,
+                "gray jpg": (100,) * 3, "rgba png": (10, 20, 30)}
+    assert sorted(e["caption"] for e in examples) == sorted(expected)
+    for example in examples:
+        want = np.broadcast_to(np.array(expected[example["caption"]]) / 127.5 - 1.0, (8, 8, 3))
+        lossy = example["caption"] in ("jpg", "webp", "gray jpg")
+        np.testing.assert_allclose(example["image"], want, atol=0.05 if lossy else 1e-4)
+
+
+def test_caption_prefers_txt_then_caption_and_counts_empty(tmp_path):
+    image = _encode(_solid((200, 40, 40)), "PNG")
+    shard = _write_records(tmp_path / "s.tfrecord", [
+        {"png": image, "txt": b"from txt", "caption": b"not this"},
+        {"png": image, "caption": b"from caption"},
+        {"png": image, "txt": b"", "caption": b"empty txt falls back"},
+        {"png": image},
+    ])
+    examples, stats = _all_examples(_config(shard))
+    assert sorted(e["caption"] for e in examples) == ["", "empty txt falls back", "from caption", "from txt"]
+    assert stats == {"records": 4, "skipped_decode": 0, "empty_captions": 1}
+
+
+def test_undecodable_records_are_skipped_and_counted(tmp_path):
+    good = _encode(_solid((40, 200, 40)), "JPEG")
+    records = [{"jpg": good, "txt": f"good {i}".encode()} for i in range(6)]
+    records[2:2] = [{"jpg": b"\xff\xd8 definitely not a jpeg", "txt": b"corrupt"}]
+    records[5:5] = [{"txt": b"no image at all"}]
+    shard = _write_records(tmp_path / "s.tfrecord", records)
+    examples, stats = _all_examples(_config(shard))
+    assert sorted(e["caption"] for e in examples) == [f"good {i}" for i in range(6)]
+    assert stats == {"records": 8, "skipped_decode": 2, "empty_captions": 0}
+
+
+def test_a_shard_that_is_not_tfrecord_fails_loudly(tmp_path):
+    bad = tmp_path / "00000.tfrecord"
+    bad.write_bytes(np.random.default_rng(0).bytes(2000))
+    ds, _ = make_dataset(_config(str(bad)), batch_size=1, seed=0, repeat=False)
+    with pytest.raises(tf.errors.DataLossError):
+        next(ds.as_numpy_iterator())
+
+
+def test_processes_read_disjoint_file_sets_covering_all(tmp_path):
+    image = _encode(_solid((200, 40, 40)), "PNG")
+    for f in range(5):
+        _write_records(tmp_path / f"{f:05d}.tfrecord", [{"png": image, "txt": f"f{f} r{r}".encode()}
+                                                         for r in range(3)])
+    cfg = _config(str(tmp_path / "*.tfrecord"))
+    files_of = []
+    for index in range(2):
+        examples, _ = _all_examples(cfg, process_index=index, process_count=2)
+        files_of.append({e["caption"].split()[0] for e in examples})
+        assert len(examples) == 3 * len(files_of[-1])  # Whole files, never split by record.
+    assert files_of[0].isdisjoint(files_of[1])
+    assert files_of[0] | files_of[1] == {f"f{f}" for f in range(5)}
+    with pytest.raises(ValueError, match="process 5 of 6 gets no shard files: only 5 files"):
+        make_dataset(cfg, batch_size=1, seed=0, process_index=5, process_count=6)
+
+
+def test_seed_fixes_the_order(demo_shards):
+    def first_batches(seed):
+        ds, _ = make_dataset(_config(demo_shards), batch_size=8, seed=seed)
+        return list(itertools.islice(ds.as_numpy_iterator(), 3))
+
+    a, b, c = first_batches(3), first_batches(3), first_batches(4)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["caption"], y["caption"])
+    assert [list(x["caption"]) for x in a] != [list(z["caption"]) for z in c]
+
+
+def test_config_errors_name_the_problem(demo_shards):
+    with pytest.raises(ValueError, match="'webdataset'"):
+        make_dataset(_config(demo_shards, format="webdataset"), batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="image_size"):
+        make_dataset(ml_collections.ConfigDict(dict(train_shards=demo_shards)), batch_size=1, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_shards_are_img2dataset_records_covering_every_caption(demo_shards):
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(demo_shards)]
+    assert [p.rsplit("/", 1)[1] for p in demo_shards] == [f"{i:05d}.tfrecord" for i in range(5)]
+    assert len(records) == 90
+    features = records[0].features.feature
+    assert features["status"].bytes_list.value == [b"success"]
+    assert features["width"].int64_list.value == [32] and features["original_height"].int64_list.value == [32]
+    assert Image.open(io.BytesIO(features["jpg"].bytes_list.value[0])).size == (32, 32)
+    keys = {r.features.feature["key"].bytes_list.value[0] for r in records}
+    assert len(keys) == 90
+    # 90 examples = one full cycle through the 6 x 3 x 5 combinations: each caption exactly once.
+    captions = sorted(r.features.feature["txt"].bytes_list.value[0].decode() for r in records)
+    assert captions == sorted(demo.all_captions()) and len(set(captions)) == 90
+
+
+def test_caption_text_and_bad_names():
+    assert demo.caption("red", "circle", "left") == "a red circle on the left"
+    assert demo.caption("blue", "square", "top") == "a blue square at the top"
+    assert demo.caption("green", "triangle", "middle") == "a green triangle in the middle"
+    with pytest.raises(ValueError, match="'mauve'"):
+        demo.caption("mauve", "circle", "left")
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_classifiers_recover_every_rendered_combination(size):
+    rng = np.random.default_rng(size)
+    for color, shape, position in itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS):
+        image = demo.render(color, shape, position, size, rng)
+        assert image.shape == (size, size, 3) and image.dtype == np.uint8
+        assert demo.classify_color(image) == color, (color, shape, position)
+        assert demo.classify_position(image) == position, (color, shape, position)
+        as_float = image.astype(np.float32) / 127.5 - 1.0  # Model space gives the same answer.
+        assert demo.classify_color(as_float) == color
+
+
+def test_renders_vary_with_jitter():
+    rng = np.random.default_rng(0)
+    first, second = (demo.render("red", "circle", "left", 32, rng) for _ in range(2))
+    assert not np.array_equal(first, second)
+
+
+def test_classifiers_give_a_valid_answer_for_noise_and_blank_images():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    blank = np.zeros((32, 32, 3), np.float32)
+    for image in (noise, blank, rng.uniform(-1, 1, (16, 16, 3))):
+        assert demo.classify_color(image) in demo.COLORS
+        assert demo.classify_position(image) in demo.POSITIONS
+    with pytest.raises(ValueError, match=r"\(32, 32\)"):
+        demo.classify_color(np.zeros((32, 32)))
+
+
+def test_cli_writes_and_reports(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path), "--num_examples", "7", "--image_size", "16", "--num_shards", "2"])
+    printed = capsys.readouterr().out
+    assert "wrote 7 examples of 16x16 in 2 shards" in printed and "00001.tfrecord" in printed
+    assert sum(1 for _ in tf.data.TFRecordDataset(list_shards(str(tmp_path / "*.tfrecord")))) == 7

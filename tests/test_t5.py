@@ -1,0 +1,224 @@
+"""T5 encoder and tokenizer against Hugging Face goldens (tests/fixtures/make_t5_fixtures.py)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from imagen_jax.text import T5Encoder, Tokenizer, make_tiny_t5, t5
+from imagen_jax.text.t5 import relative_position_buckets
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "t5")
+RELU = os.path.join(FIXTURES, "relu")
+GOLDEN = np.load(os.path.join(FIXTURES, "golden.npz"))
+TEXTS = [str(t) for t in GOLDEN["texts"]]
+
+
+@pytest.fixture(scope="module")
+def gated_dir(tmp_path_factory):
+    """The sharded seq2seq checkpoint plus the shared spiece.model (kept once in relu/)."""
+    folder = tmp_path_factory.mktemp("t5") / "gated"
+    shutil.copytree(os.path.join(FIXTURES, "gated"), folder)
+    shutil.copy(os.path.join(RELU, "spiece.model"), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def encoders(gated_dir):
+    return {"relu": T5Encoder.from_pretrained(RELU), "gated": T5Encoder.from_pretrained(gated_dir)}
+
+
+def test_tokenizer_matches_hugging_face():
+    ids, mask = Tokenizer(RELU)(TEXTS, max_length=GOLDEN["ids_short"].shape[1])
+    assert ids.dtype == np.int32 and mask.dtype == np.bool_
+    np.testing.assert_array_equal(ids, GOLDEN["ids_short"])
+    np.testing.assert_array_equal(mask, GOLDEN["mask_short"])
+    assert mask.all(axis=1).sum() >= 2  # some texts were truncated: EOS must still end them
+    assert (ids[mask.all(axis=1), -1] == 1).all()
+    long_ids, long_mask = Tokenizer(RELU)(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    np.testing.assert_array_equal(long_ids, GOLDEN["ids"])
+    np.testing.assert_array_equal(long_mask, GOLDEN["mask"])
+
+
+def test_relative_position_buckets_closed_form():
+    buckets = relative_position_buckets(300, num_buckets=32, max_distance=128)
+    # Row 150 holds key - query = -150..149. Exact buckets below 8, keys after the query
+    # offset by 16, log buckets 8 + floor(8 * log(n / 8) / log(128 / 8)), at most 15.
+    row = buckets[150]
+    assert row[150] == 0 and row[151] == 17 and row[149] == 1 and row[143] == 7
+    assert row[150 - 8] == 8 and row[150 + 8] == 16 + 8
+    assert row[150 - 16] == 8 + int(8 * np.log(2) / np.log(16))
+    assert row[150 - 90] == 14 and row[150 - 91] == 15 and row[0] == 15 and row[299] == 31
+
+
+@pytest.mark.parametrize("name", ["relu", "gated"])
+def test_float32_matches_hugging_face(encoders, name):
+    enc = encoders[name]
+    out = enc(jnp.asarray(GOLDEN["ids"]), jnp.asarray(GOLDEN["mask"]))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), GOLDEN[f"{name}_hidden"], atol=2e-5, rtol=1e-5)
+    emb, mask = enc.encode(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    np.testing.assert_array_equal(np.asarray(mask), GOLDEN["mask"])
+    np.testing.assert_allclose(np.asarray(emb), GOLDEN[f"{name}_hidden"], atol=2e-5, rtol=1e-5)
+
+
+def test_bfloat16_close_to_hugging_face(gated_dir):
+    enc = T5Encoder.from_pretrained(gated_dir, dtype=jnp.bfloat16)  # bf16 file, bf16 compute
+    emb, _ = enc.encode(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    assert emb.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(emb, np.float32) - GOLDEN["gated_hidden"])
+    assert err.max() < 0.1 and err.mean() < 0.02
+
+
+def test_encode_api_and_compiles_once_per_shape(encoders):
+    enc = encoders["gated"]
+    assert enc.dim == 32
+    emb, mask = enc.encode(["a cat", "a dog"], max_length=8)
+    assert emb.shape == (2, 8, 32) and mask.shape == (2, 8) and mask.dtype == jnp.bool_
+    before = enc._forward._cache_size()
+    enc.encode(["a red circle", "a blue square at the bottom"], max_length=8)
+    assert enc._forward._cache_size() == before
+    enc.encode(["a cat", "a dog"], max_length=9)
+    assert enc._forward._cache_size() == before + 1
+
+
+def test_padding_and_masked_ids_do_not_change_valid_tokens(encoders):
+    enc = encoders["relu"]
+    ids, mask = enc.tokenizer(["a red circle on the left"], max_length=40)
+    n = int(mask.sum())
+    base = np.asarray(enc(jnp.asarray(ids), jnp.asarray(mask)))[0, :n]
+    shorter = np.asarray(enc(jnp.asarray(ids[:, : n + 2]), jnp.asarray(mask[:, : n + 2])))[0, :n]
+    garbage = np.where(mask, ids, np.random.default_rng(0).integers(3, 50, ids.shape)).astype(np.int32)
+    noisy = np.asarray(enc(jnp.asarray(garbage), jnp.asarray(mask)))
+    np.testing.assert_allclose(shorter, base, atol=1e-5)
+    np.testing.assert_allclose(noisy[0, :n], base, atol=1e-5)
+    unmasked = np.asarray(enc(jnp.asarray(garbage), jnp.ones_like(jnp.asarray(mask))))
+    assert np.abs(unmasked[0, :n] - base).max() > 1e-2  # the mask is what hid the garbage
+
+
+def test_encoder_output_is_constant(encoders):
+    enc = encoders["relu"]
+    ids, mask = enc.tokenizer(["a red circle"], max_length=8)
+    grads = jax.grad(lambda s: enc.apply(s, jnp.asarray(ids), jnp.asarray(mask)).sum())(enc.state)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_parameters_carry_logical_axis_names(encoders):
+    specs = nnx.get_partition_spec(encoders["gated"].state)
+    block = specs["blocks"][0]
+    assert tuple(specs["embed"].get_value()) == ("vocab", "embed")
+    assert tuple(block["q"]["kernel"].get_value()) == ("embed", "heads_x_dim")
+    assert tuple(block["o"]["kernel"].get_value()) == ("heads_x_dim", "embed")
+    assert tuple(block["wi_0"]["kernel"].get_value()) == ("embed", "mlp")
+    assert tuple(block["wo"]["kernel"].get_value()) == ("mlp", "embed")
+
+
+def test_reads_only_encoder_tensors(gated_dir, monkeypatch):
+    read: list[str] = []
+
+    class Spy:
+        def __init__(self, path, framework):
+            self.handle = safe_open(path, framework=framework)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(t5, "safe_open", Spy)
+    T5Encoder.from_pretrained(gated_dir)
+    with open(os.path.join(gated_dir, "model.safetensors.index.json")) as f:
+        stored = json.load(f)["weight_map"]
+    assert any(k.startswith("decoder.") for k in stored)
+    assert len(read) == len(set(read))
+    assert set(read) == {k for k in stored if k.startswith("encoder.")} | {"shared.weight"}
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+def _copy_relu(tmp_path, skip: str = "") -> str:
+    folder = tmp_path / "t5"
+    shutil.copytree(RELU, folder, ignore=shutil.ignore_patterns(skip) if skip else None)
+    return str(folder)
+
+
+def test_missing_files_and_keys_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="spiece.model"):
+        T5Encoder.from_pretrained(os.path.join(FIXTURES, "gated"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        T5Encoder.from_pretrained(_copy_relu(tmp_path / "a", "config.json"))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        T5Encoder.from_pretrained(_copy_relu(tmp_path / "b", "model.safetensors"))
+
+    folder = _copy_relu(tmp_path / "c")
+    config_path = os.path.join(folder, "config.json")
+    config = _read_json(config_path)
+    _write_json(config_path, {k: v for k, v in config.items() if k != "d_kv"})
+    with pytest.raises(KeyError, match="config.json: missing key 'd_kv'"):
+        T5Encoder.from_pretrained(folder)
+    _write_json(config_path, {**config, "feed_forward_proj": "gated-swish"})
+    with pytest.raises(ValueError, match="unsupported feed_forward_proj 'gated-swish'"):
+        T5Encoder.from_pretrained(folder)
+
+    folder = _copy_relu(tmp_path / "d")
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    missing = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+    save_file({k: v for k, v in weights.items() if k != missing}, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(KeyError, match=f"model.safetensors: missing tensor '{missing}'"):
+        T5Encoder.from_pretrained(folder)
+
+    weights["encoder.final_layer_norm.weight"] = np.ones(7, np.float32)
+    save_file(weights, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(ValueError, match="'encoder.final_layer_norm.weight' has shape"):
+        T5Encoder.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("ffn", ["gated-gelu", "relu"])
+def test_make_tiny_t5_round_trip(tmp_path, ffn):
+    colors, shapes = ["red", "blue", "green", "yellow"], ["circle", "square", "triangle"]
+    places = ["on the left", "on the right", "at the top", "at the bottom"]
+    captions = [f"a {c} {s} {p}" for c in colors for s in shapes for p in places]
+    folder = make_tiny_t5(str(tmp_path / "tiny"), captions, feed_forward_proj=ffn, num_layers=1)
+    enc = T5Encoder.from_pretrained(folder)
+    stored = load_file(os.path.join(folder, "model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(enc.state["embed"].get_value()), stored["shared.weight"])
+    ids, mask = enc.tokenizer(captions, max_length=32)
+    assert not mask.all(axis=1).any()  # no caption needed truncation
+    assert (ids != 2).all()  # every caption character is in the trained vocabulary
+    assert ids.max() < _read_json(os.path.join(folder, "config.json"))["vocab_size"]
+    emb, mask = enc.encode(captions[:3], max_length=32)
+    valid = np.asarray(emb)[np.asarray(mask)]
+    assert np.isfinite(valid).all() and 0.5 < valid.std() < 2.0
+    assert np.abs(np.asarray(emb[0] - emb[1])).max() > 0.1  # different captions, different embeddings
+
+
+def test_make_tiny_t5_with_few_captions(tmp_path):
+    folder = make_tiny_t5(str(tmp_path / "tiny"), ["hi", "yo"], vocab_size=1000)
+    emb, mask = T5Encoder.from_pretrained(folder).encode(["hi", "unseen words"], max_length=6)
+    assert emb.shape == (2, 6, 64) and np.asarray(mask[1]).sum() > 1
+    with pytest.raises(ValueError, match="non-empty caption"):
+        make_tiny_t5(str(tmp_path / "empty"), ["", "  "])

@@ -1,0 +1,251 @@
+"""Tests for the base text-conditional U-Net and its layers (imagen_jax.models)."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from imagen_jax.config import load_config_file
+from imagen_jax.models import UNet, build_unet
+from imagen_jax.models import layers
+
+TINY = dict(
+    dim=16,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    head_dim=8,
+    dropout=0.1,
+    in_channels=3,
+    out_channels=3,
+)
+IMAGE, TEXT_DIM, LEN, BATCH = 16, 8, 5, 2
+
+# The paper's 64x64 base model (2.0B parameters); the lead will import configs/base64.py here.
+VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", None}
+
+
+def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) -> UNet:
+    return nnx.eval_shape(
+        lambda: build_unet(
+            cfg, image_size=image_size, text_dim=text_dim, rngs=nnx.Rngs(0), dtype=dtype
+        )
+    )
+
+
+def _random_state(abstract_state, seed=0):
+    """Nonzero parameters (the real init zeroes output convs, which would hide every effect)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
+        if name.endswith("['scale'].value"):
+            return jnp.asarray(1.0 + 0.1 * noise)
+        if leaf.ndim >= 2 and "kernel" in name:
+            return jnp.asarray(noise / math.sqrt(np.prod(leaf.shape[:-1])))
+        return jnp.asarray(0.1 * noise)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_state)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(graphdef, random params, jitted apply) of the tiny float32 model: the train-step pattern."""
+    graphdef, abstract_state = nnx.split(_abstract())
+    state = _random_state(abstract_state)
+
+    @jax.jit
+    def apply(state, x, t, text, mask, drop=None, key=None):
+        return nnx.merge(graphdef, state)(x, t, text, mask, drop_text=drop, dropout_key=key)
+
+    return graphdef, state, apply
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(BATCH, IMAGE, IMAGE, 3)), jnp.float32)
+    t = jnp.asarray([0.1, 0.7], jnp.float32)
+    text = jnp.asarray(rng.normal(size=(BATCH, LEN, TEXT_DIM)), jnp.float32)
+    mask = jnp.asarray([[True, True, True, False, False], [True, False, False, False, False]])
+    return x, t, text, mask
+
+
+def test_output_shape_dtype_and_bfloat16_close_to_float32(tiny):
+    _, state, apply = tiny
+    x, t, text, mask = _inputs()
+    out32 = apply(state, x, t, text, mask)
+    assert out32.shape == (BATCH, IMAGE, IMAGE, 3) and out32.dtype == jnp.float32
+    assert float(jnp.std(out32)) > 1e-2
+
+    graphdef16, state16 = nnx.split(_abstract(dtype=jnp.bfloat16))
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state16))  # params stay float32
+    model16 = lambda s, *a: nnx.merge(graphdef16, s)(*a)  # noqa: E731
+    out16 = jax.jit(model16)(state, x, t, text, mask)
+    assert out16.shape == out32.shape and out16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert rel < 0.1, rel
+
+    # The convolutions really run in bfloat16.
+    jaxpr = jax.make_jaxpr(model16)(state, x, t, text, mask)
+    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
+
+
+def test_dropped_text_is_ignored_and_kept_text_matters(tiny):
+    _, state, apply = tiny
+    x, t, text, mask = _inputs()
+    other_text = text + 1.0
+    drop = jnp.asarray([True, False])
+    a = apply(state, x, t, text, mask, drop)
+    b = apply(state, x, t, other_text, jnp.ones_like(mask), drop)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert float(jnp.max(jnp.abs(a[1] - b[1]))) > 1e-3
+    # Dropping differs from not dropping, and an all-False drop equals no drop at all.
+    c = apply(state, x, t, text, mask)
+    assert float(jnp.max(jnp.abs(a[0] - c[0]))) > 1e-3
+    np.testing.assert_allclose(apply(state, x, t, text, mask, jnp.zeros(BATCH, bool)), c, atol=1e-6)
+
+
+def test_masked_tokens_do_not_matter_and_empty_mask_is_finite(tiny):
+    _, state, apply = tiny
+    x, t, text, mask = _inputs()
+    changed = jnp.where(mask[:, :, None], text, 100.0 * jnp.ones_like(text))
+    np.testing.assert_allclose(
+        apply(state, x, t, text, mask), apply(state, x, t, changed, mask), atol=1e-6
+    )
+    empty = apply(state, x, t, text, jnp.zeros_like(mask))
+    assert bool(jnp.all(jnp.isfinite(empty)))
+
+
+def test_dropout_key(tiny):
+    _, state, apply = tiny
+    x, t, text, mask = _inputs()
+    base = apply(state, x, t, text, mask)
+    np.testing.assert_array_equal(base, apply(state, x, t, text, mask))
+    k1 = apply(state, x, t, text, mask, None, jax.random.key(1))
+    k2 = apply(state, x, t, text, mask, None, jax.random.key(2))
+    assert float(jnp.max(jnp.abs(k1 - base))) > 1e-3
+    assert float(jnp.max(jnp.abs(k1 - k2))) > 1e-3
+    np.testing.assert_array_equal(k1, apply(state, x, t, text, mask, None, jax.random.key(1)))
+
+
+def test_every_param_is_annotated_float32():
+    params = nnx.state(_abstract(dtype=jnp.bfloat16), nnx.Param)
+    variables = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    assert len(variables) > 50
+    for var in variables:
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var.ndim, (var, names)
+        assert set(names) <= VOCABULARY, names
+        assert var.dtype == jnp.float32
+    text_kernel = params["text_proj"]["kernel"]
+    assert text_kernel.get_metadata()["out_sharding"] == ("text_embed", "channels_out")
+
+
+def test_base64_param_count():
+    """configs/base64.py is the paper's 2.0B base model (within 10%), counted without allocating it."""
+    config = load_config_file("configs/base64.py")
+    assert config.data.image_size == 64
+    model = _abstract(config.model, image_size=config.data.image_size, text_dim=4096)
+    count = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert abs(count - 2.0e9) < 0.1 * 2.0e9, count
+
+
+def test_real_init_zeroes_residual_branches_and_output():
+    """build_unet's own init: every residual branch and the output conv start at zero (identity
+    blocks, zero output), the rest is random."""
+    # Jitted init (one compile, rbg keys: both much cheaper on CPU than eager threefry init).
+    rngs = lambda: nnx.Rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
+    params = jax.jit(
+        lambda: nnx.state(
+            build_unet(TINY, image_size=IMAGE, text_dim=TEXT_DIM, rngs=rngs()), nnx.Param
+        )
+    )()
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    zero = [k for k in flat if "conv2']['kernel" in k or "out']['kernel" in k or "out_conv" in k]
+    zero = [k for k in zero if "text_pool" not in k]  # the pool's output projection is not residual
+    # 8 res blocks (2 down, 2 mid, 4 up), 4 self- + 4 cross-attention outputs, out_conv kernel
+    # and bias.
+    assert len(zero) == 8 + 8 + 2
+    for key in zero:
+        np.testing.assert_array_equal(flat[key], 0.0, err_msg=key)
+    assert float(jnp.std(flat["['input_conv']['kernel'].value"])) > 0.05
+    assert float(jnp.std(flat["['text_pool']['out']['kernel'].value"])) > 0.05
+
+
+def test_gradients_under_jit(tiny):
+    """The train step's pattern: value_and_grad over merged (graphdef, params) inside jax.jit."""
+    graphdef, state, _ = tiny
+    x, t, text, mask = _inputs()
+
+    @jax.jit
+    def loss_and_grad(state):
+        def loss(s):
+            out = nnx.merge(graphdef, s)(x, t, text, mask, jnp.asarray([True, False]))
+            return jnp.mean(jnp.square(out - x))
+
+        return jax.value_and_grad(loss)(state)
+
+    loss, grads = loss_and_grad(state)
+    assert bool(jnp.isfinite(loss))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    for name in ("out_conv", "null_text", "text_proj", "time_embed"):
+        assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name])) > 0, name
+
+
+def test_attention_matches_numpy_and_survives_empty_mask():
+    rng = np.random.default_rng(0)
+    shapes = [(2, 3, 2, 4), (2, 5, 2, 4), (2, 5, 2, 4)]
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in shapes)
+    mask = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], bool)
+    out = np.asarray(layers.attention(*map(jnp.asarray, (q, k, v, mask))))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+    w = np.exp(logits[0] - logits[0].max(-1, keepdims=True)) * mask[0, None, None, :]
+    w = w / w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out[0], np.einsum("hqk,khd->qhd", w, v[0]), atol=1e-5)
+    np.testing.assert_allclose(out[1], np.broadcast_to(v[1].mean(0), (3, 2, 4)), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels, groups", [(64, 32), (48, 16), (16, 16)])
+def test_group_norm_matches_numpy(channels, groups):
+    norm = layers.GroupNorm(channels, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    assert norm.groups == groups
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(2, 4, 4, channels)).astype(np.float32)
+    xg = x.reshape(2, 4, 4, groups, channels // groups)
+    mean, var = xg.mean((1, 2, 4), keepdims=True), xg.var((1, 2, 4), keepdims=True)
+    ref = (xg - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(norm(jnp.asarray(x)), ref.reshape(x.shape), atol=1e-4)
+
+
+def test_timestep_embedding_closed_form():
+    emb = np.asarray(layers.timestep_embedding(jnp.asarray([0.0, 0.5]), 8))
+    freqs = 10000.0 ** (-np.arange(4) / 4)
+    np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-6)
+    expected = np.concatenate([np.cos(500 * freqs), np.sin(500 * freqs)])
+    np.testing.assert_allclose(emb[1], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"depth": 3}, "unknown config.model field(s) ['depth']"),
+        ({"attn_resolutions": (4,)}, "attn_resolutions [4]"),
+        ({"channel_mults": (1, 2, 2, 2, 2, 2)}, "not divisible"),
+        ({"head_dim": 6}, "not a multiple of head_dim 6"),
+    ],
+)
+def test_bad_config_names_the_problem(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _abstract({**TINY, **override})
+
+
+def test_missing_field():
+    cfg = dict(TINY)
+    del cfg["head_dim"]
+    with pytest.raises(ValueError, match="missing config.model field"):
+        _abstract(cfg)
