@@ -19,6 +19,10 @@ def get_config():
     c.model.attn_resolutions = (4,)
     c.model.head_dim = 16
     c.model.dropout = 0.0
+    # v-prediction: with eps-prediction this tiny, briefly trained model drew washed-out colours (70% colour
+    # accuracy guided, 44% unguided, vs 100% / 100% with v; same data and steps): eps -> x0 divides the
+    # prediction error by alpha, which is ~0 at high noise, where a 16x16 image's colours are decided.
+    c.diffusion.objective = "v"
     c.train.batch_size = 32
     c.train.num_steps = 2000
     c.train.learning_rate = 1e-3

@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # TensorFlow is imported later, by the writer: keep its start-up banners out of the CLI's output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     paths = write_demo_shards(args.out, num_examples=args.num_examples, image_size=args.image_size,
                               num_shards=args.num_shards, seed=args.seed)
     print(f"wrote {args.num_examples} examples of {args.image_size}x{args.image_size} in {len(paths)} shards:")

@@ -3,7 +3,8 @@
 Web-scraped shards always hold some records whose image does not decode (truncated downloads, HTML saved as
 .jpg, a failed resize). Such records are dropped and counted, never fatal: `make_dataset` returns a
 `DatasetStats` whose counters the training loop can log, so a shard set that is mostly garbage shows up as a
-number rather than as a slow, silent loss of data.
+number rather than as a slow, silent loss of data. Only the image decode is allowed to fail this way: a shard
+that is not a TFRecord file, or is truncated, raises `tf.errors.DataLossError` when read.
 
 Config fields read from `data_cfg` (an `ml_collections.ConfigDict`):
   train_shards        glob, brace pattern (`{00000..00012}`), list, or comma-separated string; local or gs://.
@@ -35,14 +36,19 @@ _FEATURE_SPEC = {
 class DatasetStats:
     """Counters the pipeline updates as it reads: records read, records dropped, empty captions kept.
 
-    Counts are of records the pipeline has processed, which runs ahead of the consumer by the shuffle and
-    prefetch buffers; they accumulate across epochs and across iterators of the same dataset.
+    Counts are of records the pipeline has processed, which runs ahead of the consumer by its buffers, and
+    they accumulate across epochs and iterators of the same dataset. All three live in one variable that
+    each record updates with a single add, so a read never sees a record half counted.
     """
 
     def __init__(self) -> None:
-        self.records = tf.Variable(0, dtype=tf.int64, trainable=False, name="records")
-        self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="decoded")
-        self.empty_captions = tf.Variable(0, dtype=tf.int64, trainable=False, name="empty_captions")
+        # [records, skipped (image missing or undecodable), delivered examples with an empty caption]
+        self.counts = tf.Variable(tf.zeros([3], tf.int64), trainable=False, name="data_counts")
+
+    def add(self, ok: tf.Tensor, empty_caption: tf.Tensor) -> None:
+        """Counts one record (inside the pipeline); ok: it decoded; empty_caption: its caption is ''."""
+        ok = tf.cast(ok, tf.int64)
+        self.counts.assign_add(tf.stack([tf.constant(1, tf.int64), 1 - ok, ok * tf.cast(empty_caption, tf.int64)]))
 
     def read(self) -> dict[str, int]:
         """Returns {'records', 'skipped_decode', 'empty_captions'} as Python ints.
@@ -51,12 +57,8 @@ class DatasetStats:
         `empty_captions` counts delivered examples whose caption is empty (kept: they train the
         unconditional branch of classifier-free guidance like dropped text does).
         """
-        records, decoded = int(self.records.numpy()), int(self.decoded.numpy())
-        return {
-            "records": records,
-            "skipped_decode": records - decoded,
-            "empty_captions": int(self.empty_captions.numpy()),
-        }
+        records, skipped, empty = (int(v) for v in self.counts.numpy())
+        return {"records": records, "skipped_decode": skipped, "empty_captions": empty}
 
 
 def _first_nonempty(features: dict[str, tf.Tensor], names: tuple[str, ...]) -> tf.Tensor:
@@ -125,11 +127,6 @@ def make_dataset(
     record_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
     stats = DatasetStats()
 
-    # Each counter sits in its own map so that a failing decode cannot skip or reorder an increment.
-    def count_record(serialized: tf.Tensor) -> tf.Tensor:
-        stats.records.assign_add(1)
-        return serialized
-
     # A one-record dataset per record, so that `ignore_errors` covers the decode and nothing upstream: a
     # corrupt or non-TFRecord shard must fail loudly, not be skipped forever by a repeating stream.
     def decode(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -139,9 +136,16 @@ def make_dataset(
         image = _resize_center_crop(tf.cast(image, tf.float32), size)
         return {"image": image, "caption": _first_nonempty(features, CAPTION_FEATURES)}
 
-    def count_kept(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        stats.decoded.assign_add(1)
-        stats.empty_captions.assign_add(tf.cast(tf.strings.length(example["caption"]) == 0, tf.int64))
+    placeholder = {"image": tf.zeros([size, size, 3]), "caption": tf.constant(""), "ok": tf.constant(False)}
+
+    # Exactly one element per record: the decoded example (ok) or, when decoding failed, a placeholder.
+    def try_decode(serialized: tf.Tensor) -> tf.data.Dataset:
+        decoded = tf.data.Dataset.from_tensors(serialized).map(lambda r: {**decode(r), "ok": tf.constant(True)})
+        return decoded.ignore_errors().concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
+
+    # Counted after the deterministic interleave: one update per record, so the counters are exact.
+    def count(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        stats.add(example["ok"], tf.strings.length(example["caption"]) == 0)
         return example
 
     ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=record_seed)
@@ -155,13 +159,8 @@ def make_dataset(
         deterministic=True,
     )
     ds = ds.shuffle(shuffle_buffer, seed=record_seed)
-    ds = ds.map(count_record)
-    ds = ds.interleave(
-        lambda serialized: tf.data.Dataset.from_tensors(serialized).map(decode).ignore_errors(),
-        cycle_length=parallel,
-        num_parallel_calls=parallel,
-        deterministic=True,
-    )
-    ds = ds.map(count_kept)
+    ds = ds.interleave(try_decode, cycle_length=parallel, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.map(count).filter(lambda example: example["ok"])
+    ds = ds.map(lambda example: {"image": example["image"], "caption": example["caption"]})
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE), stats

@@ -28,13 +28,12 @@ class Checkpointer:
     """Saves every `every` steps (keeping the newest `keep`) and restores the latest."""
 
     def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True, read_only: bool = False):
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, int(every)),
-            max_to_keep=int(keep),
-            enable_async_checkpointing=async_save,
-            read_only=read_only,
-            create=not read_only,
-        )
+        if read_only:  # orbax's own read_only mode logs warnings on every open; this one never saves.
+            options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                save_interval_steps=max(1, int(every)), max_to_keep=int(keep), enable_async_checkpointing=async_save
+            )
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(workdir), options=options, item_names=("train", "ema", "config", "data")
         )

@@ -1,0 +1,93 @@
+"""Sharding: logical names -> mesh axes, and training on 8 (fake CPU) devices equals training on one."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from imagen_jax.data import demo
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.text.tiny import make_tiny_t5
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeMesh:
+    shape = {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_spec_for_maps_names_and_replicates_what_does_not_divide():
+    rules = mesh_lib.rules_dict((("channels_out", "fsdp"), ("channels_in", "fsdp"), ("conv_h", None)))
+    assert mesh_lib.spec_for(("conv_h", "conv_w", "channels_in", "channels_out"), (3, 3, 64, 128), FakeMesh, rules) == P(None, None, "fsdp", None)
+    assert mesh_lib.spec_for(("channels_in", "channels_out"), (6, 128), FakeMesh, rules) == P(None, "fsdp")
+    assert mesh_lib.spec_for(("channels_out",), (6,), FakeMesh, rules) == P(None)
+    assert mesh_lib.spec_for(None, (6,), FakeMesh, rules) == P()
+
+
+def test_bad_rules_and_mesh_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        mesh_lib.rules_dict((("channels_out", "model"),))
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"data": -1, "fsdp": -1, "tensor": 1})
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        mesh_lib.make_mesh(cfg)
+    cfg = ml_collections.ConfigDict({"data": 3, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ValueError, match="need 3 devices, have 1"):
+        mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from imagen_jax import config as config_lib
+    from imagen_jax.parallel import mesh as mesh_lib
+    from imagen_jax.train import state as state_lib
+    from imagen_jax.train.loop import run
+
+    assets, workdir, data, fsdp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    c = config_lib.load_config_file("configs/demo.py")
+    c.data.train_shards, c.text.encoder = assets + "/data/*.tfrecord", assets + "/t5"
+    c.data.image_size, c.model.dim, c.model.channel_mults = 8, 16, (1, 2)
+    c.model.attn_resolutions, c.model.head_dim = (4,), 8
+    c.train.batch_size, c.train.num_steps, c.train.log_every, c.train.sample_every = 8, 3, 1, 0
+    c.mesh.data, c.mesh.fsdp = data, fsdp
+    losses = []
+    import imagen_jax.train.metrics as metrics
+    original = metrics.MetricWriter.scalars
+    def record(self, step, values):
+        losses.append(values["loss"])
+        return original(self, step, values)
+    metrics.MetricWriter.scalars = record
+    run(c, workdir)
+    spec = state_lib.model_spec(c, 16, mesh_lib.make_mesh(c.mesh))
+    specs = sorted({str(s.spec) for s in jax.tree.leaves(spec.param_shardings)})
+    print("RESULT" + json.dumps({"devices": jax.device_count(), "losses": losses, "specs": specs}))
+""")
+
+
+def _train(assets, workdir, devices, data, fsdp):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(assets), str(workdir), str(data), str(fsdp)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def test_eight_devices_fsdp_train_like_one(tmp_path):
+    demo.write_demo_shards(str(tmp_path / "data"), num_examples=64, image_size=8, num_shards=2, seed=0)
+    make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
+    one = _train(tmp_path, tmp_path / "one", devices=1, data=1, fsdp=1)
+    eight = _train(tmp_path, tmp_path / "eight", devices=8, data=2, fsdp=4)
+    assert one["devices"] == 1 and eight["devices"] == 8
+    assert not any("fsdp" in s for s in one["specs"])  # one device: everything replicated
+    assert "P(None, None, None, 'fsdp')" in eight["specs"]  # conv kernels split over output channels
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-4)
