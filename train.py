@@ -34,7 +34,11 @@ def main(argv: list[str]) -> int:
         jax.distributed.initialize()
     from imagen_jax.train.loop import run
 
-    run(config, args.workdir)
+    try:
+        run(config, args.workdir)
+    except (config_lib.ConfigError, FileNotFoundError, KeyError) as e:  # bad config, paths or files: one line
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        parser.exit(1, f"train.py: error: {message}\n")
     return 0
 
 

@@ -128,3 +128,15 @@ def test_killed_run_resumes_from_its_last_checkpoint(assets, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from checkpoint at step {done}" in resumed.stdout
     assert f"step {done + 1}:" in resumed.stdout and "step 1:" not in resumed.stdout
+
+
+def test_train_cli_bad_paths_are_one_line_errors(assets, tmp_path):
+    base = ["train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w")]
+    proc = _cli(*base, f"--config.text.encoder={tmp_path / 'no_t5'}", f"--config.data.train_shards={tmp_path}/*.rec")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"train.py: error: {tmp_path / 'no_t5' / 'config.json'}: T5 config.json not found"
+    proc = _cli(*base, f"--config.text.encoder={assets / 't5'}", f"--config.data.train_shards={tmp_path}/*.rec")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"train.py: error: no shard files match '{tmp_path}/*.rec'"
+    proc = _cli(*base, "--config.train.num_steps=0")
+    assert proc.stderr.strip().splitlines()[-1] == "train.py: error: config.train.num_steps must be >= 1, got 0"

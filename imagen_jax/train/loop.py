@@ -46,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % replicas:
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} data-parallel devices")
+        raise config_lib.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} data-parallel devices")
     log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, mesh: {dict(mesh.shape)}")
     # Every jit gets explicit NamedShardings, so no ambient mesh is set: under jax.set_mesh, nnx.eval_shape
     # would try to read the logical parameter names as mesh axes.
@@ -160,8 +160,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
 def validate(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks that would otherwise fail late and obscurely."""
     if config.train.batch_size % jax.process_count():
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
+        raise config_lib.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
     if config.train.num_steps < 1:
-        raise ValueError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}")
+        raise config_lib.ConfigError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}")
     if not config.text.encoder:
-        raise ValueError("config.text.encoder is empty: set it to a Hugging Face T5 folder")
+        raise config_lib.ConfigError("config.text.encoder is empty: set it to a Hugging Face T5 folder")
