@@ -1,9 +1,13 @@
-"""Sample images from prompts with a trained stage's EMA weights.
+"""Sample images from prompts through the cascade: the base stage, then each super-resolution stage.
 
-    python sample.py --workdir runs/demo --prompt "a red circle on the left" --num_images 4 --out samples/
+    python sample.py --workdir runs/demo/train --prompt "a red circle on the left" --num_images 4 --out samples/
+    python sample.py --workdir BASE --sr_workdir SR256 --sr_workdir SR1024 --steps 256,64,32 \
+        --guidance_scale 5,8,8 --sampler ddpm,dpmpp_2m,dpmpp_2m --prompt "a corgi" --out samples/
 
-Writes one PNG per image (N per prompt; image i of the run uses seed S + i), a grid.png with one row per
-prompt, and samples.json mapping every file to its prompt, seed and settings. Same seed, same images.
+Each stage uses the EMA weights of its workdir's latest checkpoint (or an export folder). Writes one PNG per
+image at the final resolution (N per prompt; image i of the run uses seed S + i), the earlier stages' images
+in <size>px/ folders, a grid.png with one row per prompt, and samples.json mapping every file to its prompt,
+seed and per-stage settings. Same seed, same images.
 """
 
 import argparse
@@ -30,28 +34,42 @@ def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="the trained stage's workdir (latest checkpoint is used)")
+    parser.add_argument("--workdir", required=True, help="the base stage's workdir or export folder")
+    parser.add_argument("--sr_workdir", action="append", default=[], help="a super-resolution stage, in order; repeatable")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for more")
     parser.add_argument("--prompts_file", help="text file with one prompt per line")
     parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (default: config's)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: config's)")
+    parser.add_argument("--guidance_scale", default=None, help="classifier-free guidance: one value, or one per stage (a,b,c)")
+    parser.add_argument("--steps", default=None, help="sampler steps: one value, or one per stage (default: configs')")
+    parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m: one, or one per stage (default ddpm)")
+    parser.add_argument("--sr_noise_level", type=float, default=0.2, help="augmentation time of SR inputs, in [0, 1]")
     parser.add_argument("--batch_size", type=int, default=16, help="images sampled at once")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
-    for name in ("num_images", "batch_size", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
+    for name in ("num_images", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.sr_noise_level <= 1.0:
+        parser.error(f"--sr_noise_level must be in [0, 1], got {args.sr_noise_level}")
 
-    from imagen_jax.sample_files import sample_to_folder
+    from imagen_jax.sample_files import per_stage, sample_to_folder
+
+    stages = 1 + len(args.sr_workdir)
+    try:  # settings are checked before any model loads
+        for name, kind in (("steps", int), ("guidance_scale", float), ("sampler", str)):
+            values = per_stage(getattr(args, name), stages, kind, name, [])
+            if name == "steps" and any(v < 1 for v in values):
+                raise ValueError(f"--steps must be >= 1, got {getattr(args, name)}")
+    except ValueError as e:
+        parser.error(str(e))
 
     try:
         written = sample_to_folder(
-            args.workdir, prompts, out=args.out, num_images=args.num_images, seed=args.seed,
-            steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+            [args.workdir, *args.sr_workdir], prompts, out=args.out, num_images=args.num_images, seed=args.seed,
+            steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
+            sr_noise_level=args.sr_noise_level, batch_size=args.batch_size,
         )
     except (FileNotFoundError, ValueError) as e:
         parser.exit(1, f"sample.py: error: {e}\n")

@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_parallel_calls = -1  # decode/resize parallelism; -1 = tf.data AUTOTUNE
 
     c.model = ml_collections.ConfigDict()  # the U-Net (imagen_jax/models/unet.py documents the architecture)
+    c.model.kind = "unet"  # unet (base stage) | efficient_unet (super-resolution stages; own fields, see configs/sr256.py)
     c.model.dim = 128  # channel width of the first level
     c.model.channel_mults = (1, 2, 3, 4)  # width multiplier per level; each level halves the resolution
     c.model.num_res_blocks = 2  # residual blocks per level (down path; the up path has one more, as in ADM)

@@ -24,7 +24,7 @@ def get_config():
     # prediction error by alpha, which is ~0 at high noise, where a 16x16 image's colours are decided.
     c.diffusion.objective = "v"
     c.train.batch_size = 32
-    c.train.num_steps = 2000
+    c.train.num_steps = 1600
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 100
     c.train.end_lr_fraction = 0.1

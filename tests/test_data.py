@@ -276,3 +276,25 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote 7 examples of 16x16 in 2 shards" in printed and "00001.tfrecord" in printed
     assert sum(1 for _ in tf.data.TFRecordDataset(list_shards(str(tmp_path / "*.tfrecord")))) == 7
+
+
+def test_random_crops_are_seeded_windows_of_the_resized_image(tmp_path):
+    gradient = np.zeros((32, 32, 3), np.uint8)
+    gradient[..., 0] = np.arange(32)[None, :] * 8  # red encodes x, green encodes y
+    gradient[..., 1] = np.arange(32)[:, None] * 8
+    shard = _write_records(tmp_path / "g.tfrecord", [{"png": _encode(gradient, "PNG"), "txt": b"g"}] * 12)
+    full, _ = _all_examples(_config(shard, image_size=32))
+    crops, _ = _all_examples(_config(shard, image_size=32, crop_size=8))
+    again, _ = _all_examples(_config(shard, image_size=32, crop_size=8))
+    reference = full[0]["image"]
+    offsets = set()
+    for example in crops:
+        crop = example["image"]
+        assert crop.shape == (8, 8, 3)
+        y, x = round((crop[0, 0, 1] + 1) * 127.5 / 8), round((crop[0, 0, 0] + 1) * 127.5 / 8)
+        np.testing.assert_allclose(crop, reference[y:y + 8, x:x + 8], atol=1e-5)
+        offsets.add((y, x))
+    assert len(offsets) > 3  # different windows per example
+    np.testing.assert_array_equal(np.stack([e["image"] for e in crops]), np.stack([e["image"] for e in again]))
+    with pytest.raises(ValueError, match="crop_size \\(40\\) must be 0"):
+        make_dataset(_config(shard, image_size=32, crop_size=40), batch_size=1, seed=0)

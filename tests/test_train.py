@@ -65,20 +65,21 @@ def test_train_resume_and_sample(assets, tmp_path, capsys):
     assert "resumed from checkpoint at step 4" in out and "step 6:" in out and "step 2:" not in out.split("resumed")[1]
 
     sample_dir = str(tmp_path / "samples")
-    names = sample_to_folder(workdir, ["a red circle on the left", "a green square at the top"], out=sample_dir,
+    names = sample_to_folder([workdir], ["a red circle on the left", "a green square at the top"], out=sample_dir,
                              num_images=2, seed=7, steps=3, guidance_scale=2.0, batch_size=3)
     index = json.load(open(os.path.join(sample_dir, "samples.json")))
     assert sorted(index["images"]) == sorted(names) and len(names) == 4
     seeds = sorted(v["seed"] for v in index["images"].values())
     assert seeds == [7, 8, 9, 10]
     entry = index["images"][names[0]]
-    assert entry["prompt"] == "a red circle on the left" and entry["checkpoint_step"] == 6 and entry["steps"] == 3
+    assert entry["prompt"] == "a red circle on the left" and entry["stages"][0]["checkpoint_step"] == 6
+    assert entry["stages"][0]["steps"] == 3 and entry["stages"][0]["sampler"] == "ddpm"
     grid = np.asarray(Image.open(os.path.join(sample_dir, "grid.png")))
     assert grid.shape[0] > 16 and grid.shape[1] > 16
 
     # Same seed, same images, whatever the batch split; the per-image seed is what matters.
     again = str(tmp_path / "again")
-    sample_to_folder(workdir, ["a red circle on the left", "a green square at the top"], out=again,
+    sample_to_folder([workdir], ["a red circle on the left", "a green square at the top"], out=again,
                      num_images=2, seed=7, steps=3, guidance_scale=2.0, batch_size=4)
     for name in names:
         a = np.asarray(Image.open(os.path.join(sample_dir, name)))

@@ -10,6 +10,7 @@ Config fields read from `data_cfg` (an `ml_collections.ConfigDict`):
   train_shards        glob, brace pattern (`{00000..00012}`), list, or comma-separated string; local or gs://.
   format              'tfrecord' (default); any other value is an error naming it.
   image_size          S: the short side is resized (antialiased) to S, then the centre S x S is cropped.
+  crop_size           C > 0: then a seeded random C x C crop of that (SR stages train on crops); 0 = none.
   shuffle_buffer      records held in the shuffle buffer (default 10_000).
   num_parallel_calls  parallelism of file interleave and decode; -1 means tf.data.AUTOTUNE (default -1).
 """
@@ -105,7 +106,8 @@ def make_dataset(
     process_count: int = 1,
     repeat: bool = True,
 ) -> tuple[tf.data.Dataset, DatasetStats]:
-    """Builds this process's stream of {'image': f32 [B,S,S,3] in [-1,1], 'caption': string [B]} batches.
+    """Builds this process's stream of {'image': f32 [B,S,S,3] in [-1,1], 'caption': string [B]} batches
+    (S = crop_size when cropping).
 
     `batch_size` is per process; the last partial batch is dropped. Iterate with `ds.as_numpy_iterator()`.
     The same seed gives the same stream; each process reads a disjoint subset of shard files.
@@ -118,6 +120,9 @@ def make_dataset(
     size = int(data_cfg.image_size)
     if size <= 0 or batch_size <= 0:
         raise ValueError(f"data.image_size ({size}) and batch_size ({batch_size}) must be positive")
+    crop_size = int(data_cfg.get("crop_size", 0))
+    if crop_size < 0 or crop_size > size:
+        raise ValueError(f"data.crop_size ({crop_size}) must be 0 (no crop) or at most data.image_size ({size})")
     shuffle_buffer = int(data_cfg.get("shuffle_buffer", 10_000))
     calls = int(data_cfg.get("num_parallel_calls", -1))
     parallel = tf.data.AUTOTUNE if calls == -1 else calls
@@ -162,5 +167,12 @@ def make_dataset(
     ds = ds.interleave(try_decode, cycle_length=parallel, num_parallel_calls=parallel, deterministic=True)
     ds = ds.map(count).filter(lambda example: example["ok"])
     ds = ds.map(lambda example: {"image": example["image"], "caption": example["caption"]})
+    if 0 < crop_size < size:
+        # Seeded per-example random crops (SR stages train on crops and run fully convolutionally).
+        crop_seeds = tf.data.Dataset.random(seed=record_seed).batch(2)
+        ds = tf.data.Dataset.zip(ds, crop_seeds).map(
+            lambda example, seed: {**example, "image": tf.image.stateless_random_crop(example["image"], [crop_size, crop_size, 3], seed)},
+            num_parallel_calls=parallel, deterministic=True,
+        )
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE), stats

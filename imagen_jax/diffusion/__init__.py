@@ -1,4 +1,4 @@
-"""Continuous-time Gaussian diffusion: log-SNR schedules, training loss, guidance, ancestral sampler."""
+"""Continuous-time Gaussian diffusion: log-SNR schedules, training loss, guidance, DDPM, DDIM and DPM-Solver++."""
 
 from imagen_jax.diffusion.guidance import (
     THRESHOLD_MODES,
@@ -18,9 +18,11 @@ from imagen_jax.diffusion.losses import (
 )
 from imagen_jax.diffusion.sampler import sample
 from imagen_jax.diffusion.schedule import SCHEDULES, alpha_sigma, log_snr
+from imagen_jax.diffusion.solvers import SAMPLERS
 
 __all__ = [
     "OBJECTIVES",
+    "SAMPLERS",
     "SCHEDULES",
     "THRESHOLD_MODES",
     "alpha_sigma",

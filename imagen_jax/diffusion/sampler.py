@@ -1,12 +1,13 @@
-"""Ancestral DDPM sampling in continuous time, compiled as one XLA loop per chunk of steps.
+"""Sampling loops for the ancestral DDPM, DDIM and DPM-Solver++(2M) samplers, one XLA loop per chunk of steps.
 
-Times run uniformly from 1 to 0 over `steps` steps. Each step from t to s < t makes one model call (on
-the batch doubled for classifier-free guidance), converts the prediction to x0, thresholds it, and draws
-x_s from the Gaussian posterior q(x_s | x_t, x0); the last step returns the thresholded x0 itself.
+Each of the `steps` model evaluations (one call, on the batch doubled for classifier-free guidance)
+converts the prediction to x0, thresholds it, and hands it to the sampler's update rule (solvers.py,
+which also documents the time grids); the last evaluation returns the thresholded x0 itself.
 
 Speed: the step loop is a `lax.fori_loop` inside `jax.jit` whose bounds are traced, so every chunk (the
-last partial one included), every step count and every chunk size reuse one executable. Step noise is
-keyed by the global step index, so the result does not depend on the chunking.
+last partial one included), every step count and every chunk size reuse one executable per sampler.
+The loop state is (x_t, the last x0 estimate), which carries DPM-Solver++'s history across chunks. Step
+noise is keyed by the global step index, so the result does not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -22,18 +23,9 @@ import jax.numpy as jnp
 from imagen_jax.diffusion.guidance import check_percentile, check_threshold_mode, guided_prediction, threshold
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
 from imagen_jax.diffusion.schedule import alpha_sigma, check_schedule, log_snr
+from imagen_jax.diffusion.solvers import check_sampler, ddim_step, ddpm_step, dpmpp_2m_step, time_grid
 
 ProgressFn = Callable[[int, int], None]
-
-
-def _posterior(x_t, x0, log_snr_t, log_snr_s):
-    """Mean and variance of q(x_s | x_t, x0) for s < t (Kingma et al. 2021, VDM, eq. in log-SNR form)."""
-    alpha_t, _ = alpha_sigma(log_snr_t)
-    alpha_s, sigma_s = alpha_sigma(log_snr_s)
-    # c = 1 - SNR_t / SNR_s: the share of x_t's noise that is not yet explained at time s.
-    c = -jnp.expm1(log_snr_t - log_snr_s)
-    mean = alpha_s * ((1.0 - c) / alpha_t * x_t + c * x0)
-    return mean, jnp.square(sigma_s) * c
 
 
 def _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_scale, guided):
@@ -50,26 +42,42 @@ def _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_sca
 
 
 @functools.partial(
-    jax.jit, static_argnames=("apply_fn", "schedule", "objective", "thresholding", "percentile", "guided")
+    jax.jit,
+    static_argnames=("apply_fn", "sampler", "schedule", "objective", "thresholding", "percentile", "guided"),
 )
 def _run_chunk(
-    params, x, key, start, stop, steps, text, text_mask, model_kwargs, guidance_scale,
-    *, apply_fn, schedule, objective, thresholding, percentile, guided,
+    params, state, key, start, stop, steps, text, text_mask, model_kwargs, guidance_scale, eta,
+    *, apply_fn, sampler, schedule, objective, thresholding, percentile, guided,
 ):  # fmt: skip
-    """Runs steps [start, stop) of `steps` on x (the state at time 1 - start/steps); key: one per example."""
+    """Runs evaluations [start, stop) of `steps` on state (x at time_grid(start), previous x0); key: one per example."""
 
-    def body(i, x):
-        t = 1.0 - i.astype(jnp.float32) / steps.astype(jnp.float32)
-        s = 1.0 - (i + 1).astype(jnp.float32) / steps.astype(jnp.float32)
-        log_snr_t, log_snr_s = log_snr(t, schedule), log_snr(s, schedule)
+    def body(i, state):
+        x, x0_prev = state
+        times = time_grid(i + jnp.arange(-1, 2), steps, sampler, schedule)  # previous, this, next evaluation
+        lsnr_prev, lsnr_t, lsnr_s = log_snr(times, schedule)
+        t = times[1]
         pred = _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_scale, guided)
-        alpha_t, sigma_t = alpha_sigma(log_snr_t)
+        alpha_t, sigma_t = alpha_sigma(lsnr_t)
         x0 = threshold(pred_to_x0(pred.astype(jnp.float32), x, alpha_t, sigma_t, objective), thresholding, percentile)
-        mean, var = _posterior(x, x0, log_snr_t, log_snr_s)
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
-        return jnp.where(i == steps - 1, x0, mean + jnp.sqrt(var) * noise)
+        if sampler == "dpmpp_2m":
+            x_s = dpmpp_2m_step(x, x0, x0_prev, lsnr_prev, lsnr_t, lsnr_s)
+        else:
+            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
+            if sampler == "ddpm":
+                x_s = ddpm_step(x, x0, lsnr_t, lsnr_s, noise)
+            else:
+                x_s = ddim_step(x, x0, lsnr_t, lsnr_s, eta, noise)
+        return jnp.where(i == steps - 1, x0, x_s), x0
 
-    return jax.lax.fori_loop(start, stop, body, x)
+    return jax.lax.fori_loop(start, stop, body, state)
+
+
+def _check_eta(sampler: str, eta: float) -> None:
+    """eta in [0, 1], and nonzero only for DDIM (elsewhere it would be silently ignored)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral noise), got {eta}")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} only applies to sampler 'ddim', not {sampler!r}")
 
 
 def sample(
@@ -86,12 +94,18 @@ def sample(
     objective: str = "eps",
     thresholding: str = "dynamic",
     percentile: float = 0.995,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    noise: jax.Array | None = None,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """Draws x0 [B, H, W, C] (float32; in [-1, 1] unless thresholding='none') for text [B, L, D].
 
+    `sampler`: 'ddpm' (ancestral), 'ddim' (with `eta` in [0, 1]: 0 deterministic, 1 the ancestral
+    sampler again) or 'dpmpp_2m' (DPM-Solver++(2M), deterministic; ~20 steps do what DDPM needs hundreds
+    for). `steps` is the number of model evaluations for every sampler.
     `apply_fn(params, x_t, t, text, text_mask, drop_text, **model_kwargs)` is a jit static argument: pass
     the same function object every call (not a fresh lambda or functools.partial) or each call recompiles.
     `shape` is the full batch shape [B, H, W, C]. `model_kwargs` leaves (e.g. the low-res image of an SR
@@ -101,6 +115,8 @@ def sample(
     calls `progress(steps_done, steps)` after each chunk has finished. Same key -> same sample.
     `key` is one key for the batch, or a [B] array of keys, one per example: example b's noise then
     depends only on key[b], so an image is reproducible from its own seed whatever batch it is in.
+    `noise` (optional, `shape`) replaces the starting x at t = 1 drawn from `key`; the deterministic
+    samplers then map it to the same image whatever the key.
     """
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
@@ -109,6 +125,8 @@ def sample(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if len(shape) < 2 or shape[0] != text.shape[0]:
         raise ValueError(f"shape {tuple(shape)} must be [B, ...] with B = text batch {text.shape[0]}")
+    check_sampler(sampler)
+    _check_eta(sampler, eta)
     check_schedule(schedule)
     check_objective(objective)
     check_threshold_mode(thresholding)
@@ -121,10 +139,16 @@ def sample(
         raise ValueError(f"key must be one key or {shape[0]} keys (one per example), got shape {key.shape}")
     pairs = jax.vmap(jax.random.split)(keys)
     key_init, key_steps = pairs[:, 0], pairs[:, 1]
-    x = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(key_init)
+    if noise is None:
+        x = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(key_init)
+    elif tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected the sample shape {tuple(shape)}")
+    else:
+        x = jnp.asarray(noise, jnp.float32)
     run = functools.partial(
         _run_chunk,
         apply_fn=apply_fn,
+        sampler=sampler,
         schedule=schedule,
         objective=objective,
         thresholding=thresholding,
@@ -132,12 +156,16 @@ def sample(
         guided=guidance_scale != 1.0,
     )
     steps_arr = jnp.asarray(steps, jnp.int32)
-    scale = jnp.asarray(guidance_scale, jnp.float32)
+    scale, eta_arr = jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32)
     kwargs = dict(model_kwargs or {})
+    state = (x, jnp.zeros_like(x))
     for chunk in range(math.ceil(steps / chunk_size)):
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, steps)
-        x = run(params, x, key_steps, jnp.int32(start), jnp.int32(stop), steps_arr, text, text_mask, kwargs, scale)
+        state = run(
+            params, state, key_steps, jnp.int32(start), jnp.int32(stop), steps_arr, text, text_mask, kwargs, scale,
+            eta_arr,
+        )  # fmt: skip
         if progress is not None:
-            x.block_until_ready()
+            state[0].block_until_ready()
             progress(stop, steps)
-    return x
+    return state[0]

@@ -1,5 +1,7 @@
-"""Imagen U-Nets: the text-conditional base U-Net and the layers shared with the SR stages."""
+"""Imagen U-Nets: the text-conditional base U-Net, the super-resolution Efficient U-Net, and the
+layers they share."""
 
+from imagen_jax.models.efficient_unet import EfficientUNet, build_sr_unet, upsample_lowres
 from imagen_jax.models.unet import UNet, build_unet
 
-__all__ = ["UNet", "build_unet"]
+__all__ = ["EfficientUNet", "UNet", "build_sr_unet", "build_unet", "upsample_lowres"]

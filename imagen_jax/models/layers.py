@@ -181,6 +181,22 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def drop_to_null_text(
+    context: Array, mask: Array, null_token: Array, drop_text: Array | None
+) -> tuple[Array, Array]:
+    """Classifier-free guidance: rows where ``drop_text`` [B] is True get the learned
+    ``null_token`` [1, C] as their only valid token (position 0; the mask keeps one valid key so
+    attention stays well defined); other rows, and all rows when ``drop_text`` is None, pass."""
+    if drop_text is None:
+        return context, mask
+    first = jnp.arange(context.shape[1]) == 0
+    null = jnp.where(first[:, None], null_token, 0.0).astype(context.dtype)
+    drop = jnp.asarray(drop_text, bool)
+    context = jnp.where(drop[:, None, None], null[None], context)
+    mask = jnp.where(drop[:, None], first[None], mask)
+    return context, mask
+
+
 def _split_heads(x: Array, head_dim: int) -> Array:
     return x.reshape(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
 
@@ -281,6 +297,19 @@ class CrossAttention(nnx.Module):
         return x + self.out(o)
 
 
+class FeedForward(nnx.Module):
+    """Residual per-pixel MLP (pre-GroupNorm, GELU, hidden width ``mult * channels``, zero-init
+    output), the feed-forward half of a transformer layer over NHWC feature maps."""
+
+    def __init__(self, channels: int, mult: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
+        self.fc1 = dense(channels, mult * channels, rngs=rngs, dtype=dtype)
+        self.fc2 = dense(mult * channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+
+    def __call__(self, x: Array) -> Array:
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm(x))))
+
+
 class AttentionPool(nnx.Module):
     """Pools masked text tokens [B, L, C] into one vector [B, out_dim] with multi-head attention
     from a single learned query (Imagen adds this pooled text to the timestep embedding)."""
@@ -314,20 +343,38 @@ class AttentionPool(nnx.Module):
 
 
 class Downsample(nnx.Module):
-    """Halves H and W with a stride-2 3x3 conv (ADM's conv_resample)."""
+    """Halves H and W with a stride-2 3x3 conv (ADM's conv_resample); ``out_channels`` (default:
+    ``channels``) lets the Efficient U-Net change width while it downsamples."""
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
-        self.conv = conv(channels, channels, rngs=rngs, dtype=dtype, stride=2)
+    def __init__(
+        self,
+        channels: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        out_channels: int | None = None,
+    ):
+        out = channels if out_channels is None else out_channels
+        self.conv = conv(channels, out, rngs=rngs, dtype=dtype, stride=2)
 
     def __call__(self, x: Array) -> Array:
         return self.conv(x)
 
 
 class Upsample(nnx.Module):
-    """Doubles H and W with nearest-neighbour repetition followed by a 3x3 conv."""
+    """Doubles H and W with nearest-neighbour repetition followed by a 3x3 conv; ``out_channels``
+    (default: ``channels``) lets the Efficient U-Net change width while it upsamples."""
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
-        self.conv = conv(channels, channels, rngs=rngs, dtype=dtype)
+    def __init__(
+        self,
+        channels: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        out_channels: int | None = None,
+    ):
+        out = channels if out_channels is None else out_channels
+        self.conv = conv(channels, out, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: Array) -> Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

@@ -18,6 +18,8 @@ text cross-attention at the chosen feature-map resolutions.
   dropout           dropout rate inside res blocks, active only when a ``dropout_key`` is passed.
   in_channels       image channels in (3).
   out_channels      channels predicted (3 for eps / v prediction).
+  kind              optional; must be ``"unet"`` (the training code dispatches on it; the SR
+                    stages' ``"efficient_unet"`` is built by ``build_sr_unet``).
 
 Architecture choices (documented because the paper leaves them open):
   * resampling is ADM's ``conv_resample`` (stride-2 3x3 conv down, nearest x2 + 3x3 conv up), not
@@ -57,6 +59,7 @@ from imagen_jax.models.layers import (
     Upsample,
     conv,
     dense,
+    drop_to_null_text,
     fold_key,
     param,
 )
@@ -74,6 +77,7 @@ MODEL_FIELDS = (
     "out_channels",
 )
 EMB_MULT = 4
+KIND = "unet"
 
 
 class UNetBlock(nnx.Module):
@@ -196,14 +200,7 @@ class UNet(nnx.Module):
     ) -> tuple[Array, Array]:
         """Projected, normalised text tokens and their mask; dropped rows get the null token."""
         context = self.text_norm(self.text_proj(text.astype(self.dtype)))
-        mask = text_mask.astype(bool)
-        if drop_text is not None:
-            first = jnp.arange(context.shape[1]) == 0
-            null = jnp.where(first[:, None], self.null_text[...], 0.0).astype(context.dtype)
-            drop = jnp.asarray(drop_text, bool)
-            context = jnp.where(drop[:, None, None], null[None], context)
-            mask = jnp.where(drop[:, None], first[None], mask)
-        return context, mask
+        return drop_to_null_text(context, text_mask.astype(bool), self.null_text[...], drop_text)
 
     def __call__(
         self,
@@ -286,6 +283,9 @@ def build_unet(
     """Builds the U-Net from ``config.model`` (fields in the module docstring); ``dtype`` is the
     compute dtype, parameters are float32."""
     fields = dict(model_cfg)
+    kind = fields.pop("kind", KIND)
+    if kind != KIND:
+        raise ValueError(f"config.model.kind is {kind!r}; build_unet builds kind {KIND!r}")
     unknown = sorted(set(fields) - set(MODEL_FIELDS))
     missing = sorted(set(MODEL_FIELDS) - set(fields))
     if unknown:

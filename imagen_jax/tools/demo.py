@@ -2,11 +2,12 @@
 
     python -m imagen_jax.tools.demo --workdir runs/demo
 
-1. writes the coloured-shapes dataset as img2dataset TFRecord shards (<workdir>/data),
+1. writes the coloured-shapes dataset at 32x32 as img2dataset TFRecord shards (<workdir>/data),
 2. builds a tiny random T5 in Hugging Face format with a tokenizer trained on the captions (<workdir>/t5),
-3. trains configs/demo.py on them (<workdir>/train; rerunning resumes from the latest checkpoint),
-4. samples a few prompts with sample.py's code (<workdir>/samples),
-5. scores prompt following on every demo caption (eval_demo) and prints the figures.
+3. trains the 16x16 base stage, configs/demo.py (<workdir>/train), and the 16->32 super-resolution
+   stage, configs/demo_sr.py (<workdir>/train_sr); rerunning resumes from the latest checkpoints,
+4. samples a few prompts through the cascade with sample.py's code (<workdir>/samples),
+5. scores prompt following on every demo caption and the SR stage's fidelity and sharpness (eval_demo).
 Each step is also its own command; the README lists them.
 """
 
@@ -26,7 +27,7 @@ from imagen_jax.text.tiny import make_tiny_t5
 from imagen_jax.tools import eval_demo
 from imagen_jax.train.loop import run
 
-DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.py")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 PROMPTS = ("a red circle on the left", "a blue square at the top", "a yellow triangle on the right",
            "a green circle at the bottom", "a purple square in the middle", "a cyan triangle on the left")
 
@@ -48,21 +49,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--num_examples", type=int, default=4000, help="demo dataset size")
-    parser.add_argument("--config", default=DEMO_CONFIG, help="the training config (default configs/demo.py)")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--base_config", default=os.path.join(CONFIGS, "demo.py"))
+    parser.add_argument("--sr_config", default=os.path.join(CONFIGS, "demo_sr.py"))
+    args = parser.parse_args(argv)
     start = time.perf_counter()
-    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-    shards, t5_dir = prepare(args.workdir, num_examples=args.num_examples, image_size=config.data.image_size,
-                             seed=config.seed)
-    config.data.train_shards, config.text.encoder = shards, t5_dir
-    train_dir = os.path.join(args.workdir, "train")
-    run(config, train_dir)
+    base = config_lib.load_config_file(args.base_config)
+    sr = config_lib.load_config_file(args.sr_config)
+    shards, t5_dir = prepare(args.workdir, num_examples=args.num_examples, image_size=sr.data.image_size,
+                             seed=base.seed)
+    train_dir, sr_dir = os.path.join(args.workdir, "train"), os.path.join(args.workdir, "train_sr")
+    for config, workdir in ((base, train_dir), (sr, sr_dir)):
+        config.data.train_shards, config.text.encoder = shards, t5_dir
+        run(config, workdir)
     trained = time.perf_counter()
-    guidance, steps = config.train.sample_guidance_scale, config.train.sample_steps
-    sample_to_folder(train_dir, list(PROMPTS), out=os.path.join(args.workdir, "samples"), num_images=4, seed=0,
-                     steps=steps, guidance_scale=guidance, batch_size=32)
+    guidance, steps = base.train.sample_guidance_scale, base.train.sample_steps
+    sample_to_folder([train_dir, sr_dir], list(PROMPTS), out=os.path.join(args.workdir, "samples"), num_images=4,
+                     seed=0, steps=f"{steps},{sr.train.sample_steps}", guidance_scale=f"{guidance},1", batch_size=32)
     results = eval_demo.evaluate(train_dir, guidance_scale=guidance, steps=steps,
                                  out=os.path.join(args.workdir, "eval"))
+    results["super_resolution"] = eval_demo.evaluate_sr(train_dir, sr_dir, steps=sr.train.sample_steps)
     results["train_minutes"] = (trained - start) / 60
     results["total_minutes"] = (time.perf_counter() - start) / 60
     with open(os.path.join(args.workdir, "demo_results.json"), "w") as f:

@@ -1,6 +1,8 @@
 """Does a model trained on the demo shapes follow its prompts? Samples every demo caption and scores it.
+With --sr_workdir it also scores the super-resolution stage's fidelity and sharpness.
 
-    python -m imagen_jax.tools.eval_demo --workdir runs/demo [--guidance_scale 3] [--steps 64]
+    python -m imagen_jax.tools.eval_demo --workdir runs/demo/train [--guidance_scale 3] [--steps 64] \
+        [--sr_workdir runs/demo/train_sr --sr_steps 32]
 
 For each of the demo's captions (6 colours x 3 shapes x 5 positions) it samples `--per_prompt` images and
 reads back the shape's colour and position with `imagen_jax.data.demo`'s classifiers; it reports the share
@@ -14,29 +16,33 @@ import itertools
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import images as images_lib
 from imagen_jax.data import demo
+from imagen_jax.diffusion import augment
 from imagen_jax.pipeline import Imagen
 
 
 def evaluate(
     workdir: str, *, guidance_scale: float, steps: int, per_prompt: int = 1, seed: int = 0, batch_size: int = 96,
-    baseline: bool = True, out: str | None = None,
+    baseline: bool = True, out: str | None = None, sampler: str = "ddpm", imagen: Imagen | None = None,
 ) -> dict:
     """Colour and position accuracy of samples for every demo caption; writes a grid under `out`."""
-    imagen = Imagen.load([workdir])
+    imagen = imagen or Imagen.load([workdir])
     triples = [t for t in itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS) for _ in range(per_prompt)]
     prompts = [demo.caption(*t) for t in triples]
-    results = {"workdir": workdir, "checkpoint_step": imagen.stages[0].step, "steps": steps, "num_images": len(prompts)}
+    results = {"workdir": workdir, "checkpoint_step": imagen.stages[0].step, "sampler": sampler, "steps": steps,
+               "num_images": len(prompts)}
     scales = [guidance_scale] + ([1.0] if baseline and guidance_scale != 1.0 else [])
     for scale in scales:
         samples = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             seeds = list(range(seed + start, seed + start + len(chunk)))
-            (x,) = imagen(chunk, seeds, steps=[steps], guidance_scales=[scale])
+            (x,) = imagen(chunk, seeds, steps=[steps], guidance_scales=[scale], samplers=[sampler])
             samples.append(images_lib.to_uint8(x))
         samples = np.concatenate(samples)
         color_ok = [demo.classify_color(img) == t[0] for img, t in zip(samples, triples)]
@@ -58,13 +64,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per_prompt", type=int, default=1, help="samples per caption")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_baseline", action="store_true", help="skip the unguided (scale 1) baseline")
+    parser.add_argument("--sr_workdir", help="also score this SR stage (its input is the base stage's size)")
+    parser.add_argument("--sr_steps", type=int, default=32)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.per_prompt < 1:
         parser.error("--steps and --per_prompt must be >= 1")
     results = evaluate(args.workdir, guidance_scale=args.guidance_scale, steps=args.steps, per_prompt=args.per_prompt,
                        seed=args.seed, baseline=not args.no_baseline, out=os.path.join(args.workdir, "eval"))
+    if args.sr_workdir:
+        results["super_resolution"] = evaluate_sr(args.workdir, args.sr_workdir, steps=args.sr_steps, seed=args.seed)
     print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
     main()
+
+
+def high_frequency_energy(images: np.ndarray) -> float:
+    """Mean squared discrete Laplacian: the energy of the finest details (higher = sharper)."""
+    x = np.asarray(images, np.float64)
+    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    return float(np.mean(lap ** 2))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+
+
+def evaluate_sr(base_workdir: str, sr_workdir: str, *, steps: int, sampler: str = "ddpm", count: int = 60,
+                sr_noise_level: float = 0.2, seed: int = 0) -> dict:
+    """SR fidelity on fresh renders: the SR output, downsampled back, against its input (PSNR), and its
+    sharpness against bicubic upsampling of the same input (high-frequency energy ratio)."""
+    imagen = Imagen.load([base_workdir, sr_workdir])
+    sr = imagen.stages[1]
+    rng = np.random.default_rng(seed + 12345)
+    triples = list(itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS))
+    picks = [triples[i] for i in rng.permutation(len(triples))[:count]]
+    targets = np.stack([demo.render(*t, sr.image_size, rng) for t in picks]).astype(np.float32) / 127.5 - 1.0
+    lowres = np.asarray(augment.downsample(jnp.asarray(targets), sr.lowres_size))
+    text, mask = imagen.encode([demo.caption(*t) for t in picks])
+    out = sr.sample(text, mask, list(range(seed, seed + count)), steps=steps, guidance_scale=1.0, sampler=sampler,
+                    lowres=lowres, sr_noise_level=sr_noise_level)
+    bicubic = np.asarray(jax.image.resize(jnp.asarray(lowres), targets.shape, method="cubic")).clip(-1, 1)
+    back = np.asarray(augment.downsample(jnp.asarray(out), sr.lowres_size))
+    return {
+        "sr_workdir": sr_workdir, "images": count, "steps": steps, "sampler": sampler, "sr_noise_level": sr_noise_level,
+        "psnr_downsampled_output_vs_input_db": round(psnr(back, lowres), 2),
+        "psnr_downsampled_bicubic_vs_input_db": round(psnr(np.asarray(augment.downsample(jnp.asarray(bicubic), sr.lowres_size)), lowres), 2),
+        "high_frequency_ratio_sr_vs_bicubic": round(high_frequency_energy(out) / high_frequency_energy(bicubic), 3),
+        "high_frequency_ratio_target_vs_bicubic": round(high_frequency_energy(targets) / high_frequency_energy(bicubic), 3),
+        "psnr_output_vs_target_db": round(psnr(out, targets), 2),
+        "psnr_bicubic_vs_target_db": round(psnr(bicubic, targets), 2),
+    }

@@ -15,7 +15,9 @@ import tensorflow as tf
 from imagen_jax import config as config_lib
 from imagen_jax import images as images_lib
 from imagen_jax.data.pipeline import make_dataset
+from imagen_jax.diffusion import augment
 from imagen_jax.diffusion import sample as diffusion_sample
+from imagen_jax.models import upsample_lowres
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text import T5Encoder
 from imagen_jax.train import optimizer as optimizer_lib
@@ -110,23 +112,38 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     sample_text = encoder.encode(prompts, max_length=config.text.max_length) if prompts else None
     writer = MetricWriter(workdir)
 
-    def write_samples(step: int) -> None:
-        if not prompts:
-            return
-        size = config.data.image_size
-        x = diffusion_sample(
-            apply_fn, state["ema"], sample_text[0], sample_text[1], jax.random.key(config.seed),
-            shape=(len(prompts), size, size, 3), steps=config.train.sample_steps,
-            guidance_scale=config.train.sample_guidance_scale, schedule=config.diffusion.schedule,
-            objective=config.diffusion.objective, thresholding=config.diffusion.thresholding,
-            percentile=config.diffusion.dynamic_threshold_percentile,
+    super_resolution = state_lib.is_super_resolution(config)
+
+    def write_samples(step: int, batch: dict) -> None:
+        """Base: the config's sample prompts. SR: the first images of the batch, as low-res input | sample | target."""
+        common = dict(
+            steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance_scale,
+            schedule=config.diffusion.schedule, objective=config.diffusion.objective,
+            thresholding=config.diffusion.thresholding, percentile=config.diffusion.dynamic_threshold_percentile,
         )
-        grid = images_lib.make_grid(images_lib.to_uint8(jax.device_get(x)))
+        if super_resolution:
+            n = min(4, local_batch)
+            target = jax.device_get(batch["image"])[:n]
+            text = encoder.apply(encoder.state, batch["ids"][:n], batch["mask"][:n])
+            size = target.shape[1]
+            lowres = augment.downsample(target, size * config.model.lowres_size // config.data.image_size)
+            z, aug_t = augment.sampling_augmentation(lowres, 0.2, jax.random.key(config.seed + 1), config.diffusion.schedule)
+            x = diffusion_sample(apply_fn, state["ema"], text, batch["mask"][:n], jax.random.key(config.seed),
+                                 shape=target.shape, model_kwargs={"lowres": z, "lowres_t": aug_t}, **common)
+            shown = jnp.concatenate([upsample_lowres(lowres, size), x, target])
+            grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(shown)), columns=n), "low-res | sample | target"
+        elif prompts:
+            size = config.data.image_size
+            x = diffusion_sample(apply_fn, state["ema"], sample_text[0], sample_text[1], jax.random.key(config.seed),
+                                 shape=(len(prompts), size, size, 3), **common)
+            grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(x))), " | ".join(prompts)
+        else:
+            return
         if jax.process_index() == 0:
             tf.io.gfile.makedirs(os.path.join(workdir, "samples"))
             images_lib.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
         writer.image(step, "samples", grid)
-        writer.text(step, "sample_prompts", " | ".join(prompts))
+        writer.text(step, "samples", caption)
 
     # ----------------------------------------------------------------------------------------------
     # Train.
@@ -149,7 +166,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
             writer.scalars(done, last_metrics)
             t_log, steps_since_log = time.perf_counter(), 0
         if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
-            write_samples(done)
+            write_samples(done, batch)
         checkpointer.save(done, state, config, {"batches_consumed": done}, force=done == num_steps)
     checkpointer.close()
     writer.close()

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from imagen_jax.models import build_unet
+from imagen_jax.models import build_sr_unet, build_unet
 from imagen_jax.parallel import mesh as mesh_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,9 +28,20 @@ def compute_dtype(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
+MODEL_KINDS = {"unet": build_unet, "efficient_unet": build_sr_unet}
+
+
+def is_super_resolution(config: ml_collections.ConfigDict) -> bool:
+    """SR stages condition on a low-res image; the base stage does not."""
+    return config.model.get("kind", "unet") == "efficient_unet"
+
+
 def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0) -> nnx.Module:
     """The stage's U-Net as the config describes it (params float32, activations in train.compute_dtype)."""
-    return build_unet(
+    kind = config.model.get("kind", "unet")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r} is not one of {sorted(MODEL_KINDS)}")
+    return MODEL_KINDS[kind](
         config.model,
         image_size=config.data.image_size,
         text_dim=text_dim,

@@ -15,16 +15,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from imagen_jax.diffusion import diffusion_loss
+from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.train.state import is_super_resolution
 
 
 def make_apply_fn(graphdef: nnx.GraphDef) -> Callable:
-    """apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None) for the diffusion code."""
+    """apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None, **conditioning) for the
+    diffusion code; SR stages take conditioning lowres=[B,h,w,3] (noise-augmented) and lowres_t=[B]."""
 
-    def apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None):
+    def apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None, **conditioning):
         model = nnx.merge(graphdef, params)
-        return model(x_t, t, text, text_mask, drop_text=drop_text, dropout_key=dropout_key)
+        return model(x_t, t, text, text_mask, drop_text=drop_text, dropout_key=dropout_key, **conditioning)
 
     return apply_fn
 
@@ -54,18 +56,27 @@ def make_train_step(
     apply_fn = make_apply_fn(graphdef)
     dcfg = config.diffusion
     use_dropout = float(config.model.dropout) > 0
+    super_resolution = is_super_resolution(config)
+    if super_resolution:
+        # Training crops (sr1024: 256 of 1024) get the matching low-res crop (64 of 256).
+        size = config.data.crop_size or config.data.image_size
+        lowres_size = size * config.model.lowres_size // config.data.image_size
 
     def step(state: dict, t5_params: Any, batch: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        loss_key, dropout_key = jax.random.split(key)
+        loss_key, dropout_key, augment_key = jax.random.split(key, 3)
         # The frozen T5 runs inside the step; its params are an argument, never differentiated.
         text = jax.lax.stop_gradient(text_fn(t5_params, batch["ids"], batch["mask"]))
+        model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
+        if super_resolution:
+            lowres = augment.downsample(batch["image"], lowres_size)
+            model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(lowres, augment_key, dcfg.schedule)
 
         def loss_fn(params):
             return diffusion_loss(
                 apply_fn, params, batch["image"], text, batch["mask"], loss_key,
                 schedule=dcfg.schedule, objective=dcfg.objective, cond_drop_prob=dcfg.cond_drop_prob,
-                model_kwargs={"dropout_key": dropout_key} if use_dropout else None,
+                model_kwargs=model_kwargs,
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

@@ -1,0 +1,419 @@
+"""Imagen's Efficient U-Net for the text-conditional super-resolution stages (appendix B.1, F.2).
+
+The model predicts noise (or v) for an image at the stage's resolution, conditioned on the
+timestep, T5 text, and a low-resolution image with its noise-augmentation level. It differs from
+the base U-Net (:mod:`imagen_jax.models.unet`) as the paper describes:
+
+  * every level starts by DOWNSAMPLING (stride-2 conv that also sets the level's width) and then
+    runs its residual blocks; on the way up a level runs its blocks and then UPSAMPLES (nearest x2 +
+    conv to the next level's width). No residual block runs at full resolution, which is what makes
+    the SR stages affordable at 256 and 1024;
+  * more residual blocks at low resolution (``num_res_blocks`` is a tuple per level, e.g. 2/4/8/8);
+  * attention only at the lowest level: text cross-attention and, optionally, self-attention over
+    its pixels (the 256->1024 model has none) and a feed-forward layer;
+  * U-Net skip connections are scaled by 1/sqrt(2) before they are concatenated;
+  * conditioning embedding = time embedding of t + time embedding of the low-res augmentation level
+    ``lowres_t`` + attention-pooled text, applied by FiLM in every residual block;
+  * the low-res image is upsampled to the output size with :func:`upsample_lowres` and concatenated
+    channel-wise to the noisy input.
+
+Nothing depends on the image size (no positional embeddings over pixels; self-attention is over
+however many pixels the lowest level has), so a model trained on 256x256 crops runs at 1024x1024.
+
+``config.model`` fields read by :func:`build_sr_unet` (all required except ``kind``, no others):
+
+  kind              optional; must be ``"efficient_unet"`` (the training code dispatches on it).
+  dim               width of the full-resolution input conv; the conditioning embedding is
+                    ``4 * dim`` wide and text tokens are projected from the T5 width to ``dim``.
+  channel_mults     per-level widths ``dim * mult``; every level halves the resolution, so the
+                    image size must be divisible by ``2 ** len(channel_mults)``.
+  num_res_blocks    residual blocks per level (tuple, one per level); the way up uses the same
+                    number per level.
+  self_attention    self-attention over pixels after every residual block of the lowest level.
+  cross_attention   text cross-attention after every residual block of the lowest level.
+  ffn_mult          a per-pixel feed-forward layer (hidden width ``ffn_mult * width``) after the
+                    attention of every lowest-level block, completing a transformer layer
+                    (self-attention, cross-attention, FFN) as in imagen-pytorch's SR U-Nets;
+                    0 = none.
+  head_dim          channels per attention head (heads = width / head_dim; the text attention
+                    pool uses it too, so ``dim`` must be a multiple of it).
+  dropout           dropout rate inside res blocks, active only when a ``dropout_key`` is passed.
+  in_channels       channels of the noisy image and of the low-res image (3); the input conv sees
+                    both, ``2 * in_channels``.
+  out_channels      channels predicted (3 for eps / v prediction).
+  full_res_first_level
+                    optional, default False (the paper's design): when True the first level
+                    keeps the full resolution (a 3x3 conv sets its width instead of the stride-2
+                    downsample, and a 3x3 conv replaces its upsample), so residual blocks also run at
+                    full resolution. Tiny, briefly trained models (the CPU demo) need that capacity
+                    to remove pixel-level noise; large paper-scale models do not use it.
+  lowres_size       side of the low-res conditioning image at the stage's ``image_size`` (64 for
+                    64->256); a call must keep the ratio (256 crops of 1024 images: 64 crops of
+                    the 256 low-res image).
+
+Architecture choices the paper leaves open (documented here, reused by the configs' counts):
+  * skip connections: one per level (the output of the level on the way down) joins the first
+    residual block of the same level on the way up, plus the input conv's full-resolution features
+    joining before the output conv; the lowest level turns straight around (no middle block);
+  * resampling: stride-2 3x3 conv down, nearest x2 + 3x3 conv up (the base U-Net's layers);
+  * residual blocks, attention, text projection, attention pool and learned null text are the base
+    U-Net's (BigGAN/ADM blocks with FiLM, pre-GroupNorm attention, zero-init residual outputs);
+  * the low-res image is upsampled bicubically (``jax.image.resize``, half-pixel centres) in
+    float32, unclipped: noise augmentation already takes it outside [-1, 1].
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from imagen_jax.models.layers import (
+    AttentionPool,
+    CrossAttention,
+    Downsample,
+    FeedForward,
+    GroupNorm,
+    LayerNorm,
+    ResBlock,
+    SelfAttention,
+    TimeEmbedding,
+    Upsample,
+    conv,
+    dense,
+    drop_to_null_text,
+    fold_key,
+    param,
+)
+
+Array = jax.Array
+
+KIND = "efficient_unet"
+MODEL_FIELDS = (
+    "dim",
+    "channel_mults",
+    "num_res_blocks",
+    "self_attention",
+    "cross_attention",
+    "ffn_mult",
+    "head_dim",
+    "dropout",
+    "in_channels",
+    "out_channels",
+    "lowres_size",
+)
+EMB_MULT = 4
+SKIP_SCALE = 1.0 / math.sqrt(2.0)
+LOWRES_RESIZE_METHOD = "cubic"
+
+
+def upsample_lowres(lowres: Array, size: int | Sequence[int]) -> Array:
+    """Resizes the low-res conditioning image [B, h, w, C] to [B, H, W, C] (``size`` = H or (H, W))
+    with bicubic interpolation in float32.
+
+    Training and sampling must both call this, so the SR model always sees the same upsampling.
+    """
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    b, _, _, c = lowres.shape
+    return jax.image.resize(
+        lowres.astype(jnp.float32), (b, height, width, c), method=LOWRES_RESIZE_METHOD
+    )
+
+
+class SRBlock(nnx.Module):
+    """A residual block, optionally followed by self-attention, text cross-attention and a
+    feed-forward layer (in that order)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        emb_dim: int,
+        context_dim: int,
+        self_attention: bool,
+        cross_attention: bool,
+        ffn_mult: int,
+        head_dim: int,
+        dropout_rate: float,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+    ):
+        self.res = ResBlock(
+            in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype
+        )
+        self.self_attn = (
+            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype)
+            if self_attention
+            else None
+        )
+        self.cross_attn = (
+            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
+            if cross_attention
+            else None
+        )
+        self.ffn = FeedForward(out_channels, ffn_mult, rngs=rngs, dtype=dtype) if ffn_mult else None
+
+    def __call__(
+        self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None
+    ) -> Array:
+        x = self.res(x, emb, dropout_key)
+        if self.self_attn is not None:
+            x = self.self_attn(x)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, context, mask)
+        if self.ffn is not None:
+            x = self.ffn(x)
+        return x
+
+
+class EfficientUNet(nnx.Module):
+    """Text- and low-res-conditional Efficient U-Net:
+    ``model(x, t, text, text_mask, drop_text, dropout_key, *, lowres, lowres_t)``."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        lowres_size: int,
+        text_dim: int,
+        dim: int,
+        channel_mults: tuple[int, ...],
+        num_res_blocks: tuple[int, ...],
+        self_attention: bool,
+        cross_attention: bool,
+        ffn_mult: int,
+        head_dim: int,
+        dropout: float,
+        in_channels: int,
+        out_channels: int,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        full_res_first_level: bool = False,
+    ):
+        _validate(image_size, lowres_size, channel_mults, num_res_blocks, ffn_mult, dropout, full_res_first_level)
+        self.dtype = dtype
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.lowres_size = lowres_size
+        emb_dim = EMB_MULT * dim
+        lowest = len(channel_mults) - 1
+        widths = [dim * m for m in channel_mults]
+
+        def block(cin: int, cout: int, level: int) -> SRBlock:
+            return SRBlock(
+                cin,
+                cout,
+                emb_dim=emb_dim,
+                context_dim=dim,
+                self_attention=self_attention and level == lowest,
+                cross_attention=cross_attention and level == lowest,
+                ffn_mult=ffn_mult if level == lowest else 0,
+                head_dim=head_dim,
+                dropout_rate=dropout,
+                rngs=rngs,
+                dtype=dtype,
+            )
+
+        self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
+        self.lowres_time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
+        self.text_proj = dense(
+            text_dim, dim, rngs=rngs, dtype=dtype, kernel_names=("text_embed", "channels_out")
+        )
+        self.text_norm = LayerNorm(dim, rngs=rngs, dtype=dtype)
+        self.null_text = param(rngs, nnx.initializers.normal(1.0), (1, dim), (None, "channels_out"))
+        self.text_pool = AttentionPool(dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
+
+        self.input_conv = conv(2 * in_channels, dim, rngs=rngs, dtype=dtype)
+        ch = dim
+        downsamples, down = [], []
+        for level, (width, n) in enumerate(zip(widths, num_res_blocks)):
+            if level == 0 and full_res_first_level:
+                downsamples.append(conv(ch, width, rngs=rngs, dtype=dtype))
+            else:
+                downsamples.append(Downsample(ch, out_channels=width, rngs=rngs, dtype=dtype))
+            down.append(nnx.List([block(width, width, level) for _ in range(n)]))
+            ch = width
+        self.downsamples = nnx.List(downsamples)
+        self.down = nnx.List(down)
+
+        up, upsamples = [], []
+        for level in reversed(range(len(widths))):
+            width = widths[level]
+            first_in = width if level == lowest else 2 * width  # + the skip from the way down
+            blocks = [block(first_in, width, level)]
+            blocks += [block(width, width, level) for _ in range(num_res_blocks[level] - 1)]
+            up.append(nnx.List(blocks))
+            target = widths[level - 1] if level > 0 else dim
+            if level == 0 and full_res_first_level:
+                upsamples.append(conv(width, target, rngs=rngs, dtype=dtype))
+            else:
+                upsamples.append(Upsample(width, out_channels=target, rngs=rngs, dtype=dtype))
+        self.up = nnx.List(up)
+        self.upsamples = nnx.List(upsamples)
+
+        self.out_norm = GroupNorm(2 * dim, rngs=rngs, dtype=dtype)
+        self.out_conv = conv(2 * dim, out_channels, rngs=rngs, dtype=dtype, zero_init=True)
+
+    def _check_inputs(self, x: Array, lowres: Array) -> None:
+        if x.shape[-1] != self.in_channels or lowres.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"x {x.shape} and lowres {lowres.shape} must both have in_channels="
+                f"{self.in_channels} channels"
+            )
+        ratio = (self.image_size, self.lowres_size)
+        for axis in (1, 2):
+            if x.shape[axis] * self.lowres_size != lowres.shape[axis] * self.image_size:
+                raise ValueError(
+                    f"lowres {lowres.shape} does not match x {x.shape}: this model upsamples "
+                    f"lowres_size {ratio[1]} -> image_size {ratio[0]} and needs that ratio"
+                )
+
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        text: Array,
+        text_mask: Array,
+        drop_text: Array | None = None,
+        dropout_key: Array | None = None,
+        *,
+        lowres: Array,
+        lowres_t: Array,
+    ) -> Array:
+        """Predicts [B, H, W, out_channels] float32 from noisy images x [B, H, W, C] at times t [B]
+        in [0, 1], T5 tokens text [B, L, text_dim] with mask [B, L] (True = valid), the
+        (noise-augmented) low-res image lowres [B, h, w, C] in [-1, 1] at its own size and its
+        augmentation time lowres_t [B] in [0, 1].
+
+        drop_text [B] bool selects the examples conditioned on the learned null text instead
+        (classifier-free guidance); dropout_key enables dropout (None = deterministic).
+        """
+        self._check_inputs(x, lowres)
+        context = self.text_norm(self.text_proj(text.astype(self.dtype)))
+        context, mask = drop_to_null_text(
+            context, text_mask.astype(bool), self.null_text[...], drop_text
+        )
+        emb = (
+            self.time_embed(t)
+            + self.lowres_time_embed(lowres_t)
+            + self.text_pool(context, mask)
+        )
+
+        cond = upsample_lowres(lowres, x.shape[1:3])
+        h = self.input_conv(jnp.concatenate([x.astype(jnp.float32), cond], -1).astype(self.dtype))
+        skips = [h]
+        keys = itertools.count()  # one dropout stream per res block, in call order
+        for downsample, blocks in zip(self.downsamples, self.down):
+            h = downsample(h)
+            for blk in blocks:
+                h = blk(h, emb, context, mask, fold_key(dropout_key, next(keys)))
+            skips.append(h)
+        skips.pop()  # the lowest level turns straight around
+
+        for i, (blocks, upsample) in enumerate(zip(self.up, self.upsamples)):
+            if i > 0:
+                h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
+            for blk in blocks:
+                h = blk(h, emb, context, mask, fold_key(dropout_key, next(keys)))
+            h = upsample(h)
+
+        h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
+        h = self.out_conv(jax.nn.silu(self.out_norm(h)))
+        return h.astype(jnp.float32)
+
+
+def _validate(
+    image_size: int,
+    lowres_size: int,
+    channel_mults: tuple[int, ...],
+    num_res_blocks: tuple[int, ...],
+    ffn_mult: int,
+    dropout: float,
+    full_res_first_level: bool = False,
+) -> None:
+    if not channel_mults:
+        raise ValueError("config.model.channel_mults must not be empty")
+    if len(num_res_blocks) != len(channel_mults):
+        raise ValueError(
+            f"config.model.num_res_blocks {num_res_blocks} needs one entry per level of "
+            f"config.model.channel_mults {channel_mults}"
+        )
+    if min(num_res_blocks) < 1:
+        raise ValueError(f"config.model.num_res_blocks must all be >= 1, got {num_res_blocks}")
+    halvings = len(channel_mults) - int(full_res_first_level)
+    if image_size % 2**halvings:
+        raise ValueError(
+            f"image_size {image_size} is not divisible by 2**{halvings} "
+            f"({halvings} levels of config.model.channel_mults halve it)"
+        )
+    if lowres_size < 1 or image_size % lowres_size or image_size == lowres_size:
+        raise ValueError(
+            f"config.model.lowres_size {lowres_size} must divide image_size {image_size} and be "
+            f"smaller (a super-resolution stage upsamples)"
+        )
+    if ffn_mult < 0:
+        raise ValueError(f"config.model.ffn_mult must be >= 0 (0 = no FFN), got {ffn_mult}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"config.model.dropout must be in [0, 1), got {dropout}")
+
+
+def _as_tuple(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, int):
+        raise ValueError(f"config.model.{name} must be a tuple (one entry per level), got {value}")
+    return tuple(int(v) for v in value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"config.model.{name} must be True or False, got {value!r}")
+    return value
+
+
+def build_sr_unet(
+    model_cfg: ml_collections.ConfigDict | Mapping[str, Any],
+    *,
+    image_size: int,
+    text_dim: int,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype = jnp.float32,
+) -> EfficientUNet:
+    """Builds the Efficient U-Net from ``config.model`` (fields in the module docstring) for the
+    stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32."""
+    fields = dict(model_cfg)
+    kind = fields.pop("kind", KIND)
+    if kind != KIND:
+        raise ValueError(f"config.model.kind is {kind!r}; build_sr_unet builds kind {KIND!r}")
+    full_res_first_level = _as_bool("full_res_first_level", fields.pop("full_res_first_level", False))
+    unknown = sorted(set(fields) - set(MODEL_FIELDS))
+    missing = sorted(set(MODEL_FIELDS) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config.model field(s) {unknown} for {KIND}; allowed: {list(MODEL_FIELDS)}"
+        )
+    if missing:
+        raise ValueError(f"missing config.model field(s) {missing} for {KIND}")
+    return EfficientUNet(
+        image_size=image_size,
+        lowres_size=int(fields["lowres_size"]),
+        text_dim=text_dim,
+        dim=int(fields["dim"]),
+        channel_mults=_as_tuple("channel_mults", fields["channel_mults"]),
+        num_res_blocks=_as_tuple("num_res_blocks", fields["num_res_blocks"]),
+        self_attention=_as_bool("self_attention", fields["self_attention"]),
+        cross_attention=_as_bool("cross_attention", fields["cross_attention"]),
+        ffn_mult=int(fields["ffn_mult"]),
+        head_dim=int(fields["head_dim"]),
+        dropout=float(fields["dropout"]),
+        in_channels=int(fields["in_channels"]),
+        out_channels=int(fields["out_channels"]),
+        full_res_first_level=full_res_first_level,
+        rngs=rngs,
+        dtype=dtype,
+    )

@@ -1,0 +1,74 @@
+"""The cascade: stage wiring checks, and a tiny base + SR cascade sampled end to end through sample.py's code."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax import config as config_lib
+from imagen_jax.data import demo
+from imagen_jax.pipeline import Stage, check_cascade
+from imagen_jax.sample_files import per_stage
+from imagen_jax.text.tiny import make_tiny_t5
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_stage(name, image_size, lowres_size=None):
+    model = {"kind": "efficient_unet", "lowres_size": lowres_size} if lowres_size else {"kind": "unet"}
+    config = ml_collections.ConfigDict({"data": {"image_size": image_size}, "model": model})
+    return Stage(config=config, params=None, apply_fn=None, step=0, workdir=name)
+
+
+def test_check_cascade_names_both_stages_on_a_size_mismatch():
+    check_cascade([fake_stage("base", 64), fake_stage("sr256", 256, 64), fake_stage("sr1024", 1024, 256)])
+    with pytest.raises(ValueError, match=r"stage sr takes 32x32 input, but the stage before it \(base\) makes 64x64"):
+        check_cascade([fake_stage("base", 64), fake_stage("sr", 128, 32)])
+    with pytest.raises(ValueError, match="first stage \\(sr\\) is a super-resolution stage"):
+        check_cascade([fake_stage("sr", 256, 64)])
+    with pytest.raises(ValueError, match="stage base2 is a base stage"):
+        check_cascade([fake_stage("base", 64), fake_stage("base2", 64)])
+
+
+def test_per_stage_values():
+    assert per_stage("256,64,32", 3, int, "steps", []) == [256, 64, 32]
+    assert per_stage("5", 3, float, "guidance_scale", []) == [5.0, 5.0, 5.0]
+    assert per_stage(None, 2, str, "sampler", ["ddpm", "ddpm"]) == ["ddpm", "ddpm"]
+    with pytest.raises(ValueError, match="--steps has 2 values for 3 stages"):
+        per_stage("1,2", 3, int, "steps", [])
+    with pytest.raises(ValueError, match="--guidance_scale 'x': each value must be a float"):
+        per_stage("x", 1, float, "guidance_scale", [])
+
+
+@pytest.mark.slow
+def test_tiny_cascade_end_to_end(tmp_path):
+    from imagen_jax.sample_files import sample_to_folder
+    from imagen_jax.train.loop import run
+
+    demo.write_demo_shards(str(tmp_path / "data"), num_examples=64, image_size=16, num_shards=2, seed=0)
+    make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
+    base = config_lib.load_config_file(os.path.join(REPO, "configs/demo.py"))
+    base.data.image_size, base.model.dim, base.model.channel_mults = 8, 16, (1, 2)
+    base.model.attn_resolutions, base.model.head_dim = (4,), 8
+    sr = config_lib.load_config_file(os.path.join(REPO, "configs/demo_sr.py"))
+    sr.model.dim, sr.model.head_dim, sr.model.lowres_size = 16, 8, 8
+    sr.data.image_size, sr.data.crop_size = 16, 8  # trained on crops, sampled at full size
+    for config, name in ((base, "base"), (sr, "sr")):
+        config.data.train_shards, config.text.encoder = str(tmp_path / "data" / "*.tfrecord"), str(tmp_path / "t5")
+        config.train.batch_size, config.train.num_steps, config.train.checkpoint_every = 4, 2, 2
+        config.train.sample_every, config.train.sample_steps = 2, 2
+        run(config, str(tmp_path / name))
+    assert os.path.exists(tmp_path / "sr" / "samples" / "step_0000002.png")  # low-res | sample | target grid
+
+    out = tmp_path / "out"
+    names = sample_to_folder([str(tmp_path / "base"), str(tmp_path / "sr")], ["a red circle on the left"], out=str(out),
+                             num_images=2, seed=3, steps="3,2", guidance_scale="2,1", sampler="ddim,dpmpp_2m")
+    index = json.load(open(out / "samples.json"))["images"]
+    entry = index[names[0]]
+    assert [s["image_size"] for s in entry["stages"]] == [8, 16]
+    assert [s["sampler"] for s in entry["stages"]] == ["ddim", "dpmpp_2m"] and entry["stages"][1]["sr_noise_level"] == 0.2
+    assert np.asarray(Image.open(out / names[0])).shape == (16, 16, 3)
+    assert np.asarray(Image.open(out / entry["stages"][0]["file"])).shape == (8, 8, 3)
