@@ -76,20 +76,22 @@ def sample_to_folder(
         raise ValueError(f"--steps must be >= 1, got {steps_}")
     jobs = [(p, prompt, j, seed + p * num_images + j) for p, prompt in enumerate(prompts) for j in range(num_images)]
     results: list[list[np.ndarray]] = [[] for _ in stages]
-    with tqdm(total=len(jobs) * sum(steps_), desc="sampling", unit="step") as bar:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            done = {i: 0 for i in range(n)}
+    bars = [tqdm(total=len(jobs) * steps_[i], desc=f"stage {i + 1}/{n} ({stage.image_size}px)", unit="step", position=i)
+            for i, stage in enumerate(stages)]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        done = {i: 0 for i in range(n)}
 
-            def progress(stage: int, finished: int, total: int) -> None:
-                bar.set_postfix_str(f"stage {stage + 1}/{n} ({stages[stage].image_size}px)")
-                bar.update((finished - done[stage]) * len(chunk))
-                done[stage] = finished
+        def progress(stage: int, finished: int, total: int) -> None:
+            bars[stage].update((finished - done[stage]) * len(chunk))
+            done[stage] = finished
 
-            outputs = imagen([c[1] for c in chunk], [c[3] for c in chunk], steps=steps_, guidance_scales=scales,
-                             samplers=samplers, sr_noise_level=sr_noise_level, progress=progress)
-            for i, x in enumerate(outputs):
-                results[i].extend(images_lib.to_uint8(x))
+        outputs = imagen([c[1] for c in chunk], [c[3] for c in chunk], steps=steps_, guidance_scales=scales,
+                         samplers=samplers, sr_noise_level=sr_noise_level, progress=progress)
+        for i, x in enumerate(outputs):
+            results[i].extend(images_lib.to_uint8(x))
+    for bar in bars:
+        bar.close()
     index = {}
     for k, (p, prompt, j, image_seed) in enumerate(jobs):
         name = f"{p:03d}_{j:02d}_{slug(prompt)}.png"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.random_params import random_state
 from imagen_jax.config import load_config_file
 from imagen_jax.models import EfficientUNet, build_sr_unet, build_unet, upsample_lowres
 
@@ -42,20 +43,6 @@ def _count(model) -> int:
     return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def _random_state(abstract_state, seed=0):
-    """Nonzero parameters (the real init zeroes output convs, which would hide every effect)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        noise = rng.normal(size=leaf.shape).astype(np.float32)
-        if name.endswith("['scale'].value"):
-            return jnp.asarray(1.0 + 0.1 * noise)
-        if leaf.ndim >= 2 and "kernel" in name:
-            return jnp.asarray(noise / math.sqrt(np.prod(leaf.shape[:-1])))
-        return jnp.asarray(0.1 * noise)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_state)
 
 
 def _apply_fn(graphdef):
@@ -70,7 +57,7 @@ def _apply_fn(graphdef):
 def tiny():
     """(graphdef, random params, jitted apply) of the tiny float32 model: the train-step pattern."""
     graphdef, abstract_state = nnx.split(_abstract())
-    return graphdef, _random_state(abstract_state), jax.jit(_apply_fn(graphdef))
+    return graphdef, random_state(abstract_state), jax.jit(_apply_fn(graphdef))
 
 
 def _inputs(size=IMAGE, seed=0):
@@ -320,7 +307,7 @@ def test_full_res_first_level_runs_its_res_blocks_at_full_resolution():
     cfg = dict(TINY, full_res_first_level=True)
     model = _abstract(cfg)
     graphdef, abstract = nnx.split(model)
-    state = _random_state(abstract)
+    state = random_state(abstract)
     jaxpr = jax.make_jaxpr(_apply_fn(graphdef))(state, *_inputs())
     convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     full = [e for e in convs if e.outvars[0].aval.shape[1] == IMAGE]

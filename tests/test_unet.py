@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.random_params import random_state
 from imagen_jax.config import load_config_file
 from imagen_jax.models import UNet, build_unet
 from imagen_jax.models import layers
@@ -37,27 +38,13 @@ def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) 
     )
 
 
-def _random_state(abstract_state, seed=0):
-    """Nonzero parameters (the real init zeroes output convs, which would hide every effect)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        noise = rng.normal(size=leaf.shape).astype(np.float32)
-        if name.endswith("['scale'].value"):
-            return jnp.asarray(1.0 + 0.1 * noise)
-        if leaf.ndim >= 2 and "kernel" in name:
-            return jnp.asarray(noise / math.sqrt(np.prod(leaf.shape[:-1])))
-        return jnp.asarray(0.1 * noise)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_state)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """(graphdef, random params, jitted apply) of the tiny float32 model: the train-step pattern."""
     graphdef, abstract_state = nnx.split(_abstract())
-    state = _random_state(abstract_state)
+    state = random_state(abstract_state)
 
     @jax.jit
     def apply(state, x, t, text, mask, drop=None, key=None):
