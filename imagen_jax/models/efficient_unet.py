@@ -75,21 +75,17 @@ import ml_collections
 from flax import nnx
 
 from imagen_jax.models.layers import (
-    AttentionPool,
     CrossAttention,
     Downsample,
     FeedForward,
     GroupNorm,
-    LayerNorm,
     ResBlock,
     SelfAttention,
+    TextConditioning,
     TimeEmbedding,
     Upsample,
     conv,
-    dense,
-    drop_to_null_text,
     fold_key,
-    param,
 )
 
 Array = jax.Array
@@ -173,7 +169,7 @@ class SRBlock(nnx.Module):
         return x
 
 
-class EfficientUNet(nnx.Module):
+class EfficientUNet(TextConditioning, nnx.Module):
     """Text- and low-res-conditional Efficient U-Net:
     ``model(x, t, text, text_mask, drop_text, dropout_key, *, lowres, lowres_t)``."""
 
@@ -223,12 +219,7 @@ class EfficientUNet(nnx.Module):
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
         self.lowres_time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
-        self.text_proj = dense(
-            text_dim, dim, rngs=rngs, dtype=dtype, kernel_names=("text_embed", "channels_out")
-        )
-        self.text_norm = LayerNorm(dim, rngs=rngs, dtype=dtype)
-        self.null_text = param(rngs, nnx.initializers.normal(1.0), (1, dim), (None, "channels_out"))
-        self.text_pool = AttentionPool(dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
+        self.init_text_conditioning(text_dim, dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
 
         self.input_conv = conv(2 * in_channels, dim, rngs=rngs, dtype=dtype)
         ch = dim
@@ -296,10 +287,7 @@ class EfficientUNet(nnx.Module):
         (classifier-free guidance); dropout_key enables dropout (None = deterministic).
         """
         self._check_inputs(x, lowres)
-        context = self.text_norm(self.text_proj(text.astype(self.dtype)))
-        context, mask = drop_to_null_text(
-            context, text_mask.astype(bool), self.null_text[...], drop_text
-        )
+        context, mask = self.text_context(text, text_mask, drop_text)
         emb = (
             self.time_embed(t)
             + self.lowres_time_embed(lowres_t)

@@ -379,3 +379,28 @@ class Upsample(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.conv(x)
+
+
+class TextConditioning:
+    """The text path both U-Nets share, mixed into each so its parameters keep top-level names
+    (text_proj, text_norm, null_text, text_pool): T5 tokens are projected to the model width and
+    normalised into the context tokens every cross-attention reads; dropped rows get the learned null
+    token (classifier-free guidance); the attention pool turns the context into a conditioning vector.
+    """
+
+    def init_text_conditioning(
+        self, text_dim: int, dim: int, emb_dim: int, *, head_dim: int, rngs: nnx.Rngs, dtype: jnp.dtype
+    ) -> None:
+        self.text_proj = dense(
+            text_dim, dim, rngs=rngs, dtype=dtype, kernel_names=("text_embed", "channels_out")
+        )
+        self.text_norm = LayerNorm(dim, rngs=rngs, dtype=dtype)
+        self.null_text = param(rngs, nnx.initializers.normal(1.0), (1, dim), (None, "channels_out"))
+        self.text_pool = AttentionPool(dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
+
+    def text_context(
+        self, text: Array, text_mask: Array, drop_text: Array | None
+    ) -> tuple[Array, Array]:
+        """Projected, normalised text tokens and their mask; dropped rows get the null token."""
+        context = self.text_norm(self.text_proj(text.astype(self.dtype)))
+        return drop_to_null_text(context, text_mask.astype(bool), self.null_text[...], drop_text)

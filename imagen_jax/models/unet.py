@@ -48,20 +48,16 @@ import ml_collections
 from flax import nnx
 
 from imagen_jax.models.layers import (
-    AttentionPool,
     CrossAttention,
     Downsample,
     GroupNorm,
-    LayerNorm,
     ResBlock,
     SelfAttention,
+    TextConditioning,
     TimeEmbedding,
     Upsample,
     conv,
-    dense,
-    drop_to_null_text,
     fold_key,
-    param,
 )
 
 Array = jax.Array
@@ -117,7 +113,7 @@ class UNetBlock(nnx.Module):
         return x
 
 
-class UNet(nnx.Module):
+class UNet(TextConditioning, nnx.Module):
     """Text-conditional U-Net: ``model(x, t, text, text_mask, drop_text, dropout_key)``."""
 
     def __init__(
@@ -150,12 +146,7 @@ class UNet(nnx.Module):
         )
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
-        self.text_proj = dense(
-            text_dim, dim, rngs=rngs, dtype=dtype, kernel_names=("text_embed", "channels_out")
-        )
-        self.text_norm = LayerNorm(dim, rngs=rngs, dtype=dtype)
-        self.null_text = param(rngs, nnx.initializers.normal(1.0), (1, dim), (None, "channels_out"))
-        self.text_pool = AttentionPool(dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
+        self.init_text_conditioning(text_dim, dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
 
         self.input_conv = conv(in_channels, dim, rngs=rngs, dtype=dtype)
         skip_channels = [dim]
@@ -195,13 +186,6 @@ class UNet(nnx.Module):
         self.out_norm = GroupNorm(ch, rngs=rngs, dtype=dtype)
         self.out_conv = conv(ch, out_channels, rngs=rngs, dtype=dtype, zero_init=True)
 
-    def _context(
-        self, text: Array, text_mask: Array, drop_text: Array | None
-    ) -> tuple[Array, Array]:
-        """Projected, normalised text tokens and their mask; dropped rows get the null token."""
-        context = self.text_norm(self.text_proj(text.astype(self.dtype)))
-        return drop_to_null_text(context, text_mask.astype(bool), self.null_text[...], drop_text)
-
     def __call__(
         self,
         x: Array,
@@ -217,7 +201,7 @@ class UNet(nnx.Module):
         drop_text [B] bool selects the examples conditioned on the learned null text instead
         (classifier-free guidance); dropout_key enables dropout (None = deterministic).
         """
-        context, mask = self._context(text, text_mask, drop_text)
+        context, mask = self.text_context(text, text_mask, drop_text)
         emb = self.time_embed(t) + self.text_pool(context, mask)
 
         keys = itertools.count()  # one dropout stream per res block, in call order
