@@ -11,6 +11,7 @@ def get_config():
     c = base_config()
     c.text.max_length = 128
     c.data.image_size = 64
+    c.data.min_image_size = 64  # no upscaled thumbnails
     # 2.118e9 parameters (tests/test_unet.py counts them with jax.eval_shape; the paper says 2B). The count
     # rests on: ADM blocks (3 res blocks down, 4 up per level, one res-attn-res middle block); plain
     # stride-2 conv downsample / nearest+conv upsample (BigGAN resampling res blocks would add ~130M);

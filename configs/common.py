@@ -17,12 +17,18 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train_shards = ""  # glob, brace pattern ({00000..01242}.tfrecord), list or comma list; local or gs://
-    c.data.format = "tfrecord"  # img2dataset output format
-    c.data.image_size = 64  # the stage's output resolution
+    c.data.format = "tfrecord"  # img2dataset TFRecord shards (webdataset .tar: convert with tools.convert_shards)
+    c.data.image_size = 64  # the stage's output resolution (short side resized to it, centre crop)
     c.data.crop_size = 0  # SR stages trained on random crops (0 = no crop)
-    c.data.precomputed_text = False  # read T5 embeddings stored in the shards instead of running T5
-    c.data.shuffle_buffer = 10_000  # records held for shuffling, per process
+    c.data.precomputed_text = False  # read T5 embeddings written by tools.encode_text instead of running T5
+    c.data.shuffle_buffer = 10_000  # undecoded records held for shuffling, per process (memory: x record size)
     c.data.num_parallel_calls = -1  # decode/resize parallelism; -1 = tf.data AUTOTUNE
+    # Filters; a rejected record is skipped and counted per reason in the training log (data/skipped_*).
+    c.data.min_image_size = 0  # min short side of the ORIGINAL image (img2dataset original_width/height), px
+    c.data.max_aspect_ratio = 0.0  # max long/short side ratio of the original image (0 = no limit)
+    c.data.min_caption_chars = 1  # shorter captions are skipped (1 drops empty captions)
+    c.data.max_caption_chars = 0  # longer captions are skipped (0 = no limit; T5 truncates at text.max_length)
+    c.data.require_success_status = True  # skip records whose img2dataset `status` is present and not "success"
 
     c.model = ml_collections.ConfigDict()  # the U-Net (imagen_jax/models/unet.py documents the architecture)
     c.model.kind = "unet"  # unet (base stage) | efficient_unet (super-resolution stages; own fields, see configs/sr256.py)

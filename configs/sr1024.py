@@ -13,6 +13,7 @@ from common import base_config
 def get_config():
     c = base_config()
     c.data.image_size = 1024
+    c.data.min_image_size = 1024  # an SR stage must not learn to reproduce upscaling blur
     c.data.crop_size = 256  # trained on 256x256 crops, run at 1024x1024
     # 382.5M parameters with T5-XXL text (4096 wide; tests/test_efficient_unet.py counts them with
     # nnx.eval_shape; the paper says 400M). Same architecture as configs/sr256.py (see its count notes)

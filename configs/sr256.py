@@ -11,6 +11,7 @@ from common import base_config
 def get_config():
     c = base_config()
     c.data.image_size = 256
+    c.data.min_image_size = 256  # an SR stage must not learn to reproduce upscaling blur
     c.data.crop_size = 0  # whole images
     # 606.1M parameters with T5-XXL text (4096 wide; tests/test_efficient_unet.py counts them with
     # nnx.eval_shape; the paper says 600M). imagen_jax/models/efficient_unet.py documents the

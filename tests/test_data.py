@@ -14,41 +14,7 @@ from PIL import Image
 from imagen_jax.data import demo
 from imagen_jax.data.pipeline import make_dataset
 from imagen_jax.data.shards import expand_braces, list_shards
-
-
-def _encode(array: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def _write_records(path, records: list[dict]) -> str:
-    """Writes tf.train.Examples whose bytes features are given as {name: bytes}."""
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for features in records:
-            example = tf.train.Example(features=tf.train.Features(feature={
-                name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-                for name, value in features.items()
-            }))
-            writer.write(example.SerializeToString())
-    return str(path)
-
-
-def _config(shards, image_size: int = 16, **overrides) -> ml_collections.ConfigDict:
-    fields = dict(train_shards=shards, format="tfrecord", image_size=image_size, shuffle_buffer=64,
-                  num_parallel_calls=2)
-    return ml_collections.ConfigDict({**fields, **overrides})
-
-
-def _all_examples(cfg, **kwargs) -> tuple[list[dict], dict]:
-    """Reads one epoch with batch size 1; returns the examples and the stats."""
-    ds, stats = make_dataset(cfg, batch_size=1, seed=0, repeat=False, **kwargs)
-    examples = [{"image": b["image"][0], "caption": b["caption"][0].decode()} for b in ds.as_numpy_iterator()]
-    return examples, stats.read()
-
-
-def _solid(color, height=20, width=20) -> np.ndarray:
-    return np.full((height, width, len(color)), color, np.uint8).squeeze()
+from tests.shard_helpers import data_config, encode_image, read_epoch, solid, write_records
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +60,7 @@ def test_list_shards_no_match_names_the_pattern(tmp_path):
 
 
 def test_batches_have_shape_range_and_matching_captions(demo_shards):
-    ds, stats = make_dataset(_config(demo_shards, image_size=16), batch_size=8, seed=0)
+    ds, stats = make_dataset(data_config(demo_shards, image_size=16), batch_size=8, seed=0)
     batches = list(itertools.islice(ds.as_numpy_iterator(), 12))  # > one epoch: the stream repeats.
     for batch in batches:
         assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
@@ -107,18 +73,20 @@ def test_batches_have_shape_range_and_matching_captions(demo_shards):
             assert text in captions
             # The image decoded next to a caption shows what the caption says (pairing and RGB order).
             assert f"a {demo.classify_color(image)} " in text
-    assert stats.read()["records"] >= 96 and stats.read()["empty_captions"] == 0
+    counts = stats.read()
+    assert counts["delivered"] >= 96 and counts["records"] >= counts["delivered"]
+    assert counts["shards_damaged"] == counts["shards_unreadable"] == 0 and counts["skipped_undecodable"] == 0
 
 
 def test_resize_short_side_then_center_crop(tmp_path):
     stripes = np.zeros((40, 120, 3), np.uint8)  # Red | green | blue, 40 px each; output keeps the middle.
     stripes[:, :40, 0] = stripes[:, 40:80, 1] = stripes[:, 80:, 2] = 255
-    shard = _write_records(tmp_path / "s.tfrecord", [
-        {"png": _encode(stripes, "PNG"), "txt": b"wide"},
-        {"png": _encode(np.ascontiguousarray(stripes.transpose(1, 0, 2)), "PNG"), "txt": b"tall"},
-        {"png": _encode(_solid((10, 130, 250), 7, 13), "PNG"), "txt": b"small"},  # Upsampled.
+    shard = write_records(tmp_path / "s.tfrecord", [
+        {"png": encode_image(stripes, "PNG"), "txt": b"wide"},
+        {"png": encode_image(np.ascontiguousarray(stripes.transpose(1, 0, 2)), "PNG"), "txt": b"tall"},
+        {"png": encode_image(solid((10, 130, 250), 7, 13), "PNG"), "txt": b"small"},  # Upsampled.
     ])
-    examples, _ = _all_examples(_config(shard, image_size=10))
+    examples, _ = read_epoch(data_config(shard, image_size=10))
     by_caption = {e["caption"]: e["image"] for e in examples}
     green = np.array([-1.0, 1.0, -1.0])
     np.testing.assert_allclose(by_caption["wide"][:, 3:7], np.broadcast_to(green, (10, 4, 3)), atol=0.02)
@@ -128,19 +96,22 @@ def test_resize_short_side_then_center_crop(tmp_path):
 
 
 def test_image_formats_and_channel_conversion(tmp_path):
-    gray, rgba = _solid((100,)), _solid((10, 20, 30, 128))
-    shard = _write_records(tmp_path / "s.tfrecord", [
-        {"jpg": _encode(_solid((200, 40, 40)), "JPEG"), "txt": b"jpg"},
-        {"png": _encode(_solid((40, 200, 40)), "PNG"), "txt": b"png"},
-        {"webp": _encode(_solid((40, 40, 200)), "WEBP"), "txt": b"webp"},
-        {"png": _encode(gray, "PNG"), "txt": b"gray png"},
-        {"jpg": _encode(gray, "JPEG"), "txt": b"gray jpg"},
-        {"png": _encode(rgba, "PNG"), "txt": b"rgba png"},
+    gray, rgba = solid((100,)), solid((10, 20, 30, 128))
+    shard = write_records(tmp_path / "s.tfrecord", [
+        {"jpg": encode_image(solid((200, 40, 40)), "JPEG"), "txt": b"jpg"},
+        {"png": encode_image(solid((40, 200, 40)), "PNG"), "txt": b"png"},
+        {"webp": encode_image(solid((40, 40, 200)), "WEBP"), "txt": b"webp"},
+        {"png": encode_image(gray, "PNG"), "txt": b"gray png"},
+        {"jpg": encode_image(gray, "JPEG"), "txt": b"gray jpg"},
+        {"png": encode_image(rgba, "PNG"), "txt": b"rgba png"},
     ])
-    examples, stats = _all_examples(_config(shard, image_size=8))
-    assert stats["skipped_decode"] == 0
+    examples, stats = read_epoch(data_config(shard, image_size=8))
+    assert stats["skipped_undecodable"] == 0
+    assert (stats["converted_grayscale"], stats["converted_alpha"]) == (2, 1)
+    # Alpha is composited onto white: 128/255 of the colour, the rest white.
+    on_white = tuple(c * 128 / 255 + 255 * (1 - 128 / 255) for c in (10, 20, 30))
     expected = {"jpg": (200, 40, 40), "png": (40, 200, 40), "webp": (40, 40, 200), "gray png": (100,) * 3,
-                "gray jpg": (100,) * 3, "rgba png": (10, 20, 30)}
+                "gray jpg": (100,) * 3, "rgba png": on_white}
     assert sorted(e["caption"] for e in examples) == sorted(expected)
     for example in examples:
         want = np.broadcast_to(np.array(expected[example["caption"]]) / 127.5 - 1.0, (8, 8, 3))
@@ -148,47 +119,41 @@ def test_image_formats_and_channel_conversion(tmp_path):
         np.testing.assert_allclose(example["image"], want, atol=0.05 if lossy else 1e-4)
 
 
-def test_caption_prefers_txt_then_caption_and_counts_empty(tmp_path):
-    image = _encode(_solid((200, 40, 40)), "PNG")
-    shard = _write_records(tmp_path / "s.tfrecord", [
+def test_caption_prefers_txt_then_caption_and_skips_empty(tmp_path):
+    image = encode_image(solid((200, 40, 40)), "PNG")
+    shard = write_records(tmp_path / "s.tfrecord", [
         {"png": image, "txt": b"from txt", "caption": b"not this"},
         {"png": image, "caption": b"from caption"},
         {"png": image, "txt": b"", "caption": b"empty txt falls back"},
         {"png": image},
     ])
-    examples, stats = _all_examples(_config(shard))
-    assert sorted(e["caption"] for e in examples) == ["", "empty txt falls back", "from caption", "from txt"]
-    assert stats == {"records": 4, "skipped_decode": 0, "empty_captions": 1}
+    examples, stats = read_epoch(data_config(shard))
+    assert sorted(e["caption"] for e in examples) == ["empty txt falls back", "from caption", "from txt"]
+    assert (stats["records"], stats["delivered"], stats["skipped_caption_length"]) == (4, 3, 1)
+    kept, stats = read_epoch(data_config(shard, min_caption_chars=0))  # Empty captions kept when asked.
+    assert len(kept) == 4 and stats["skipped_caption_length"] == 0
 
 
 def test_undecodable_records_are_skipped_and_counted(tmp_path):
-    good = _encode(_solid((40, 200, 40)), "JPEG")
+    good = encode_image(solid((40, 200, 40)), "JPEG")
     records = [{"jpg": good, "txt": f"good {i}".encode()} for i in range(6)]
     records[2:2] = [{"jpg": b"\xff\xd8 definitely not a jpeg", "txt": b"corrupt"}]
     records[5:5] = [{"txt": b"no image at all"}]
-    shard = _write_records(tmp_path / "s.tfrecord", records)
-    examples, stats = _all_examples(_config(shard))
+    shard = write_records(tmp_path / "s.tfrecord", records)
+    examples, stats = read_epoch(data_config(shard))
     assert sorted(e["caption"] for e in examples) == [f"good {i}" for i in range(6)]
-    assert stats == {"records": 8, "skipped_decode": 2, "empty_captions": 0}
-
-
-def test_a_shard_that_is_not_tfrecord_fails_loudly(tmp_path):
-    bad = tmp_path / "00000.tfrecord"
-    bad.write_bytes(np.random.default_rng(0).bytes(2000))
-    ds, _ = make_dataset(_config(str(bad)), batch_size=1, seed=0, repeat=False)
-    with pytest.raises(tf.errors.DataLossError):
-        next(ds.as_numpy_iterator())
+    assert (stats["records"], stats["delivered"], stats["skipped_undecodable"]) == (8, 6, 2)
 
 
 def test_processes_read_disjoint_file_sets_covering_all(tmp_path):
-    image = _encode(_solid((200, 40, 40)), "PNG")
+    image = encode_image(solid((200, 40, 40)), "PNG")
     for f in range(5):
-        _write_records(tmp_path / f"{f:05d}.tfrecord", [{"png": image, "txt": f"f{f} r{r}".encode()}
+        write_records(tmp_path / f"{f:05d}.tfrecord", [{"png": image, "txt": f"f{f} r{r}".encode()}
                                                          for r in range(3)])
-    cfg = _config(str(tmp_path / "*.tfrecord"))
+    cfg = data_config(str(tmp_path / "*.tfrecord"))
     files_of = []
     for index in range(2):
-        examples, _ = _all_examples(cfg, process_index=index, process_count=2)
+        examples, _ = read_epoch(cfg, process_index=index, process_count=2)
         files_of.append({e["caption"].split()[0] for e in examples})
         assert len(examples) == 3 * len(files_of[-1])  # Whole files, never split by record.
     assert files_of[0].isdisjoint(files_of[1])
@@ -199,7 +164,7 @@ def test_processes_read_disjoint_file_sets_covering_all(tmp_path):
 
 def test_seed_fixes_the_order(demo_shards):
     def first_batches(seed):
-        ds, _ = make_dataset(_config(demo_shards), batch_size=8, seed=seed)
+        ds, _ = make_dataset(data_config(demo_shards), batch_size=8, seed=seed)
         return list(itertools.islice(ds.as_numpy_iterator(), 3))
 
     a, b, c = first_batches(3), first_batches(3), first_batches(4)
@@ -210,8 +175,8 @@ def test_seed_fixes_the_order(demo_shards):
 
 
 def test_config_errors_name_the_problem(demo_shards):
-    with pytest.raises(ValueError, match="'webdataset'"):
-        make_dataset(_config(demo_shards, format="webdataset"), batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="'webdataset' is not supported.*convert_shards"):
+        make_dataset(data_config(demo_shards, format="webdataset"), batch_size=1, seed=0)
     with pytest.raises(ValueError, match="image_size"):
         make_dataset(ml_collections.ConfigDict(dict(train_shards=demo_shards)), batch_size=1, seed=0)
 
@@ -282,10 +247,10 @@ def test_random_crops_are_seeded_windows_of_the_resized_image(tmp_path):
     gradient = np.zeros((32, 32, 3), np.uint8)
     gradient[..., 0] = np.arange(32)[None, :] * 8  # red encodes x, green encodes y
     gradient[..., 1] = np.arange(32)[:, None] * 8
-    shard = _write_records(tmp_path / "g.tfrecord", [{"png": _encode(gradient, "PNG"), "txt": b"g"}] * 12)
-    full, _ = _all_examples(_config(shard, image_size=32))
-    crops, _ = _all_examples(_config(shard, image_size=32, crop_size=8))
-    again, _ = _all_examples(_config(shard, image_size=32, crop_size=8))
+    shard = write_records(tmp_path / "g.tfrecord", [{"png": encode_image(gradient, "PNG"), "txt": b"g"}] * 12)
+    full, _ = read_epoch(data_config(shard, image_size=32))
+    crops, _ = read_epoch(data_config(shard, image_size=32, crop_size=8))
+    again, _ = read_epoch(data_config(shard, image_size=32, crop_size=8))
     reference = full[0]["image"]
     offsets = set()
     for example in crops:
@@ -297,4 +262,4 @@ def test_random_crops_are_seeded_windows_of_the_resized_image(tmp_path):
     assert len(offsets) > 3  # different windows per example
     np.testing.assert_array_equal(np.stack([e["image"] for e in crops]), np.stack([e["image"] for e in again]))
     with pytest.raises(ValueError, match="crop_size \\(40\\) must be 0"):
-        make_dataset(_config(shard, image_size=32, crop_size=40), batch_size=1, seed=0)
+        make_dataset(data_config(shard, image_size=32, crop_size=40), batch_size=1, seed=0)

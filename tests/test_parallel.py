@@ -43,6 +43,26 @@ def test_bad_rules_and_mesh_sizes_are_clear_errors():
         mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
 
 
+def test_adafactor_state_gets_shardings_that_fit_its_factored_moments():
+    """Adafactor keeps rank-reduced row/column statistics: their shardings cannot be their parameters'."""
+    from imagen_jax import config as config_lib
+    from imagen_jax.train import optimizer as optimizer_lib
+    from imagen_jax.train import state as state_lib
+
+    c = config_lib.load_config_file(os.path.join(REPO, "configs/demo.py"))
+    c.model.dim, c.model.channel_mults, c.model.attn_resolutions, c.model.head_dim = 16, (1, 2), (4,), 8
+    c.data.image_size, c.train.optimizer = 8, "adafactor"
+    mesh = mesh_lib.make_mesh(c.mesh)
+    tx = optimizer_lib.make_optimizer(c.train)
+    shardings = state_lib.state_shardings(state_lib.model_spec(c, 16, mesh), tx, mesh)
+    abstract = state_lib.abstract_state(c, 16, tx, shardings)  # Raised for every factored moment before.
+    state = state_lib.init_state(c, 16, tx, shardings)
+    ranks = {len(leaf.shape) for leaf in jax.tree.leaves(state["opt_state"])}
+    assert {1, 2, 4} <= ranks  # Factored statistics (rank-reduced) next to full-shape ones (kernels).
+    for leaf, target in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
+        assert leaf.shape == target.shape and len(leaf.sharding.spec) <= leaf.ndim
+
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax

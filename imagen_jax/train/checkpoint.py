@@ -41,6 +41,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` would save without `force` (so callers gather its inputs only then)."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: dict, config: ml_collections.ConfigDict, data: dict, *, force: bool = False) -> bool:
         """Saves if `step` is due (or `force`); returns whether a save started."""
         train = {k: v for k, v in state.items() if k != "ema"}

@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from imagen_jax import config as config_lib
 from imagen_jax import images as images_lib
-from imagen_jax.data.pipeline import make_dataset
+from imagen_jax.data.pipeline import Position, make_dataset, position_after, precomputed_text_metadata
+from imagen_jax.data.resume import gather_positions, start_position
 from imagen_jax.diffusion import augment
 from imagen_jax.diffusion import sample as diffusion_sample
 from imagen_jax.models import upsample_lowres
@@ -58,17 +59,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict:
 
     # ----------------------------------------------------------------------------------------------
-    # Frozen T5 text encoder: parameters replicated, never in the optimizer.
+    # Frozen T5 text encoder (parameters replicated, never in the optimizer), or none at all when the
+    # shards carry precomputed embeddings.
     # ----------------------------------------------------------------------------------------------
-    encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=state_lib.compute_dtype(config.text.dtype))
-    t5_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
-    t5_params = jax.device_put(encoder.state, t5_shardings)
-    log(f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})")
+    precomputed = bool(config.data.precomputed_text)
+    if precomputed:
+        encoder, t5_params, t5_shardings = None, {}, {}
+        stored = precomputed_text_metadata(config.data)
+        text_dim = int(stored["dim"])
+        log(f"text: precomputed T5 embeddings from {stored['encoder']} (dim {text_dim}, {stored['dtype']}); no encoder built")
+    else:
+        encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=state_lib.compute_dtype(config.text.dtype))
+        t5_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
+        t5_params = jax.device_put(encoder.state, t5_shardings)
+        text_dim = encoder.dim
+        log(f"text encoder: {config.text.encoder} (d_model {text_dim}, max_length {config.text.max_length})")
 
     # ----------------------------------------------------------------------------------------------
     # U-Net, optimizer, train state (born sharded, or restored from the latest checkpoint).
     # ----------------------------------------------------------------------------------------------
-    spec = state_lib.model_spec(config, encoder.dim, mesh)
+    spec = state_lib.model_spec(config, text_dim, mesh)
     tx = optimizer_lib.make_optimizer(config.train)
     schedule = optimizer_lib.learning_rate_schedule(config.train)
     shardings = state_lib.state_shardings(spec, tx, mesh)
@@ -77,44 +87,57 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is None:
-        state = state_lib.init_state(config, encoder.dim, tx, shardings)
-        data_position = {"batches_consumed": 0}
+        state = state_lib.init_state(config, text_dim, tx, shardings)
+        saved_data = None
         log("initialised a new train state")
     else:
-        target = state_lib.abstract_state(config, encoder.dim, tx, shardings)
-        state, data_position = checkpointer.restore(latest, target)
+        target = state_lib.abstract_state(config, text_dim, tx, shardings)
+        state, saved_data = checkpointer.restore(latest, target)
         log(f"resumed from checkpoint at step {latest} in {workdir}")
     start_step = int(state["step"])
 
     # ----------------------------------------------------------------------------------------------
-    # Data: each process reads its own shard files; local batches become global arrays.
+    # Data: each process reads its own shard files from its saved stream position; local batches
+    # become global arrays.
     # ----------------------------------------------------------------------------------------------
     local_batch = config.train.batch_size // jax.process_count()
-    # A resumed run continues with a data order seeded by its start step (exact replay: see the README).
-    data_seed = config.seed + 1_000_003 * int(data_position["batches_consumed"])
+    position, message = start_position(saved_data, jax.process_index(), jax.process_count())
+    log(message)
     dataset, data_stats = make_dataset(
-        config.data, batch_size=local_batch, seed=data_seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        config.data, batch_size=local_batch, seed=config.seed, start=position,
+        process_index=jax.process_index(), process_count=jax.process_count(), text_max_length=config.text.max_length,
     )
     batches = dataset.as_numpy_iterator()
 
-    def next_batch() -> dict:
+    def next_batch() -> tuple[dict, Position, list[bytes]]:
+        """The next global batch, this process's stream position after it, and its local captions."""
         raw = next(batches)
-        ids, mask = encoder.tokenizer([c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length)
-        return mesh_lib.global_batch({"image": raw["image"], "ids": ids, "mask": mask}, mesh)
+        if precomputed:
+            local = {"image": raw["image"], "text": raw["text"], "mask": raw["mask"]}
+        else:
+            ids, mask = encoder.tokenizer([c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length)
+            local = {"image": raw["image"], "ids": ids, "mask": mask}
+        return mesh_lib.global_batch(local, mesh), position_after(raw), list(raw["caption"])
 
     # ----------------------------------------------------------------------------------------------
     # Compiled train step; periodic samples use the EMA weights.
     # ----------------------------------------------------------------------------------------------
-    train_step = make_train_step(config, spec.graphdef, encoder.apply, tx, schedule, mesh, shardings, t5_shardings)
+    train_step = make_train_step(config, spec.graphdef, None if precomputed else encoder.apply, tx, schedule, mesh,
+                                 shardings, t5_shardings)
     apply_fn = make_apply_fn(spec.graphdef)
-    prompts = list(config.train.sample_prompts)
+    # Without an encoder (precomputed text), sample grids use the captions of the current batch.
+    prompts = [] if precomputed else list(config.train.sample_prompts)
     sample_text = encoder.encode(prompts, max_length=config.text.max_length) if prompts else None
+
+    def batch_text(batch: dict, n: int) -> tuple[jax.Array, jax.Array]:
+        if precomputed:
+            return batch["text"][:n], batch["mask"][:n]
+        return encoder.apply(encoder.state, batch["ids"][:n], batch["mask"][:n]), batch["mask"][:n]
     writer = MetricWriter(workdir)
 
     super_resolution = state_lib.is_super_resolution(config)
 
-    def write_samples(step: int, batch: dict) -> None:
+    def write_samples(step: int, batch: dict, captions: list[bytes]) -> None:
         """Base: the config's sample prompts. SR: the first images of the batch, as low-res input | sample | target."""
         common = dict(
             steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance_scale,
@@ -124,19 +147,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         if super_resolution:
             n = min(4, local_batch)
             target = jax.device_get(batch["image"])[:n]
-            text = encoder.apply(encoder.state, batch["ids"][:n], batch["mask"][:n])
+            text, text_mask = batch_text(batch, n)
             size = target.shape[1]
             lowres = augment.downsample(target, size * config.model.lowres_size // config.data.image_size)
             z, aug_t = augment.sampling_augmentation(lowres, 0.2, jax.random.key(config.seed + 1), config.diffusion.schedule)
-            x = diffusion_sample(apply_fn, state["ema"], text, batch["mask"][:n], jax.random.key(config.seed),
+            x = diffusion_sample(apply_fn, state["ema"], text, text_mask, jax.random.key(config.seed),
                                  shape=target.shape, model_kwargs={"lowres": z, "lowres_t": aug_t}, **common)
             shown = jnp.concatenate([upsample_lowres(lowres, size), x, target])
             grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(shown)), columns=n), "low-res | sample | target"
-        elif prompts:
-            size = config.data.image_size
-            x = diffusion_sample(apply_fn, state["ema"], sample_text[0], sample_text[1], jax.random.key(config.seed),
-                                 shape=(len(prompts), size, size, 3), **common)
-            grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(x))), " | ".join(prompts)
+        elif prompts or precomputed:
+            size, n = config.data.image_size, len(prompts) or min(4, local_batch)
+            text, text_mask = sample_text if prompts else batch_text(batch, n)
+            x = diffusion_sample(apply_fn, state["ema"], text, text_mask, jax.random.key(config.seed),
+                                 shape=(n, size, size, 3), **common)
+            shown = prompts or [c.decode("utf-8", "replace") for c in captions[:n]]
+            grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(x))), " | ".join(shown)
         else:
             return
         if jax.process_index() == 0:
@@ -153,7 +178,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     last_metrics: dict = {}
     t_log, steps_since_log = time.perf_counter(), 0
     for step in range(start_step, num_steps):
-        batch = next_batch()
+        batch, position, captions = next_batch()
         state, metrics = train_step(state, t5_params, batch)
         steps_since_log += 1
         done = step + 1
@@ -166,8 +191,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
             writer.scalars(done, last_metrics)
             t_log, steps_since_log = time.perf_counter(), 0
         if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
-            write_samples(done, batch)
-        checkpointer.save(done, state, config, {"batches_consumed": done}, force=done == num_steps)
+            write_samples(done, batch, captions)
+        if checkpointer.due(done) or done == num_steps:
+            checkpointer.save(done, state, config, gather_positions(position), force=done == num_steps)
     checkpointer.close()
     writer.close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")
@@ -180,5 +206,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise config_lib.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
     if config.train.num_steps < 1:
         raise config_lib.ConfigError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}")
-    if not config.text.encoder:
-        raise config_lib.ConfigError("config.text.encoder is empty: set it to a Hugging Face T5 folder")
+    if not config.text.encoder and not config.data.precomputed_text:
+        raise config_lib.ConfigError("config.text.encoder is empty: set it to a Hugging Face T5 folder "
+                                     "(or train on precomputed embeddings: config.data.precomputed_text=True)")

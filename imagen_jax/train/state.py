@@ -71,12 +71,14 @@ def model_spec(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) -> 
 
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh) -> dict:
-    """Shardings for every leaf of the train state: optimizer moments follow their parameters."""
+    """Shardings for every leaf of the train state: optimizer moments shaped like their parameter follow its
+    sharding; others (Adafactor's factored row/column statistics, counters) are small and replicated."""
     abstract = nnx.to_pure_dict(spec.abstract_params)
     opt_abstract = jax.eval_shape(tx.init, abstract)
     replicated = mesh_lib.replicated(mesh)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_abstract, spec.param_shardings, transform_non_params=lambda _: replicated
+        tx, lambda moment, param, s: s if moment.shape == param.shape else replicated,
+        opt_abstract, abstract, spec.param_shardings, transform_non_params=lambda _: replicated,
     )
     return {
         "step": replicated,

@@ -40,7 +40,7 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 def make_train_step(
     config: ml_collections.ConfigDict,
     graphdef: nnx.GraphDef,
-    text_fn: Callable,
+    text_fn: Callable | None,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: Mesh,
@@ -52,6 +52,7 @@ def make_train_step(
     text_fn(t5_params, ids, mask) -> [B,L,D] is the frozen encoder's pure forward (T5Encoder.apply).
 
     batch: {'image': [B,H,W,3] in [-1,1], 'ids': [B,L] int32, 'mask': [B,L] bool}, sharded over the batch axes.
+    With precomputed text (text_fn None, t5_params {}), 'text' [B,L,D] replaces 'ids'.
     """
     apply_fn = make_apply_fn(graphdef)
     dcfg = config.diffusion
@@ -66,7 +67,8 @@ def make_train_step(
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         loss_key, dropout_key, augment_key = jax.random.split(key, 3)
         # The frozen T5 runs inside the step; its params are an argument, never differentiated.
-        text = jax.lax.stop_gradient(text_fn(t5_params, batch["ids"], batch["mask"]))
+        text = batch["text"] if text_fn is None else text_fn(t5_params, batch["ids"], batch["mask"])
+        text = jax.lax.stop_gradient(text)
         model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
         if super_resolution:
             lowres = augment.downsample(batch["image"], lowres_size)
