@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 100  # steps between console/TensorBoard metrics
     c.train.checkpoint_every = 5_000  # steps between checkpoints
     c.train.keep_checkpoints = 3  # newest checkpoints kept
+    # Steps with a non-finite loss/gradient/update leave params, EMA and optimizer moments unchanged; this many
+    # in a row stop the run with a checkpoint of the last good state (0 = never stop).
+    c.train.max_consecutive_nonfinite = 20
     c.train.sample_every = 10_000  # steps between sample grids (0 = never)
     c.train.sample_steps = 128  # sampler steps for those grids
     c.train.sample_guidance_scale = 5.0

@@ -15,10 +15,7 @@ import pytest
 
 from imagen_jax.data import demo
 from imagen_jax.text.tiny import make_tiny_t5
-from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.train import optimizer as optimizer_lib
-from imagen_jax.train import state as state_lib
-from imagen_jax.train.checkpoint import Checkpointer
+from tests.checkpoint_helpers import latest_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,13 +57,7 @@ def _run(assets, workdir, processes: int, num_steps: int) -> tuple[dict, str]:
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    checkpointer = Checkpointer(str(workdir), every=1, keep=1, read_only=True)
-    step = checkpointer.latest_step()
-    config = checkpointer.restore_config(step)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    tx = optimizer_lib.make_optimizer(config.train)
-    shardings = state_lib.state_shardings(state_lib.model_spec(config, 16, mesh), tx, mesh)
-    state, data = checkpointer.restore(step, state_lib.abstract_state(config, 16, tx, shardings))
+    _, state, data = latest_checkpoint(workdir)
     checksum = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(state["params"])))
     return {"data": data, "checksum": checksum}, outputs[0][0]
 

@@ -174,3 +174,58 @@ def test_train_cli_bad_paths_are_one_line_errors(assets, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"train.py: error: no shard files match '{tmp_path}/*.rec'"
     proc = _cli(*base, "--config.train.num_steps=0")
     assert proc.stderr.strip().splitlines()[-1] == "train.py: error: config.train.num_steps must be >= 1, got 0"
+
+
+def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
+    """NaN in the batch -> NaN loss and gradients: params, EMA and optimizer moments stay bit for bit."""
+    from imagen_jax.parallel import mesh as mesh_lib
+    from imagen_jax.text import T5Encoder
+    from imagen_jax.train import optimizer as optimizer_lib
+    from imagen_jax.train import state as state_lib
+    from imagen_jax.train.step import make_train_step
+
+    config = tiny_config(assets)
+    encoder = T5Encoder.from_pretrained(config.text.encoder)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    tx = optimizer_lib.make_optimizer(config.train)
+    spec = state_lib.model_spec(config, encoder.dim, mesh)
+    shardings = state_lib.state_shardings(spec, tx, mesh)
+    t5_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
+    step = make_train_step(config, spec.graphdef, encoder.apply, tx, optimizer_lib.learning_rate_schedule(config.train),
+                           mesh, shardings, t5_shardings)
+    ids, mask = encoder.tokenizer(["a red circle on the left"] * 8, config.text.max_length)
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
+    good = mesh_lib.global_batch({"image": images, "ids": ids, "mask": mask}, mesh)
+    images[3, 2, 2, 1] = np.nan
+    poisoned = mesh_lib.global_batch({"image": images, "ids": ids, "mask": mask}, mesh)
+
+    state, metrics = step(state_lib.init_state(config, encoder.dim, tx, shardings), encoder.state, good)
+    assert int(metrics["nonfinite"]) == 0
+    before = jax.device_get(state)
+    after, metrics = step(state, encoder.state, poisoned)
+    after = jax.device_get(after)
+    assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    assert int(after["step"]) == int(before["step"]) + 1  # The step (and with it the data position) advances.
+    for name in ("params", "ema", "opt_state"):
+        for old, new in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+            if np.issubdtype(np.asarray(old).dtype, np.integer):
+                assert int(new) == int(old) + 1  # The schedule's count advances with the step.
+            else:
+                np.testing.assert_array_equal(new, old)
+
+
+def test_a_diverging_run_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_path):
+    """A learning rate of 1e30 overflows every update: each is skipped; the third in a row stops the run."""
+    from imagen_jax.train.checkpoint import Checkpointer
+    from imagen_jax.train.loop import TrainingDiverged, run
+
+    config = tiny_config(assets, num_steps=50, learning_rate=1e30, warmup_steps=0, end_lr_fraction=1.0,
+                         max_consecutive_nonfinite=3, checkpoint_every=100, sample_every=0, log_every=1)
+    with pytest.raises(TrainingDiverged, match="stopped at step 3: 3 consecutive steps .* parameters of step 0"):
+        run(config, str(tmp_path / "run"))
+    checkpointer = Checkpointer(str(tmp_path / "run"), every=1, keep=1, read_only=True)
+    assert checkpointer.latest_step() == 3
+    restored = checkpointer.manager.restore(3, args=ocp.args.Composite(train=ocp.args.StandardRestore(),
+                                                                       ema=ocp.args.StandardRestore()))
+    for params, ema in zip(jax.tree.leaves(restored["train"]["params"]), jax.tree.leaves(restored["ema"])):
+        np.testing.assert_array_equal(params, ema)  # Never updated: EMA and params are still the init.

@@ -25,6 +25,7 @@ from imagen_jax.train import optimizer as optimizer_lib
 from imagen_jax.train import state as state_lib
 from imagen_jax.train.checkpoint import Checkpointer
 from imagen_jax.train.metrics import MetricWriter
+from imagen_jax.train.preemption import PreemptionWatch
 from imagen_jax.train.step import make_apply_fn, make_train_step
 
 CONFIG_FILE = "config.json"
@@ -174,30 +175,58 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     # Train.
     # ----------------------------------------------------------------------------------------------
     num_steps = int(config.train.num_steps)
+    max_bad = int(config.train.max_consecutive_nonfinite)
     log(f"training steps {start_step} -> {num_steps}, global batch {config.train.batch_size}")
     last_metrics: dict = {}
     t_log, steps_since_log = time.perf_counter(), 0
-    for step in range(start_step, num_steps):
-        batch, position, captions = next_batch()
-        state, metrics = train_step(state, t5_params, batch)
-        steps_since_log += 1
-        done = step + 1
-        if done % config.train.log_every == 0 or done == num_steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - t_log
-            last_metrics = {k: float(v) for k, v in metrics.items()}
-            last_metrics["images_per_sec"] = steps_since_log * config.train.batch_size / elapsed
-            last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items()})
-            writer.scalars(done, last_metrics)
-            t_log, steps_since_log = time.perf_counter(), 0
-        if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
-            write_samples(done, batch, captions)
-        if checkpointer.due(done) or done == num_steps:
-            checkpointer.save(done, state, config, gather_positions(position), force=done == num_steps)
+    bad_streak, bad_total = 0, 0
+    with PreemptionWatch(checkpointer.manager) as preemption:
+        for step in range(start_step, num_steps):
+            batch, position, captions = next_batch()
+            state, metrics = train_step(state, t5_params, batch)
+            steps_since_log += 1
+            done = step + 1
+            # A non-finite step changed nothing but the counters (see step.py); count it, stop on a streak.
+            bad = int(jax.device_get(metrics["nonfinite"]))
+            bad_streak, bad_total = (bad_streak + 1) * bad, bad_total + bad
+            if bad:
+                log(f"step {done}: non-finite loss or gradients; update skipped ({bad_streak} in a row, {bad_total} in total)")
+            if done % config.train.log_every == 0 or done == num_steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - t_log
+                last_metrics = {k: float(v) for k, v in metrics.items() if k != "nonfinite"}
+                last_metrics["nonfinite_steps"] = bad_total
+                last_metrics["images_per_sec"] = steps_since_log * config.train.batch_size / elapsed
+                last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items()})
+                writer.scalars(done, last_metrics)
+                t_log, steps_since_log = time.perf_counter(), 0
+            if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
+                write_samples(done, batch, captions)
+            diverged = 0 < max_bad <= bad_streak
+            preempted = preemption.reached(done)
+            stop = done == num_steps or diverged or preempted
+            if stop or checkpointer.due(done):
+                checkpointer.save(done, state, config, gather_positions(position), force=stop)
+            if preempted:
+                checkpointer.close()
+                writer.close()
+                log(f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command to resume")
+                return last_metrics
+            if diverged:
+                checkpointer.close()
+                writer.close()
+                raise TrainingDiverged(
+                    f"stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss, gradient or update "
+                    f"(train.max_consecutive_nonfinite={max_bad}); the checkpoint at step {done} holds the parameters of "
+                    f"step {done - bad_streak}, the last finite one; lower train.learning_rate or check the data")
     checkpointer.close()
     writer.close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")
     return last_metrics
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the message says where the last good state is."""
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

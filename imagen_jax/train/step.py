@@ -86,11 +86,20 @@ def make_train_step(
         params = optax.apply_updates(state["params"], updates)
         decay = ema_decay(state["step"], config.train.ema_decay)
         ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+        # Numerical guard: a step whose loss, gradients or new parameters are not finite keeps the old
+        # parameters, EMA and optimizer moments; counters (step, the schedule's count) still advance.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        params, ema, opt_state = (
+            jax.tree.map(lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o), new, old)
+            for new, old in ((params, state["params"]), (ema, state["ema"]), (opt_state, state["opt_state"]))
+        )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
+            "grad_norm": grad_norm,
+            "param_norm": param_norm,
             "learning_rate": schedule(state["step"]),
+            "nonfinite": 1 - finite.astype(jnp.int32),
             **aux,
         }
         new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": params, "ema": ema, "opt_state": opt_state}
