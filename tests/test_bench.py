@@ -1,7 +1,15 @@
-"""The throughput benchmark runs the real train step and reports consistent figures."""
+"""The throughput benchmark times the real train step and the real input pipeline, with consistent figures."""
+
+import io
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
 
 from imagen_jax import config as config_lib
-from imagen_jax.tools.bench import benchmark
+from imagen_jax.tools.bench import benchmark, benchmark_data, main, write_synthetic_shards
 
 
 def test_bench_reports_throughput_and_flops():
@@ -14,3 +22,75 @@ def test_bench_reports_throughput_and_flops():
     # Figures agree with each other: images/s = batch / step time; MFU = achieved / peak.
     assert abs(result["images_per_s"] - 4 / (result["step_ms"] / 1e3)) / result["images_per_s"] < 0.05
     assert abs(result["mfu"] - result["achieved_tflops"] / 1.0) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------ data mode
+def _records(paths):
+    return [tf.train.Example.FromString(r).features.feature
+            for r in tf.data.TFRecordDataset(paths).as_numpy_iterator()]
+
+
+def test_synthetic_shards_look_like_img2dataset_keep_ratio_output(tmp_path):
+    paths = write_synthetic_shards(str(tmp_path), size=16, num_images=12, num_shards=3)
+    assert len(paths) == 3
+    records = _records(paths)
+    assert len(records) == 12
+    images, ratios = [], set()
+    for f in records:
+        image = Image.open(io.BytesIO(f["jpg"].bytes_list.value[0]))
+        assert image.format == "JPEG" and image.mode == "RGB"
+        width, height = image.size
+        assert min(width, height) == 20  # short side 1.25 x 16: the pipeline really resizes
+        assert (f["width"].int64_list.value[0], f["height"].int64_list.value[0]) == (width, height)
+        original = (f["original_width"].int64_list.value[0], f["original_height"].int64_list.value[0])
+        assert original == (2 * width, 2 * height)
+        assert f["status"].bytes_list.value[0] == b"success"
+        assert f["txt"].bytes_list.value[0] and f["key"].bytes_list.value[0]
+        ratios.add(round(max(width, height) / min(width, height), 2))
+        pixels = np.asarray(image, np.float32)
+        assert pixels.std() > 10  # not a flat colour, which would compress and decode unrealistically fast
+        images.append(pixels[:20, :20].ravel())
+    assert len(ratios) == 4  # 1:1, 4:3, 3:2, 16:9
+    assert min(np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1:]) > 5  # all distinct
+
+
+def test_benchmark_data_gives_consistent_positive_rates_per_size_and_parallelism():
+    results = benchmark_data([16, 32], [1, 2], batch_size=8, seconds=1.0, num_images=32)
+    assert [(r["size"], r["parallel"]) for r in results] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    for r in results:
+        assert r["image_shape"] == (r["size"], r["size"], 3)
+        assert r["images"] >= 3 * 8 and r["images"] % 8 == 0 and r["elapsed_s"] >= 1.0
+        assert r["images_per_s"] > 0 and r["bytes_per_image"] > 0
+        # images/s and ms/batch describe the same measurement.
+        assert r["images_per_s"] * r["ms_per_batch"] / 1e3 == pytest.approx(8)
+    # Same stored images across N; larger stored images for the larger size.
+    assert results[0]["bytes_per_image"] == results[1]["bytes_per_image"] < results[2]["bytes_per_image"]
+
+
+def test_cli_prints_a_table_row_per_setting_for_given_shards(tmp_path, capsys):
+    paths = write_synthetic_shards(str(tmp_path), size=24, num_images=8, num_shards=2)
+    mean_bytes = np.mean([len(f["jpg"].bytes_list.value[0]) for f in _records(paths)])
+    main(["--data", "--sizes", "16,24", "--parallel", "2", "--seconds", "0.3", "--batch_size", "4",
+          "--shards", str(tmp_path / "*.tfrecord")])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\s*(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+[\d.]+$", out, re.M)
+    assert [(int(s), int(n)) for s, n, *_ in rows] == [(16, 2), (24, 2)]
+    for _, _, rate, ms, stored in rows:
+        assert float(rate) > 0 and float(ms) > 0 and int(stored) == round(mean_bytes)
+    assert "os.cpu_count()=" in out and re.search(r"^\s*24 px: [\d.]+ img/s per call \(N=2\)$", out, re.M)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "--sizes", "abc"], "--sizes must be comma-separated positive integers, got 'abc'"),
+    (["--data", "--parallel", "0"], "--parallel must be comma-separated positive integers, got '0'"),
+    (["--data", "--seconds", "0"], "--seconds (0.0) > 0"),
+    (["--data", "--shards", "/nonexistent/*.tfrecord"], "no shard files match '/nonexistent/*.tfrecord'"),
+    (["--data", "--config.train.steps=1"], "unknown arguments for --data: --config.train.steps=1"),
+    ([], "give either --config FILE (model mode) or --data (data mode)"),
+])
+def test_cli_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench: error:") and message in err

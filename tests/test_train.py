@@ -66,6 +66,12 @@ def test_train_resume_and_sample(assets, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resumed from checkpoint at step 4" in out and "step 6:" in out and "step 2:" not in out.split("resumed")[1]
 
+    changed = tiny_config(assets, num_steps=8)
+    changed.model.dim = 32
+    with pytest.raises(config_lib.ConfigError, match=r"model.dim: checkpoint 16, config 32; resume with the config"):
+        run(changed, workdir)  # A mismatch lists the fields instead of failing deep inside orbax...
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["dim"] == 16  # ...and keeps config.json.
+
     sample_dir = str(tmp_path / "samples")
     names = sample_to_folder([workdir], ["a red circle on the left", "a green square at the top"], out=sample_dir,
                              num_images=2, seed=7, steps=3, guidance_scale=2.0, batch_size=3)
@@ -196,8 +202,9 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
     ids, mask = encoder.tokenizer(["a red circle on the left"] * 8, config.text.max_length)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
     good = mesh_lib.global_batch({"image": images, "ids": ids, "mask": mask}, mesh)
-    images[3, 2, 2, 1] = np.nan
-    poisoned = mesh_lib.global_batch({"image": images, "ids": ids, "mask": mask}, mesh)
+    nan_images = images.copy()  # A copy: on CPU the batch above may share the numpy buffer.
+    nan_images[3, 2, 2, 1] = np.nan
+    poisoned = mesh_lib.global_batch({"image": nan_images, "ids": ids, "mask": mask}, mesh)
 
     state, metrics = step(state_lib.init_state(config, encoder.dim, tx, shardings), encoder.state, good)
     assert int(metrics["nonfinite"]) == 0

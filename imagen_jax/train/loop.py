@@ -44,9 +44,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ----------------------------------------------------------------------------------------------
     validate(config)
     tf.io.gfile.makedirs(workdir)
-    if jax.process_index() == 0:
-        with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            json.dump(config_lib.to_json(config), f, indent=2)
     mesh = mesh_lib.make_mesh(config.mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % replicas:
@@ -86,16 +83,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_params))
     log(f"U-Net: {num_params / 1e6:.2f}M parameters")
     checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is None:
+    # The newest checkpoint that restores (older ones are fallbacks, logged); a config whose model or
+    # optimizer differs from the checkpoint's is an error listing the fields.
+    restored = checkpointer.restore_latest(state_lib.abstract_state(config, text_dim, tx, shardings), config, log=log)
+    if restored is None:
         state = state_lib.init_state(config, text_dim, tx, shardings)
         saved_data = None
         log("initialised a new train state")
     else:
-        target = state_lib.abstract_state(config, text_dim, tx, shardings)
-        state, saved_data = checkpointer.restore(latest, target)
+        latest, state, saved_data = restored
         log(f"resumed from checkpoint at step {latest} in {workdir}")
     start_step = int(state["step"])
+    if jax.process_index() == 0:  # After the restore: a mismatch error points at the config the run was saved with.
+        with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(config_lib.to_json(config), f, indent=2)
 
     # ----------------------------------------------------------------------------------------------
     # Data: each process reads its own shard files from its saved stream position; local batches
