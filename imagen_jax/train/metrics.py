@@ -1,4 +1,8 @@
-"""Metrics to the console and to TensorBoard event files in the workdir (process 0 only)."""
+"""Metrics to the console and to TensorBoard event files in the workdir (process 0 only).
+
+Event files for a remote workdir (gs://...) go through tf.io.gfile, like everything else in a workdir:
+tensorboardX's own gs:// writer needs google-cloud-storage and re-uploads the whole file at every flush.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,24 @@ import os
 
 import jax
 import numpy as np
+import tensorflow as tf
 from tensorboardX import SummaryWriter
+from tensorboardX import record_writer
+
+
+class _GFileWriterFactory:
+    """tensorboardX writer factory over tf.io.gfile: one open GFile per event file, flushed on flush()."""
+
+    def open(self, path: str) -> tf.io.gfile.GFile:
+        return tf.io.gfile.GFile(path, "wb")
+
+    def directory_check(self, path: str) -> None:
+        tf.io.gfile.makedirs(path)
+
+
+def _register_scheme(workdir: str) -> None:
+    if "://" in workdir:
+        record_writer.register_writer_factory(workdir.split("://", 1)[0], _GFileWriterFactory())
 
 
 class MetricWriter:
@@ -14,6 +35,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
+        if self.active:
+            _register_scheme(workdir)
         self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.active else None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
