@@ -7,7 +7,10 @@
 Each stage uses the EMA weights of its workdir's latest checkpoint (or an export folder). Writes one PNG per
 image at the final resolution (N per prompt; image i of the run uses seed S + i), the earlier stages' images
 in <size>px/ folders, a grid.png with one row per prompt, and samples.json mapping every file to its prompt,
-seed and per-stage settings. Same seed, same images.
+seed and per-stage settings, written last: a folder with a samples.json is complete. Same seed, same images.
+
+Bad arguments are rejected before any model loads (exit 2); unreadable or wrongly ordered stages and failed
+writes exit 1. Either way the error is one line on stderr.
 """
 
 import argparse
@@ -24,12 +27,17 @@ def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
     if args.prompts_file:
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
+                from_file = [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             parser.error(f"cannot read --prompts_file {args.prompts_file!r}: {e}")
-    if not prompts:
-        parser.error("no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE with one prompt per line")
+        if not from_file:
+            parser.error(f"--prompts_file {args.prompts_file!r} has no prompts (every line is blank)")
+        prompts += from_file
     return prompts
+
+
+def one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def main(argv: list[str]) -> int:
@@ -37,7 +45,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", required=True, help="the base stage's workdir or export folder")
     parser.add_argument("--sr_workdir", action="append", default=[], help="a super-resolution stage, in order; repeatable")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for more")
-    parser.add_argument("--prompts_file", help="text file with one prompt per line")
+    parser.add_argument("--prompts_file", help="text file (UTF-8) with one prompt per line")
     parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
     parser.add_argument("--guidance_scale", default=None, help="classifier-free guidance: one value, or one per stage (a,b,c)")
@@ -48,22 +56,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
-    for name in ("num_images", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.sr_noise_level <= 1.0:
-        parser.error(f"--sr_noise_level must be in [0, 1], got {args.sr_noise_level}")
 
-    from imagen_jax.sample_files import per_stage, sample_to_folder
+    from imagen_jax.sample_files import check_arguments, check_writable, sample_to_folder
 
-    stages = 1 + len(args.sr_workdir)
-    try:  # settings are checked before any model loads
-        for name, kind in (("steps", int), ("guidance_scale", float), ("sampler", str)):
-            values = per_stage(getattr(args, name), stages, kind, name, [])
-            if name == "steps" and any(v < 1 for v in values):
-                raise ValueError(f"--steps must be >= 1, got {getattr(args, name)}")
+    try:  # everything that can be checked is, before any model loads
+        check_arguments(num_prompts=len(prompts), num_stages=1 + len(args.sr_workdir), num_images=args.num_images,
+                        seed=args.seed, batch_size=args.batch_size, sr_noise_level=args.sr_noise_level,
+                        steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler)
+        check_writable(args.out)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(one_line(e))
 
     try:
         written = sample_to_folder(
@@ -71,8 +73,8 @@ def main(argv: list[str]) -> int:
             steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
             sr_noise_level=args.sr_noise_level, batch_size=args.batch_size,
         )
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(1, f"sample.py: error: {e}\n")
+    except (OSError, ValueError) as e:  # unreadable or mismatched stages, a failed write
+        parser.exit(1, f"sample.py: error: {one_line(e)}\n")
     print(json.dumps({"out": args.out, "images": len(written)}))
     return 0
 

@@ -127,11 +127,21 @@ def write_export(
 
 
 def check_writable(folder: str, *, overwrite: bool) -> None:
-    """Raises FileExistsError if `folder` exists and is not empty, unless `overwrite`."""
+    """Raises FileExistsError if `folder` exists and is not empty, unless `overwrite`; NotADirectoryError or
+    PermissionError if it cannot be a folder here (it, or the nearest existing parent, is a file; or that
+    parent is read-only). Called before the restore, so that no long restore is wasted."""
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{folder}: exists and is a file, not an export folder")
+    parent = os.path.dirname(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"{folder}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder}: cannot be created, {parent} is not writable")
     if _non_empty(folder) and not overwrite:
-        raise FileExistsError(
-            f"{os.path.abspath(folder)}: already exists and is not empty (--overwrite / overwrite=True replaces it)"
-        )
+        raise FileExistsError(f"{folder}: already exists and is not empty (--overwrite / overwrite=True replaces it)")
 
 
 def _non_empty(folder: str) -> bool:

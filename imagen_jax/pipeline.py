@@ -29,14 +29,11 @@ _AUGMENT_STREAM = 0x5EED
 
 
 @dataclasses.dataclass
-class Stage:
-    """One trained diffusion U-Net with its config and EMA weights."""
+class StageSpec:
+    """A stage as its config describes it: enough to check a cascade's wiring before any weights load."""
 
-    config: ml_collections.ConfigDict
-    params: Any
-    apply_fn: Callable
-    step: int
     workdir: str
+    config: ml_collections.ConfigDict
 
     @property
     def image_size(self) -> int:
@@ -47,6 +44,22 @@ class Stage:
         """The input resolution of an SR stage; None for the base stage."""
         return int(self.config.model.lowres_size) if state_lib.is_super_resolution(self.config) else None
 
+    def describe(self) -> str:
+        """'unet, 64x64' for a base stage, 'efficient_unet, 64->256' for an SR stage."""
+        kind = self.config.model.get("kind", "unet")
+        if self.lowres_size is None:
+            return f"{kind}, {self.image_size}x{self.image_size}"
+        return f"{kind}, {self.lowres_size}->{self.image_size}"
+
+
+@dataclasses.dataclass
+class Stage(StageSpec):
+    """One trained diffusion U-Net with its config and EMA weights."""
+
+    params: Any
+    apply_fn: Callable
+    step: int
+
     @classmethod
     def load(cls, workdir: str, *, text_dim: int) -> "Stage":
         """A workdir's latest checkpoint, or an export folder; `text_dim`: the stage's T5 width."""
@@ -54,18 +67,26 @@ class Stage:
         replicated = mesh_lib.replicated(mesh)
         if export_lib.is_export(workdir):
             config, params, metadata = export_lib.read_export(workdir)
+            check_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", config)
             if metadata["text_dim"] != text_dim:
                 raise ValueError(f"{workdir}: exported for a T5 of width {metadata['text_dim']}, the encoder has {text_dim}")
             graphdef, abstract = _abstract_params(config, text_dim)
             _check_shapes(workdir, abstract, params)
-            return cls(config, jax.device_put(params, replicated), make_apply_fn(graphdef), int(metadata["step"]), workdir)
+            return cls(workdir=workdir, config=config, params=jax.device_put(params, replicated),
+                       apply_fn=make_apply_fn(graphdef), step=int(metadata["step"]))
         checkpointer, step = _open(workdir)
-        config = checkpointer.restore_config(step)
-        graphdef, abstract = _abstract_params(config, text_dim)
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-        params = checkpointer.restore_ema(step, target)
-        checkpointer.close()
-        return cls(config=config, params=params, apply_fn=make_apply_fn(graphdef), step=step, workdir=workdir)
+        try:
+            config = checkpoint_config(checkpointer, workdir, step)
+            graphdef, abstract = _abstract_params(config, text_dim)
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+            try:
+                params = checkpointer.restore_ema(step, target)
+            except (KeyError, ValueError, OSError) as e:  # orbax: a missing item, shapes, unreadable files
+                raise ValueError(f"{checkpoint_dir(workdir)}/{step}: cannot restore the EMA weights of the model "
+                                 f"its config describes (text width {text_dim}): {_first_line(e)}") from e
+        finally:
+            checkpointer.close()
+        return cls(workdir=workdir, config=config, params=params, apply_fn=make_apply_fn(graphdef), step=step)
 
     def sample(
         self,
@@ -127,29 +148,82 @@ def _open(workdir: str) -> tuple[Checkpointer, int]:
     return checkpointer, step
 
 
-def stage_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config of a workdir's latest checkpoint, or of an export folder."""
-    if export_lib.is_export(workdir):
-        return export_lib.read_config(workdir)
-    checkpointer, step = _open(workdir)
-    config = checkpointer.restore_config(step)
-    checkpointer.close()
+def _first_line(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def checkpoint_config(checkpointer: Checkpointer, workdir: str, step: int) -> ml_collections.ConfigDict:
+    """The stage config saved with checkpoint `step`; a missing or unreadable one is a ValueError naming it."""
+    where = f"{checkpoint_dir(workdir)}/{step}/config"
+    try:
+        config = checkpointer.restore_config(step)
+    except (KeyError, ValueError, OSError) as e:  # orbax: item not saved; JSON that does not parse
+        raise ValueError(f"{where}: cannot read the stage config: {_first_line(e)}") from e
+    check_stage_config(where, config)
     return config
 
 
-def check_cascade(stages: Sequence[Stage]) -> None:
-    """The first stage is a base model; each later one is an SR stage whose input size is the previous output."""
+def check_stage_config(source: str, config: Any) -> None:
+    """Raises ValueError (naming `source`) unless `config` has what sampling a stage reads."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"{source}: not a stage config (a JSON object), got {type(config).__name__}")
+    for key in ("data.image_size", "model", "text.encoder", "text.max_length", "diffusion.schedule"):
+        _require(source, config, key)
+    kind = config.model.get("kind", "unet")
+    if kind not in state_lib.MODEL_KINDS:
+        raise ValueError(f"{source}: model.kind {kind!r} is not one of {sorted(state_lib.MODEL_KINDS)}")
+    if state_lib.is_super_resolution(config):
+        _require(source, config, "model.lowres_size")
+
+
+def _require(source: str, config: ml_collections.ConfigDict, key: str) -> None:
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ValueError(f"{source}: not a stage config (no {key})")
+        node = node[part]
+
+
+def stage_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of a workdir's latest checkpoint, or of an export folder (checked to describe a stage)."""
+    if export_lib.is_export(workdir):
+        config = export_lib.read_config(workdir)
+        check_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", config)
+        return config
+    checkpointer, step = _open(workdir)
+    try:
+        return checkpoint_config(checkpointer, workdir, step)
+    finally:
+        checkpointer.close()
+
+
+def check_cascade(stages: Sequence[StageSpec]) -> None:
+    """The first stage is a base model; each later one is an SR stage whose input size is the previous output.
+
+    Called on the configs alone (`StageSpec`s) before any weights load, so a wrongly ordered command fails fast.
+    """
     if not stages:
         raise ValueError("a cascade needs at least the base stage")
-    if stages[0].lowres_size is not None:
-        raise ValueError(f"the first stage ({stages[0].workdir}) is a super-resolution stage; pass the base stage first")
+    first = stages[0]
+    if first.lowres_size is not None:
+        raise ValueError(
+            f"the first stage ({first.workdir}) is a super-resolution stage ({first.describe()}), not a base stage: "
+            f"pass the base stage (making the {first.lowres_size}x{first.lowres_size} images it takes) first "
+            "(sample.py --workdir), then the SR stages (--sr_workdir)"
+        )
+    chain = " -> ".join(f"{s.workdir} ({s.describe()})" for s in stages)
     for previous, stage in zip(stages, stages[1:]):
         if stage.lowres_size is None:
-            raise ValueError(f"stage {stage.workdir} is a base stage, not a super-resolution stage")
+            raise ValueError(
+                f"stage {stage.workdir} is a base stage ({stage.describe()}), not a super-resolution stage: only the "
+                f"first stage (sample.py --workdir) is a base stage; the cascade given: {chain}"
+            )
         if stage.lowres_size != previous.image_size:
             raise ValueError(
                 f"stage {stage.workdir} takes {stage.lowres_size}x{stage.lowres_size} input, but the stage before it "
-                f"({previous.workdir}) makes {previous.image_size}x{previous.image_size} images"
+                f"({previous.workdir}) makes {previous.image_size}x{previous.image_size} images; the cascade given: "
+                f"{chain}"
             )
 
 
@@ -165,7 +239,9 @@ class Imagen:
     def load(cls, workdirs: Sequence[str]) -> "Imagen":
         if not workdirs:
             raise ValueError("Imagen.load needs at least the base stage's workdir")
-        config = stage_config(workdirs[0])
+        specs = [StageSpec(workdir=w, config=stage_config(w)) for w in workdirs]
+        check_cascade(specs)  # before the encoder and any weights load
+        config = specs[0].config
         encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=state_lib.compute_dtype(config.text.dtype))
         return cls(encoder, [Stage.load(w, text_dim=encoder.dim) for w in workdirs])
 

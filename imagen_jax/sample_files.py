@@ -1,21 +1,37 @@
 """Sampling prompts into a folder: one PNG per image (final resolution, plus each earlier stage's), a grid,
-and a JSON index of prompts, seeds and per-stage settings."""
+and a JSON index of prompts, seeds and per-stage settings.
+
+A folder with a `samples.json` is complete. Every file is written to a temporary name (NAME.partial-PID)
+and renamed into place; the images come first, then grid.png, and samples.json last (also temp + rename).
+A previous run's samples.json is removed before the first new file is written, so a run that fails or is
+interrupted half-way never leaves a folder that looks complete; its temporary files are removed on the way
+out (those of a killed process by the next run into the same folder), and a rerun overwrites cleanly.
+
+Arguments are checked here (`check_arguments`, `check_writable`) so that sample.py can reject them before
+any model loads; TensorFlow (for tf.io.gfile: local paths and gs://) is imported on first use, as it takes
+seconds to import.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import re
 from typing import Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
-from tqdm import tqdm
+from PIL import Image
 
-from imagen_jax import images as images_lib
+from imagen_jax.diffusion import SAMPLERS
 from imagen_jax.pipeline import Imagen
 
 INDEX_FILE = "samples.json"
+GRID_FILE = "grid.png"
+_PARTIAL = ".partial-"
+_SEED_LIMIT = 2**32  # sampling seeds are uint32
+_KIND_NAMES = {int: "an int", float: "a float", str: "a string"}
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -32,11 +48,71 @@ def per_stage(value: str | None, count: int, kind: Callable, name: str, defaults
     try:
         parsed = [kind(p) for p in parts]
     except ValueError:
-        raise ValueError(f"--{name} {value!r}: each value must be a {kind.__name__}") from None
+        raise ValueError(f"--{name} {value!r}: each value must be {_KIND_NAMES.get(kind, kind.__name__)}") from None
     return parsed * count if len(parsed) == 1 else parsed
 
 
+def stage_settings(
+    count: int,
+    steps: str | None,
+    guidance_scale: str | None,
+    sampler: str | None,
+    configs: Sequence | None = None,
+) -> tuple[list[int], list[float], list[str]]:
+    """Per-stage (steps, guidance scales, samplers) from their command-line strings, checked. A value left
+    None takes each stage config's train.sample_steps / train.sample_guidance_scale, or 'ddpm'; without
+    `configs` the lists for None values are empty (the check sample.py runs before any model loads)."""
+    configs = list(configs or [])
+    steps_ = per_stage(steps, count, int, "steps", [c.train.sample_steps for c in configs])
+    scales = per_stage(guidance_scale, count, float, "guidance_scale",
+                       [c.train.sample_guidance_scale for c in configs])
+    samplers = per_stage(sampler, count, str, "sampler", ["ddpm"] * count)
+    if any(s < 1 for s in steps_):
+        raise ValueError(f"--steps must be >= 1 for every stage, got {_shown(steps, steps_)}")
+    if any(not (math.isfinite(g) and g >= 0) for g in scales):
+        raise ValueError(f"--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, "
+                         f"got {_shown(guidance_scale, scales)}")
+    for name in samplers:
+        if name not in SAMPLERS:
+            raise ValueError(f"--sampler {sampler!r}: unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return steps_, scales, samplers
+
+
+def _shown(value: str | None, parsed: list) -> str:
+    """The value as given on the command line, or the configs' values it defaulted to."""
+    return repr(value) if value is not None else f"{parsed} (the stages' configs)"
+
+
+def check_arguments(
+    *,
+    num_prompts: int,
+    num_stages: int,
+    num_images: int,
+    seed: int,
+    batch_size: int,
+    sr_noise_level: float,
+    steps: str | None = None,
+    guidance_scale: str | None = None,
+    sampler: str | None = None,
+) -> None:
+    """Raises ValueError naming the first bad argument (as its sample.py flag) and its value."""
+    if num_prompts < 1:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE with one prompt per line")
+    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    last = _SEED_LIMIT - num_prompts * num_images
+    if not 0 <= seed <= last:
+        raise ValueError(f"--seed must be in [0, {last}] (image i uses seed + i, a uint32), got {seed}")
+    if not 0.0 <= sr_noise_level <= 1.0:
+        raise ValueError(f"--sr_noise_level must be in [0, 1], got {sr_noise_level}")
+    stage_settings(num_stages, steps, guidance_scale, sampler)
+
+
 def check_writable(out: str) -> None:
+    """Creates `out` if needed and checks a file can be written there; ValueError naming it if not."""
+    import tensorflow as tf
+
     try:
         tf.io.gfile.makedirs(out)
         probe = os.path.join(out, f".write-test-{os.getpid()}")
@@ -44,7 +120,7 @@ def check_writable(out: str) -> None:
             f.write("")
         tf.io.gfile.remove(probe)
     except (OSError, tf.errors.OpError) as e:
-        raise ValueError(f"output folder {out!r} cannot be written: {e}") from None
+        raise ValueError(f"--out {out!r} cannot be created or written: {_message(e)}") from None
 
 
 def sample_to_folder(
@@ -64,16 +140,20 @@ def sample_to_folder(
 
     steps / guidance_scale / sampler: one value for every stage or a comma-separated value per stage;
     None takes each stage's config (train.sample_steps, train.sample_guidance_scale) and 'ddpm'.
+    Returns the final images' file names, as samples.json lists them.
     """
+    from tqdm import tqdm
+
+    from imagen_jax import images as images_lib
+
+    check_arguments(num_prompts=len(prompts), num_stages=len(workdirs), num_images=num_images, seed=seed,
+                    batch_size=batch_size, sr_noise_level=sr_noise_level, steps=steps,
+                    guidance_scale=guidance_scale, sampler=sampler)
     check_writable(out)
     imagen = Imagen.load(list(workdirs))
     stages = imagen.stages
     n = len(stages)
-    steps_ = per_stage(steps, n, int, "steps", [s.config.train.sample_steps for s in stages])
-    scales = per_stage(guidance_scale, n, float, "guidance_scale", [s.config.train.sample_guidance_scale for s in stages])
-    samplers = per_stage(sampler, n, str, "sampler", ["ddpm"] * n)
-    if any(s < 1 for s in steps_):
-        raise ValueError(f"--steps must be >= 1, got {steps_}")
+    steps_, scales, samplers = stage_settings(n, steps, guidance_scale, sampler, [s.config for s in stages])
     jobs = [(p, prompt, j, seed + p * num_images + j) for p, prompt in enumerate(prompts) for j in range(num_images)]
     results: list[list[np.ndarray]] = [[] for _ in stages]
     bars = [tqdm(total=len(jobs) * steps_[i], desc=f"stage {i + 1}/{n} ({stage.image_size}px)", unit="step", position=i)
@@ -92,27 +172,72 @@ def sample_to_folder(
             results[i].extend(images_lib.to_uint8(x))
     for bar in bars:
         bar.close()
+    files: dict[str, np.ndarray] = {}
     index = {}
     for k, (p, prompt, j, image_seed) in enumerate(jobs):
         name = f"{p:03d}_{j:02d}_{slug(prompt)}.png"
-        images_lib.save_png(results[-1][k], os.path.join(out, name))
+        files[name] = results[-1][k]
         entry = {"prompt": prompt, "seed": image_seed, "image_size": stages[-1].image_size, "stages": []}
         for i, stage in enumerate(stages):
             stage_file = name
             if i < n - 1:  # intermediate resolutions, in a folder per size
-                stage_file = os.path.join(f"{stage.image_size}px", name)
-                tf.io.gfile.makedirs(os.path.join(out, f"{stage.image_size}px"))
-                images_lib.save_png(results[i][k], os.path.join(out, stage_file))
+                stage_file = f"{stage.image_size}px/{name}"
+                files[stage_file] = results[i][k]
             entry["stages"].append({
                 "workdir": stage.workdir, "checkpoint_step": stage.step, "image_size": stage.image_size,
                 "steps": steps_[i], "guidance_scale": scales[i], "sampler": samplers[i], "file": stage_file,
                 **({"sr_noise_level": sr_noise_level} if stage.lowres_size else {}),
             })
         index[name] = entry
-    grid = images_lib.make_grid(np.stack(results[-1]), columns=num_images)
-    images_lib.save_png(grid, os.path.join(out, "grid.png"))
-    tmp = os.path.join(out, INDEX_FILE + ".tmp")
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump({"grid": "grid.png", "images": index}, f, indent=2)
-    tf.io.gfile.rename(tmp, os.path.join(out, INDEX_FILE), overwrite=True)
+    files[GRID_FILE] = images_lib.make_grid(np.stack(results[-1]), columns=num_images)
+    write_folder(out, files, {"grid": GRID_FILE, "images": index})
     return list(index)
+
+
+def write_folder(out: str, images: dict[str, np.ndarray], index: dict) -> None:
+    """Writes `images` (path relative to `out` -> uint8 [H,W,3]) as PNGs in order, then `index` as
+    samples.json: the order and the temporary names of the module docstring."""
+    import tensorflow as tf
+
+    index_path = os.path.join(out, INDEX_FILE)
+    pending: set[str] = set()
+    try:
+        if tf.io.gfile.exists(index_path):  # from here on the folder is not complete until the new index
+            tf.io.gfile.remove(index_path)
+        for pattern in ("*", os.path.join("*", "*")):  # debris of a killed run
+            for debris in tf.io.gfile.glob(os.path.join(out, pattern + _PARTIAL + "*")):
+                tf.io.gfile.remove(debris)
+        for name, image in images.items():
+            path = os.path.join(out, name)
+            tf.io.gfile.makedirs(os.path.dirname(path))
+            _write_atomic(path, _png(image), pending)
+        _write_atomic(index_path, json.dumps(index, indent=2).encode("utf-8"), pending)
+    except tf.errors.OpError as e:
+        raise OSError(f"cannot write samples into {out!r}: {_message(e)}") from e
+    finally:
+        for tmp in pending:
+            if tf.io.gfile.exists(tmp):
+                tf.io.gfile.remove(tmp)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_atomic(path: str, data: bytes, pending: set[str]) -> None:
+    """Writes `data` to a temporary sibling and renames it to `path`; `pending` holds the temporary name
+    until the rename, for the caller to remove if anything fails."""
+    import tensorflow as tf
+
+    tmp = f"{path}{_PARTIAL}{os.getpid()}"
+    pending.add(tmp)
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    pending.discard(tmp)
+
+
+def _message(error: Exception) -> str:
+    return getattr(error, "message", None) or str(error)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from imagen_jax import export as export_lib
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.pipeline import checkpoint_config
 from imagen_jax.text import T5Config
 from imagen_jax.train import state as state_lib
 from imagen_jax.train.checkpoint import Checkpointer, checkpoint_dir
@@ -47,7 +48,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, text_dim:
             raise FileNotFoundError(
                 f"no checkpoint at step {step} in {checkpoint_dir(workdir)} (steps: {sorted(steps)})"
             )
-        config = checkpointer.restore_config(step)
+        config = checkpoint_config(checkpointer, workdir, step)
         if text_dim is None:
             try:
                 text_dim = t5_dim(config.text.encoder)
@@ -83,11 +84,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--text_dim", type=int, default=None, help="T5 width (default: the T5 folder's d_model)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     args = parser.parse_args(argv)
+    if args.step is not None and args.step < 0:
+        parser.error(f"--step must be >= 0, got {args.step}")
+    if args.text_dim is not None and args.text_dim < 1:
+        parser.error(f"--text_dim must be >= 1, got {args.text_dim}")
     try:
         metadata = export_workdir(args.workdir, args.out, step=args.step, text_dim=args.text_dim,
                                   overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except (OSError, ValueError, KeyError) as e:  # missing or unreadable checkpoints, an unwritable --out
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        message = "; ".join(line.strip() for line in message.splitlines() if line.strip()) or type(e).__name__
         parser.exit(1, f"export: error: {message}\n")
     print(json.dumps({"out": os.path.abspath(args.out), **metadata}))
     return 0

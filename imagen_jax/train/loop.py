@@ -198,7 +198,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
                 last_metrics = {k: float(v) for k, v in metrics.items() if k != "nonfinite"}
                 last_metrics["nonfinite_steps"] = bad_total
                 last_metrics["images_per_sec"] = steps_since_log * config.train.batch_size / elapsed
-                last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items()})
+                # Data counters (see data/pipeline.py); the many that stay 0 on clean data are left out.
+                last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items() if v or k == "delivered"})
                 writer.scalars(done, last_metrics)
                 t_log, steps_since_log = time.perf_counter(), 0
             if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
