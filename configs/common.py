@@ -16,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.dtype = "bfloat16"  # T5 compute dtype: float32 | bfloat16
 
     c.data = ml_collections.ConfigDict()
-    c.data.train_shards = ""  # glob, brace pattern ({00000..01242}.tfrecord), list or comma list; local or gs://
+    c.data.train_shards = ""  # glob, brace pattern ({00000..01242}.tfrecord), list, comma list or .txt list file; local or gs://
     c.data.format = "tfrecord"  # img2dataset TFRecord shards (webdataset .tar: convert with tools.convert_shards)
     c.data.image_size = 64  # the stage's output resolution (short side resized to it, centre crop)
     c.data.crop_size = 0  # SR stages trained on random crops (0 = no crop)

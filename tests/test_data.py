@@ -47,6 +47,25 @@ def test_list_shards_glob_brace_list_and_comma_string(tmp_path):
     assert list_shards(f"{files[3]},{tmp_path}/{{00000,00001}}.tfrecord") == [files[0], files[1], files[3]]
 
 
+def test_list_shards_reads_list_files(tmp_path):
+    (tmp_path / "cc").mkdir()
+    files = [str(tmp_path / "cc" / f"{i:05d}.tfrecord") for i in range(3)]
+    for f in files:
+        open(f, "wb").close()
+    listing = tmp_path / "cc" / "clean.txt"
+    listing.write_text(f"# kept after cleaning\n00002.tfrecord\n\n{files[0]}\n")  # Relative and absolute.
+    assert list_shards(str(listing)) == [files[0], files[2]]
+    assert list_shards([str(listing), files[1]]) == files
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="empty.txt' lists no files"):
+        list_shards(str(tmp_path / "empty.txt"))
+    with pytest.raises(FileNotFoundError, match="cannot read shard list file .*missing.txt"):
+        list_shards(str(tmp_path / "missing.txt"))
+    (tmp_path / "typo.txt").write_text("cc/0000X.tfrecord\n")
+    with pytest.raises(FileNotFoundError, match="0000X"):  # An entry that matches nothing names itself.
+        list_shards(str(tmp_path / "typo.txt"))
+
+
 def test_list_shards_no_match_names_the_pattern(tmp_path):
     open(tmp_path / "00000.tfrecord", "wb").close()
     missing = str(tmp_path / "train-{00000..00003}.tfrecord")

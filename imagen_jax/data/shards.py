@@ -1,9 +1,11 @@
-"""Shard file listing: globs, brace patterns, lists and comma-separated strings, local or gs://.
+"""Shard file listing: globs, brace patterns, lists, comma-separated strings and list files, local or gs://.
 
 img2dataset names shards `00000.tfrecord`, `00001.tfrecord`, ..., so configs naturally say
 `gs://bucket/cc12m/{00000..01242}.tfrecord`. `tf.io.gfile.glob` knows `*`, `?` and `[...]` but not braces,
 so braces are expanded here (bash semantics: `{a,b}` alternatives, `{0..12}` ranges, zero padding kept when an
-endpoint is written with leading zeros) before each piece is globbed.
+endpoint is written with leading zeros) before each piece is globbed. A pattern ending in `.txt` is a list
+file: one path or pattern per line (blank lines and `#` comments skipped; relative entries are relative to
+the list file's folder), e.g. the shards that survived a cleaning pass.
 """
 
 from __future__ import annotations
@@ -86,8 +88,27 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
 
     files: set[str] = set()
     for pattern in _patterns(spec):
+        if pattern.endswith(".txt"):
+            files.update(list_shards(_read_list_file(pattern)))
+            continue
         matched = [f for piece in expand_braces(pattern) for f in tf.io.gfile.glob(piece)]
         if not matched:
             raise FileNotFoundError(f"no shard files match {pattern!r}")
         files.update(matched)
     return sorted(files)
+
+
+def _read_list_file(path: str) -> list[str]:
+    """The entries of a shard list file, relative ones resolved against its folder."""
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(path, "r") as f:
+            lines = f.read().splitlines()
+    except (tf.errors.OpError, UnicodeDecodeError) as e:
+        raise FileNotFoundError(f"cannot read shard list file {path!r}: {str(e).splitlines()[0]}") from None
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not entries:
+        raise ValueError(f"shard list file {path!r} lists no files")
+    return [e if e.startswith("/") or "://" in e else f"{folder}/{e}" for e in entries]
