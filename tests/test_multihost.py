@@ -4,6 +4,7 @@ files, checkpoints carry both stream positions, and a resumed two-process run eq
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,3 +83,24 @@ def test_two_processes_checkpoint_both_positions_and_resume_exactly(tmp_path):
     _, log = _run(tmp_path, tmp_path / "resumed", processes=1, num_steps=8)
     next_epoch = max(e for e, _ in resumed["data"]["positions"]) + 1
     assert f"written by 2 processes and this run has 1; shard files are reassigned, so every process starts epoch {next_epoch}" in log
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    """JAX's preemption sync point (through orbax) turns a SIGTERM on any host into one agreed stop step."""
+    demo.write_demo_shards(str(tmp_path / "data"), num_examples=64, image_size=8, num_shards=4, seed=0)
+    make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+    port, workdir = _free_port(), tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), "2", str(port), str(tmp_path), str(workdir),
+                               "100000"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for line in procs[0].stdout:  # Process 0 logs; wait until both are stepping.
+        if line.startswith("step 3:"):
+            break
+    procs[1].send_signal(signal.SIGTERM)  # The other host is preempted.
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[1][1][-2000:]
+    stopped = int(outputs[0][0].split("preempted: stopped after step ")[1].split()[0])
+    step, _, data = latest_checkpoint(workdir)
+    assert step == stopped > 3 and data["process_count"] == 2
