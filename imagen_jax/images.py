@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import math
-import os
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
+
+from imagen_jax.files import write_atomically
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -33,7 +33,4 @@ def save_png(image: np.ndarray, path: str) -> None:
     """Writes a uint8 [H,W,3] PNG to a temporary name and renames it, so no half-written file is left."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    write_atomically(path, buffer.getvalue())

@@ -8,14 +8,17 @@ gs backend is tf.io.gfile when TensorFlow is installed; only its directory namin
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
 from imagen_jax import images as images_lib
 from imagen_jax.train.checkpoint import checkpoint_dir
 from imagen_jax.train.metrics import MetricWriter
+from tests.test_train import assets, tiny_config  # noqa: F401  (the module's shards and tiny T5)
 
 
 def test_event_files_go_to_a_url_workdir():
@@ -43,3 +46,39 @@ def test_checkpoint_directory_of_a_bucket_stays_a_url(tmp_path):
     assert checkpoint_dir("gs://bucket/runs/base64") == "gs://bucket/runs/base64/checkpoints"
     assert checkpoint_dir("gs://bucket/runs/base64/") == "gs://bucket/runs/base64/checkpoints"
     assert checkpoint_dir(str(tmp_path)) == str(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_a_url_workdir_trains_resumes_and_samples(assets, tmp_path, monkeypatch, capsys):
+    """train -> resume -> sample with `--workdir` a URL: config.json, event files and sample grids live in the
+    stand-in bucket (ram://); the orbax checkpoints, which reach gs:// through tensorstore, go to a local
+    folder that stands in for `<workdir>/checkpoints`, so the loop's own handling of a URL workdir is what runs."""
+    from imagen_jax import pipeline
+    from imagen_jax.sample_files import sample_to_folder
+    from imagen_jax.train import checkpoint as checkpoint_lib
+    from imagen_jax.train.loop import run
+
+    workdir = f"ram://bucket/{tmp_path.name}/run"
+    real = checkpoint_lib.checkpoint_dir
+
+    def stand_in(path: str) -> str:
+        return str(tmp_path / "bucket_checkpoints") if path == workdir else real(path)
+
+    monkeypatch.setattr(checkpoint_lib, "checkpoint_dir", stand_in)
+    monkeypatch.setattr(pipeline, "checkpoint_dir", stand_in)
+
+    config = tiny_config(assets, num_steps=2, checkpoint_every=2, log_every=1, sample_every=2)
+    run(config, workdir)
+    config.train.num_steps = 3
+    run(config, workdir)
+    assert "resumed from checkpoint at step 2" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "bucket_checkpoints")) == ["2", "3"]
+    with tf.io.gfile.GFile(f"{workdir}/config.json") as f:
+        assert json.load(f)["train"]["num_steps"] == 3
+    assert tf.io.gfile.exists(f"{workdir}/samples/step_0000002.png") and tf.io.gfile.exists(f"{workdir}/samples/step_0000003.png")
+    assert len(tf.io.gfile.glob(f"{workdir}/tensorboard/events.out.tfevents.*")) == 2  # one per run
+
+    names = sample_to_folder([workdir], ["a red circle on the left"], out=str(tmp_path / "samples"), num_images=1,
+                             seed=0, steps=2, guidance_scale=1.0, batch_size=1)
+    with open(tmp_path / "samples" / "samples.json") as f:
+        assert json.load(f)["images"][names[0]]["stages"][0]["checkpoint_step"] == 3

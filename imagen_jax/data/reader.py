@@ -13,7 +13,11 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-MAX_OPEN_FILES = 16
+# Shards read side by side (the interleave's cycle). tf.data's parallel interleave also opens the next
+# 2 x CYCLE_FILES shards ahead of need, so at most MAX_OPEN_FILES are open at once (measured in
+# tests/test_data_memory.py), whatever the number of shards.
+CYCLE_FILES = 16
+MAX_OPEN_FILES = 3 * CYCLE_FILES
 # TFRecord framing around each payload: length (8), length CRC (4), data CRC (4).
 _RECORD_OVERHEAD = 16
 # Stream element kinds: a record, or the marker a shard's reader emits after its last record.
@@ -71,7 +75,7 @@ def epoch_stream(files: list[str], process_seed: int, epoch: tf.Tensor, shuffle_
     undecoded bytes numbered by their position in the epoch."""
     order = tf.random.experimental.stateless_shuffle(
         tf.constant(files), seed=tf.stack([tf.constant(process_seed, tf.int64), epoch]))
-    open_files = min(len(files), MAX_OPEN_FILES)
+    open_files = min(len(files), CYCLE_FILES)
     ds = tf.data.Dataset.from_tensor_slices(order).interleave(
         shard_records, cycle_length=open_files,
         num_parallel_calls=min(parallel, open_files) if parallel > 0 else tf.data.AUTOTUNE, deterministic=True,

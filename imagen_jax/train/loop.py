@@ -18,6 +18,7 @@ from imagen_jax.data.pipeline import Position, make_dataset, position_after, pre
 from imagen_jax.data.resume import gather_positions, start_position
 from imagen_jax.diffusion import augment
 from imagen_jax.diffusion import sample as diffusion_sample
+from imagen_jax.files import write_atomically
 from imagen_jax.models import upsample_lowres
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.text import T5Encoder
@@ -95,8 +96,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         log(f"resumed from checkpoint at step {latest} in {workdir}")
     start_step = int(state["step"])
     if jax.process_index() == 0:  # After the restore: a mismatch error points at the config the run was saved with.
-        with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            json.dump(config_lib.to_json(config), f, indent=2)
+        write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(config_lib.to_json(config), indent=2))
 
     # ----------------------------------------------------------------------------------------------
     # Data: each process reads its own shard files from its saved stream position; local batches
