@@ -63,6 +63,22 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(assets, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_during_startup_is_answered_after_the_first_step(assets, tmp_path):
+    """A SIGTERM while the model is built and the step compiles (minutes on a pod) is not the default kill."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(_command(assets, workdir, 100_000, 1000), cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    _wait_for_line(proc, "text encoder:")  # T5 is loaded; init, restore and compilation are still to come.
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-2000:]
+    assert "preempted: stopped after step 1 " in out
+    step, _, data = latest_checkpoint(workdir)
+    (epoch, index), = data["positions"]
+    assert step == 1 and epoch == 0 and index > 0  # One batch consumed, its position saved.
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_the_same_command_is_bit_identical(assets, tmp_path):
     num_steps = 10
     straight = subprocess.run(_command(assets, tmp_path / "straight", num_steps, 1), cwd=REPO, env=ENV,

@@ -50,12 +50,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.train.batch_size % replicas:
         raise config_lib.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} data-parallel devices")
     log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, mesh: {dict(mesh.shape)}")
-    # Every jit gets explicit NamedShardings, so no ambient mesh is set: under jax.set_mesh, nnx.eval_shape
-    # would try to read the logical parameter names as mesh axes.
-    return _train(config, workdir, mesh)
+    checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
+    # Watched from here on: a SIGTERM while T5 loads, the state restores or the step compiles is answered
+    # after the first step, like one during training. Every jit gets explicit NamedShardings, so no ambient
+    # mesh is set: under jax.set_mesh, nnx.eval_shape would try to read logical parameter names as mesh axes.
+    with PreemptionWatch(checkpointer.manager) as preemption:
+        return _train(config, workdir, mesh, checkpointer, preemption)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, checkpointer: Checkpointer,
+           preemption: PreemptionWatch) -> dict:
 
     # ----------------------------------------------------------------------------------------------
     # Frozen T5 text encoder (parameters replicated, never in the optimizer), or none at all when the
@@ -83,7 +87,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     shardings = state_lib.state_shardings(spec, tx, mesh)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_params))
     log(f"U-Net: {num_params / 1e6:.2f}M parameters")
-    checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
     # The newest checkpoint that restores (older ones are fallbacks, logged); a config whose model or
     # optimizer differs from the checkpoint's is an error listing the fields.
     restored = checkpointer.restore_latest(state_lib.abstract_state(config, text_dim, tx, shardings), config, log=log)
@@ -181,46 +184,45 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     last_metrics: dict = {}
     t_log, steps_since_log = time.perf_counter(), 0
     bad_streak, bad_total = 0, 0
-    with PreemptionWatch(checkpointer.manager) as preemption:
-        for step in range(start_step, num_steps):
-            batch, position, captions = next_batch()
-            state, metrics = train_step(state, t5_params, batch)
-            steps_since_log += 1
-            done = step + 1
-            # A non-finite step changed nothing but the counters (see step.py); count it, stop on a streak.
-            bad = int(jax.device_get(metrics["nonfinite"]))
-            bad_streak, bad_total = (bad_streak + 1) * bad, bad_total + bad
-            if bad:
-                log(f"step {done}: non-finite loss or gradients; update skipped ({bad_streak} in a row, {bad_total} in total)")
-            if done % config.train.log_every == 0 or done == num_steps:
-                metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - t_log
-                last_metrics = {k: float(v) for k, v in metrics.items() if k != "nonfinite"}
-                last_metrics["nonfinite_steps"] = bad_total
-                last_metrics["images_per_sec"] = steps_since_log * config.train.batch_size / elapsed
-                # Data counters (see data/pipeline.py); the many that stay 0 on clean data are left out.
-                last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items() if v or k == "delivered"})
-                writer.scalars(done, last_metrics)
-                t_log, steps_since_log = time.perf_counter(), 0
-            if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
-                write_samples(done, batch, captions)
-            diverged = 0 < max_bad <= bad_streak
-            preempted = preemption.reached(done)
-            stop = done == num_steps or diverged or preempted
-            if stop or checkpointer.due(done):
-                checkpointer.save(done, state, config, gather_positions(position), force=stop)
-            if preempted:
-                checkpointer.close()
-                writer.close()
-                log(f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command to resume")
-                return last_metrics
-            if diverged:
-                checkpointer.close()
-                writer.close()
-                raise TrainingDiverged(
-                    f"stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss, gradient or update "
-                    f"(train.max_consecutive_nonfinite={max_bad}); the checkpoint at step {done} holds the parameters of "
-                    f"step {done - bad_streak}, the last finite one; lower train.learning_rate or check the data")
+    for step in range(start_step, num_steps):
+        batch, position, captions = next_batch()
+        state, metrics = train_step(state, t5_params, batch)
+        steps_since_log += 1
+        done = step + 1
+        # A non-finite step changed nothing but the counters (see step.py); count it, stop on a streak.
+        bad = int(jax.device_get(metrics["nonfinite"]))
+        bad_streak, bad_total = (bad_streak + 1) * bad, bad_total + bad
+        if bad:
+            log(f"step {done}: non-finite loss or gradients; update skipped ({bad_streak} in a row, {bad_total} in total)")
+        if done % config.train.log_every == 0 or done == num_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - t_log
+            last_metrics = {k: float(v) for k, v in metrics.items() if k != "nonfinite"}
+            last_metrics["nonfinite_steps"] = bad_total
+            last_metrics["images_per_sec"] = steps_since_log * config.train.batch_size / elapsed
+            # Data counters (see data/pipeline.py); the many that stay 0 on clean data are left out.
+            last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items() if v or k == "delivered"})
+            writer.scalars(done, last_metrics)
+            t_log, steps_since_log = time.perf_counter(), 0
+        if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
+            write_samples(done, batch, captions)
+        diverged = 0 < max_bad <= bad_streak
+        preempted = preemption.reached(done)
+        stop = done == num_steps or diverged or preempted
+        if stop or checkpointer.due(done):
+            checkpointer.save(done, state, config, gather_positions(position), force=stop)
+        if preempted:
+            checkpointer.close()
+            writer.close()
+            log(f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command to resume")
+            return last_metrics
+        if diverged:
+            checkpointer.close()
+            writer.close()
+            raise TrainingDiverged(
+                f"stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss, gradient or update "
+                f"(train.max_consecutive_nonfinite={max_bad}); the checkpoint at step {done} holds the parameters of "
+                f"step {done - bad_streak}, the last finite one; lower train.learning_rate or check the data")
     checkpointer.close()
     writer.close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")
