@@ -32,12 +32,14 @@ def main(argv: list[str]) -> int:
 
     if args.distributed:
         jax.distributed.initialize()
+    from imagen_jax.data.pipeline import NoExamplesError
     from imagen_jax.train.checkpoint import CheckpointError
     from imagen_jax.train.loop import TrainingDiverged, run
 
     try:
         run(config, args.workdir)  # Returns normally after SIGTERM too: checkpoint written, exit status 0.
-    except (config_lib.ConfigError, FileNotFoundError, KeyError, CheckpointError, TrainingDiverged) as e:  # one line
+    except (config_lib.ConfigError, FileNotFoundError, KeyError, CheckpointError, TrainingDiverged,
+            NoExamplesError) as e:  # one line
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         parser.exit(1, f"train.py: error: {message}\n")
     return 0

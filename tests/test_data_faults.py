@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax.data.pipeline import make_dataset
+from imagen_jax.data.pipeline import NoExamplesError, Position, make_dataset, numpy_batches
 from tests.shard_helpers import data_config, encode_image, read_epoch, solid, write_records
 
 RED = (200, 40, 40)
@@ -151,3 +151,23 @@ def test_crop_size_errors(tmp_path, bad_value, match):
     shard = write_records(tmp_path / "s.tfrecord", _good(1))
     with pytest.raises(ValueError, match=match):
         make_dataset(data_config(shard, image_size=4, crop_size=bad_value), batch_size=1, seed=0)
+
+
+def test_an_epoch_that_delivers_nothing_is_an_error_naming_the_counters(tmp_path):
+    """An endless stream with nothing in it would block training forever without a word."""
+    shards = [write_records(tmp_path / f"{i}.tfrecord", _good(3)) for i in range(2)]
+    ds, stats = make_dataset(data_config(shards, min_caption_chars=100), batch_size=2, seed=0)
+    with pytest.raises(NoExamplesError) as error:
+        next(numpy_batches(ds, stats))
+    message = str(error.value)
+    assert message.startswith("data: epoch 0 of this process (2 shard files) delivered no example (counters: records=")
+    assert "skipped_caption_length=" in message and "delivered=" not in message and "\n" not in message
+
+
+def test_the_partial_epoch_a_resume_starts_in_may_deliver_nothing(tmp_path):
+    """Resumed after the only good records of epoch 0: the rest of it is empty, epoch 1 is not."""
+    shard = write_records(tmp_path / "s.tfrecord", _good(2) + [{"jpg": b"junk", "txt": b"x"}] * 6)
+    cfg = data_config(shard, shuffle_buffer=1)  # No shuffle: records in the order written.
+    ds, stats = make_dataset(cfg, batch_size=2, seed=0, start=Position(0, 2))
+    batch = next(numpy_batches(ds, stats))
+    assert [c.decode() for c in batch["caption"]] == ["good 0", "good 1"] and batch["epoch"].tolist() == [1, 1]

@@ -180,6 +180,15 @@ def test_train_cli_bad_paths_are_one_line_errors(assets, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"train.py: error: no shard files match '{tmp_path}/*.rec'"
     proc = _cli(*base, "--config.train.num_steps=0")
     assert proc.stderr.strip().splitlines()[-1] == "train.py: error: config.train.num_steps must be >= 1, got 0"
+    # Filters that reject every record: one line naming the counters, instead of waiting forever for a batch.
+    proc = _cli(*base, f"--config.text.encoder={assets / 't5'}", f"--config.data.train_shards={assets / 'data' / '*.tfrecord'}",
+                "--config.data.image_size=8", "--config.model.dim=16", "--config.model.channel_mults=(1,2)",
+                "--config.model.attn_resolutions=(4,)", "--config.model.head_dim=8", "--config.train.batch_size=8",
+                "--config.data.min_caption_chars=1000")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: data: epoch 0 of this process (2 shard files) delivered no example "
+                           "(counters: records=") and "skipped_caption_length=" in last, proc.stderr[-2000:]
 
 
 def test_a_non_finite_step_changes_nothing_but_the_counters(assets):

@@ -19,6 +19,9 @@ Web-scraped shards always hold some bad data. Nothing here crashes or silently s
     `skipped_image_size`, `skipped_aspect_ratio`, `skipped_no_text_embedding`) are dropped and counted.
   * grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB; images with alpha are composited
     onto white; captions that are not UTF-8 get U+FFFD for the bad bytes. These are counted as `converted_*`.
+  * an epoch that delivers no example at all (filters reject everything, no shard readable) would leave an
+    endless stream with nothing in it: the stream fails instead, and `numpy_batches` turns that into
+    NoExamplesError, one line with the counters.
 Counters are exact (one update per record) and count what the pipeline has processed since the process
 started, which runs ahead of training by its buffers.
 
@@ -32,6 +35,8 @@ Config fields read from `data_cfg` (an `ml_collections.ConfigDict`; configs/comm
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import ml_collections
@@ -79,6 +84,58 @@ class DatasetStats:
 
     def read(self) -> dict[str, int]:
         return dict(zip(self.NAMES, (int(v) for v in self.counts.numpy())))
+
+
+class NoExamplesError(RuntimeError):
+    """A whole epoch of this process's shard files delivered no example: every record was skipped, or none
+    could be read. Raised instead of waiting forever on an endless stream that holds nothing."""
+
+
+_EMPTY_EPOCH = "delivered no example"
+_EMPTY_EPOCH_MESSAGE = re.compile(r"assertion failed: \[(data: epoch .*? " + _EMPTY_EPOCH + r"[^\]]*)\]")
+# Scan state: (the epoch of the previous element, examples delivered in that epoch so far).
+_EMPTY_EPOCH_START = (tf.constant(-1, tf.int64), tf.constant(0, tf.int64))
+
+
+def _empty_epoch_guard(num_files: int, start: Position):
+    """A scan step that fails the stream when an epoch ends (the next one begins: the record shuffle mixes the
+    shard end markers into the records, so only the next epoch's first element marks the end) without one
+    example delivered. The epoch a resumed stream starts inside is exempt: its examples may all lie before
+    the resume point. Every epoch has at least one element (a marker per shard), so an endless stream of
+    nothing fails at the start of its second epoch."""
+
+    def step(state: tuple, example: dict) -> tuple[tuple, dict]:
+        previous, delivered = state
+        ended = (example["epoch"] != previous) & (previous >= 0)
+        partial = (previous == start.epoch) & (start.index > 0)
+        empty = ended & (delivered == 0) & ~partial
+        message = tf.strings.join([
+            "data: epoch ", tf.strings.as_string(previous), " of this process (", str(num_files),
+            " shard files) ", _EMPTY_EPOCH])
+        delivered = tf.where(example["epoch"] == previous, delivered, 0) + tf.cast(example["reason"] == 0, tf.int64)
+        with tf.control_dependencies([tf.debugging.Assert(~empty, [message], name="empty_epoch")]):
+            return (example["epoch"], delivered), tf.nest.map_structure(tf.identity, example)
+
+    return step
+
+
+def numpy_batches(ds: tf.data.Dataset, stats: DatasetStats) -> Iterator[dict]:
+    """`ds.as_numpy_iterator()` for a `make_dataset` stream, where an epoch that delivers nothing raises
+    NoExamplesError with one line naming the counters (which say why every record was skipped)."""
+    iterator = ds.as_numpy_iterator()
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            match = _EMPTY_EPOCH_MESSAGE.search(e.message)
+            if not match:
+                raise
+            counts = ", ".join(f"{k}={v}" for k, v in stats.read().items() if v)
+            raise NoExamplesError(f"{match.group(1)} (counters: {counts}); check data.train_shards and the "
+                                  f"data filters (configs/common.py)") from None
+        yield batch
 
 
 def precomputed_text_metadata(data_cfg: ml_collections.ConfigDict) -> dict:
@@ -152,7 +209,8 @@ def make_dataset(
         stats.add(example["reason"], example["kind"], example["conversions"])
         return example
 
-    ds = ds.map(count).filter(lambda example: example["reason"] == 0)
+    ds = ds.map(count).scan(_EMPTY_EPOCH_START, _empty_epoch_guard(len(files), start))
+    ds = ds.filter(lambda example: example["reason"] == 0)
     keep = ("image", "caption", "epoch", "index") + (("text", "mask") if text else ())
 
     def finish(example: dict) -> dict:

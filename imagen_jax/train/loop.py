@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from imagen_jax import config as config_lib
 from imagen_jax import images as images_lib
-from imagen_jax.data.pipeline import Position, make_dataset, position_after, precomputed_text_metadata
+from imagen_jax.data.pipeline import Position, make_dataset, numpy_batches, position_after, precomputed_text_metadata
 from imagen_jax.data.resume import gather_positions, start_position
 from imagen_jax.diffusion import augment
 from imagen_jax.diffusion import sample as diffusion_sample
@@ -112,7 +112,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         config.data, batch_size=local_batch, seed=config.seed, start=position,
         process_index=jax.process_index(), process_count=jax.process_count(), text_max_length=config.text.max_length,
     )
-    batches = dataset.as_numpy_iterator()
+    batches = numpy_batches(dataset, data_stats)  # An epoch that delivers nothing is an error, not a hang.
 
     def next_batch() -> tuple[dict, Position, list[bytes]]:
         """The next global batch, this process's stream position after it, and its local captions."""
