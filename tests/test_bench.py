@@ -94,3 +94,18 @@ def test_cli_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench: error:") and message in err
+
+
+def test_cli_shards_with_nothing_usable_are_a_one_line_error(tmp_path, capsys):
+    """Every record undecodable: the benchmark says so instead of waiting forever for a batch."""
+    with tf.io.TFRecordWriter(str(tmp_path / "bad.tfrecord")) as writer:
+        for _ in range(4):
+            features = {"jpg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not a jpeg"])),
+                        "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a caption"]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "--sizes", "16", "--parallel", "1", "--seconds", "0.3", "--shards", str(tmp_path / "*.tfrecord")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bench: error: {tmp_path}/*.tfrecord: data: epoch 0 ")
+    assert "delivered no example" in err and "skipped_undecodable=" in err

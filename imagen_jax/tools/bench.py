@@ -224,7 +224,7 @@ def mean_image_bytes(files: list[str], limit: int = 256) -> float:
 def _time_pipeline(shards: str, size: int, parallel: int, batch_size: int, seconds: float) -> dict:
     """Builds the pipeline, pulls WARMUP_BATCHES, then counts the batches it delivers in `seconds` (and at
     least MIN_TIMED_BATCHES), timing to the end of the last one."""
-    from imagen_jax.data.pipeline import make_dataset
+    from imagen_jax.data.pipeline import make_dataset, numpy_batches
 
     data_cfg = ml_collections.ConfigDict({
         "train_shards": shards, "format": "tfrecord", "image_size": size, "crop_size": 0,
@@ -232,8 +232,8 @@ def _time_pipeline(shards: str, size: int, parallel: int, batch_size: int, secon
         "min_image_size": 0, "max_aspect_ratio": 0.0, "min_caption_chars": 1, "max_caption_chars": 0,
         "require_success_status": True,
     })
-    ds, _ = make_dataset(data_cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1)
-    batches = ds.as_numpy_iterator()
+    ds, stats = make_dataset(data_cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1)
+    batches = numpy_batches(ds, stats)  # shards whose every record is skipped: an error, not a hang
     for _ in range(WARMUP_BATCHES):
         next(batches)
     count, start = 0, time.perf_counter()
@@ -356,8 +356,13 @@ def main(argv: list[str] | None = None) -> None:
                 list_shards(args.shards)
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-        results = benchmark_data(sizes, parallel, args.batch_size, args.seconds, args.shards,
-                                 num_images=args.num_images)
+        from imagen_jax.data.pipeline import NoExamplesError
+
+        try:
+            results = benchmark_data(sizes, parallel, args.batch_size, args.seconds, args.shards,
+                                     num_images=args.num_images)
+        except NoExamplesError as e:
+            fail(f"{args.shards}: {e}")
         print(format_data_report(results, synthetic=args.shards is None))
         return
     if args.steps < 0:
