@@ -25,8 +25,8 @@ Web-scraped shards always hold some bad data. Nothing here crashes or silently s
 Counters are exact (one update per record) and count what the pipeline has processed since the process
 started, which runs ahead of training by its buffers.
 
-Memory: at most 48 open shard files (16 read side by side, 32 opened ahead; streamed, 256 KiB buffers each), the shuffle buffer
-(`shuffle_buffer` undecoded records) and a few decoded batches; never a whole shard.
+Memory: at most 48 open shard files (16 read side by side, 32 opened ahead; streamed, 256 KiB buffers
+each), the shuffle buffer (`shuffle_buffer` undecoded records) and a few decoded batches; never a whole shard.
 
 Config fields read from `data_cfg` (an `ml_collections.ConfigDict`; configs/common.py documents them):
   train_shards, format, image_size, crop_size, shuffle_buffer, num_parallel_calls, precomputed_text,
