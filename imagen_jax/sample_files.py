@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax.diffusion import SAMPLERS
+from imagen_jax.files import write_atomically
 from imagen_jax.pipeline import Imagen
 
 INDEX_FILE = "samples.json"
@@ -200,7 +201,6 @@ def write_folder(out: str, images: dict[str, np.ndarray], index: dict) -> None:
     import tensorflow as tf
 
     index_path = os.path.join(out, INDEX_FILE)
-    pending: set[str] = set()
     try:
         if tf.io.gfile.exists(index_path):  # from here on the folder is not complete until the new index
             tf.io.gfile.remove(index_path)
@@ -210,33 +210,16 @@ def write_folder(out: str, images: dict[str, np.ndarray], index: dict) -> None:
         for name, image in images.items():
             path = os.path.join(out, name)
             tf.io.gfile.makedirs(os.path.dirname(path))
-            _write_atomic(path, _png(image), pending)
-        _write_atomic(index_path, json.dumps(index, indent=2).encode("utf-8"), pending)
+            write_atomically(path, _png(image), marker=_PARTIAL)
+        write_atomically(index_path, json.dumps(index, indent=2), marker=_PARTIAL)
     except tf.errors.OpError as e:
         raise OSError(f"cannot write samples into {out!r}: {_message(e)}") from e
-    finally:
-        for tmp in pending:
-            if tf.io.gfile.exists(tmp):
-                tf.io.gfile.remove(tmp)
 
 
 def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _write_atomic(path: str, data: bytes, pending: set[str]) -> None:
-    """Writes `data` to a temporary sibling and renames it to `path`; `pending` holds the temporary name
-    until the rename, for the caller to remove if anything fails."""
-    import tensorflow as tf
-
-    tmp = f"{path}{_PARTIAL}{os.getpid()}"
-    pending.add(tmp)
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    pending.discard(tmp)
 
 
 def _message(error: Exception) -> str:

@@ -248,9 +248,9 @@ def test_sample_folder_is_complete_or_has_no_index(tmp_path, monkeypatch):
     monkeypatch.setattr(sample_files, "Imagen", FakeImagen)
     out = tmp_path / "out"
     written = []
-    write_atomic = sample_files._write_atomic
-    monkeypatch.setattr(sample_files, "_write_atomic",
-                        lambda path, data, pending: (write_atomic(path, data, pending), written.append(path)))
+    write_atomic = sample_files.write_atomically
+    monkeypatch.setattr(sample_files, "write_atomically",
+                        lambda path, data, **kw: (write_atomic(path, data, **kw), written.append(path)))
     names = _sample(out)
     assert names == ["000_00_a_cat.png", "000_01_a_cat.png", "001_00_a_dog.png", "001_01_a_dog.png"]
     rel = [os.path.relpath(p, out) for p in written]
@@ -261,7 +261,7 @@ def test_sample_folder_is_complete_or_has_no_index(tmp_path, monkeypatch):
     assert [s["file"] for s in index["images"][names[1]]["stages"]] == [f"4px/{names[1]}", names[1]]
     assert np.asarray(Image.open(out / names[0])).shape == (8, 8, 3)
     assert np.asarray(Image.open(out / "4px" / names[0])).shape == (4, 4, 3)
-    monkeypatch.setattr(sample_files, "_write_atomic", write_atomic)
+    monkeypatch.setattr(sample_files, "write_atomically", write_atomic)
 
     # Interrupted while encoding the second image: the earlier run's index is gone, nothing temporary is left.
     png, calls = sample_files._png, []
