@@ -4,6 +4,11 @@
 
 A workdir that already holds checkpoints resumes from the latest one. On a multi-host TPU pod slice run
 the same command on every host with --distributed.
+
+The whole config (choices, sizes, the shards, the T5 folder's config.json) and the workdir are checked before
+anything heavy loads, and the workdir is created only then. Errors are one line on stderr, `train.py: error:
+...`: exit status 2 for a bad config file, key or value given on the command line, 1 for everything found
+later (data, checkpoints, divergence). A SIGTERM ends the run at a step boundary with a checkpoint, exit 0.
 """
 
 import argparse
@@ -15,34 +20,37 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/<stage>.py")
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and samples go here (local or gs://)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     args, overrides = parser.parse_known_args(argv)
 
     from imagen_jax import config as config_lib
+    from imagen_jax.cli import main_guard
+    from imagen_jax.errors import ConfigError, UsageError
 
-    try:
-        config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-    except config_lib.ConfigError as e:
-        parser.exit(2, f"train.py: error: {e}\n")
+    def body() -> int:
+        try:
+            config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        import jax
 
-    import jax
+        if args.distributed:
+            try:
+                jax.distributed.initialize()
+            except (RuntimeError, ValueError) as e:
+                raise UsageError(f"--distributed: jax.distributed.initialize() found no cluster to join ({e}); run "
+                                 "it on every host of a TPU pod slice, or set JAX_COORDINATOR_ADDRESS, "
+                                 "JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
+        from imagen_jax.train.loop import run
 
-    if args.distributed:
-        jax.distributed.initialize()
-    from imagen_jax.data.pipeline import NoExamplesError
-    from imagen_jax.train.checkpoint import CheckpointError
-    from imagen_jax.train.loop import TrainingDiverged, run
-
-    try:
         run(config, args.workdir)  # Returns normally after SIGTERM too: checkpoint written, exit status 0.
-    except (config_lib.ConfigError, FileNotFoundError, KeyError, CheckpointError, TrainingDiverged,
-            NoExamplesError) as e:  # one line
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        parser.exit(1, f"train.py: error: {message}\n")
-    return 0
+        return 0
+
+    return main_guard("train.py", body)
 
 
 if __name__ == "__main__":

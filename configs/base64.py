@@ -4,7 +4,7 @@ Train on a TPU pod: python train.py --config configs/base64.py --workdir gs://BU
     --config.data.train_shards='gs://BUCKET/cc12m/{00000..01242}.tfrecord' --config.text.encoder=/path/to/t5-v1_1-xxl
 """
 
-from common import base_config
+from imagen_jax.stage.config import base_config
 
 
 def get_config():

@@ -4,7 +4,7 @@
 workdir, sets data.train_shards and text.encoder to them, trains with this config, samples and scores.
 """
 
-from common import base_config
+from imagen_jax.stage.config import base_config
 
 
 def get_config():

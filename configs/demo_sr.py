@@ -4,18 +4,15 @@
 T5, then samples the cascade. Same Efficient U-Net as configs/sr256.py, tiny.
 """
 
-import ml_collections
-from common import base_config
+from imagen_jax.stage.config import base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("efficient_unet")
     c.text.max_length = 16
     c.text.dtype = "float32"
     c.data.image_size = 32
     c.data.shuffle_buffer = 2_000
-    c.model = ml_collections.ConfigDict()
-    c.model.kind = "efficient_unet"
     c.model.dim = 32
     c.model.channel_mults = (1, 2)
     c.model.num_res_blocks = (1, 2)

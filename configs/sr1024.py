@@ -7,11 +7,11 @@ python train.py --config configs/sr1024.py --workdir gs://BUCKET/sr1024 \
     --config.data.train_shards='gs://BUCKET/hires/{00000..09999}.tfrecord' --config.text.encoder=/path/to/t5-v1_1-xxl
 """
 
-from common import base_config
+from imagen_jax.stage.config import base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("efficient_unet")
     c.data.image_size = 1024
     c.data.min_image_size = 1024  # an SR stage must not learn to reproduce upscaling blur
     c.data.crop_size = 256  # trained on 256x256 crops, run at 1024x1024
@@ -21,9 +21,6 @@ def get_config():
     # With the paper's 2/4/8/8 blocks this has 471.7M (18% over 400M; the paper does not give the 1024
     # model's blocks), so the lowest level has 6 res blocks each way (every lowest-level block pair is
     # 44.6M; 7 would give 427.1M).
-    del c.model.attn_resolutions  # attention is at the lowest level only
-    del c.model.num_res_blocks  # an int in common.py; a tuple (one per level) here
-    c.model.kind = "efficient_unet"
     c.model.dim = 128
     c.model.channel_mults = (1, 2, 4, 8)
     c.model.num_res_blocks = (2, 4, 8, 6)

@@ -5,11 +5,11 @@ python train.py --config configs/sr256.py --workdir gs://BUCKET/sr256 \
     --config.data.train_shards='gs://BUCKET/cc12m/{00000..01242}.tfrecord' --config.text.encoder=/path/to/t5-v1_1-xxl
 """
 
-from common import base_config
+from imagen_jax.stage.config import base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("efficient_unet")
     c.data.image_size = 256
     c.data.min_image_size = 256  # an SR stage must not learn to reproduce upscaling blur
     c.data.crop_size = 0  # whole images
@@ -22,9 +22,6 @@ def get_config():
     # after each of the 16 lowest-level res blocks a transformer layer: self-attention (4 C^2), text
     # cross-attention from a 128-wide projected context (2 C^2 + 2*128*C) and a feed-forward of
     # ffn_mult=2 (4 C^2), C = 1024. Without the feed-forward the model has 539M (10.2% under 600M).
-    del c.model.attn_resolutions  # attention is at the lowest level only
-    del c.model.num_res_blocks  # an int in common.py; a tuple (one per level) here
-    c.model.kind = "efficient_unet"
     c.model.dim = 128
     c.model.channel_mults = (1, 2, 4, 8)
     c.model.num_res_blocks = (2, 4, 8, 8)

@@ -1,7 +1,10 @@
 """Experiment configs: load `configs/*.py`, apply strict `--config.a.b=value` overrides, save as JSON.
 
-Overrides are strict on purpose: a typo in a key or a value of the wrong type on a pod launch should fail
-in the first second with a message naming it, not after the model compiled.
+A config file is a plain Python module with `get_config()`; it imports its defaults from the installed package
+(`imagen_jax.stage.config.base_config`), so no sys.path tricks are needed to load one. Overrides are strict on
+purpose: a typo in a key or a value of the wrong type on a pod launch should fail in the first second with a
+message naming it, not after the model compiled. Loading one is light: it imports no JAX model code until the
+config file itself does.
 """
 
 from __future__ import annotations
@@ -11,38 +14,44 @@ import difflib
 import importlib.util
 import json
 import os
-import sys
+import traceback
 from typing import Any
 
 import ml_collections
 
+from imagen_jax.errors import ConfigError
+
 PREFIX = "--config."
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names it."""
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Imports a config file and returns its `get_config()`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location("_imagen_config", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"config file {path!r} cannot be imported (is it a .py file?)")
     module = importlib.util.module_from_spec(spec)
-    # Config files may import their neighbours (configs/common.py).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         spec.loader.exec_module(module)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    finally:
-        sys.path.pop(0)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path!r} has no get_config() function")
-    config = module.get_config()
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path!r} has no get_config() function")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path!r} line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - the user's code: name its line, not ours
+        raise ConfigError(f"config file {path!r}{_line_in(path, e)}: {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, not a ConfigDict")
     return config
+
+
+def _line_in(path: str, error: BaseException) -> str:
+    """' line N' of the innermost frame of `error`'s traceback that lies in `path` ('' when none does)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    return f" line {frames[-1].lineno}" if frames else ""
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -5,11 +5,12 @@ A folder with a `samples.json` is complete. Every file is written to a temporary
 and renamed into place; the images come first, then grid.png, and samples.json last (also temp + rename).
 A previous run's samples.json is removed before the first new file is written, so a run that fails or is
 interrupted half-way never leaves a folder that looks complete; its temporary files are removed on the way
-out (those of a killed process by the next run into the same folder), and a rerun overwrites cleanly.
+out (those of a killed process by the next run into the same folder). A folder that already holds another
+run's images is refused unless `overwrite`, which removes them first, so a folder never mixes two runs.
 
-Arguments are checked here (`check_arguments`, `check_writable`) so that sample.py can reject them before
-any model loads; TensorFlow (for tf.io.gfile: local paths and gs://) is imported on first use, as it takes
-seconds to import.
+Arguments are typed values (sample.py parses its flags) and are checked here (`check_arguments`,
+`check_writable`) so that sample.py can reject them before any model loads; TensorFlow (for tf.io.gfile:
+local paths and gs://) is imported on first use, as it takes seconds to import.
 """
 
 from __future__ import annotations
@@ -19,69 +20,62 @@ import json
 import math
 import os
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from imagen_jax.cascade import Imagen
 from imagen_jax.diffusion import SAMPLERS
+from imagen_jax.errors import OutputError, UsageError
 from imagen_jax.files import write_atomically
-from imagen_jax.pipeline import Imagen
 
 INDEX_FILE = "samples.json"
 GRID_FILE = "grid.png"
 _PARTIAL = ".partial-"
 _SEED_LIMIT = 2**32  # sampling seeds are uint32
-_KIND_NAMES = {int: "an int", float: "a float", str: "a string"}
+_STAGE_FOLDER = re.compile(r"^\d+px$")  # intermediate resolutions: <size>px/
 
 
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
 
 
-def per_stage(value: str | None, count: int, kind: Callable, name: str, defaults: Sequence) -> list:
-    """'a' -> [a] * count; 'a,b,c' -> one per stage; None -> defaults. Wrong counts or types: ValueError."""
-    if value is None:
-        return list(defaults)
-    parts = [p.strip() for p in str(value).split(",")]
-    if len(parts) not in (1, count):
-        raise ValueError(f"--{name} has {len(parts)} values for {count} stages (give one, or one per stage)")
-    try:
-        parsed = [kind(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--{name} {value!r}: each value must be {_KIND_NAMES.get(kind, kind.__name__)}") from None
-    return parsed * count if len(parsed) == 1 else parsed
-
-
 def stage_settings(
     count: int,
-    steps: str | None,
-    guidance_scale: str | None,
-    sampler: str | None,
+    steps: Sequence[int] | None = None,
+    guidance_scales: Sequence[float] | None = None,
+    samplers: Sequence[str] | None = None,
     configs: Sequence | None = None,
 ) -> tuple[list[int], list[float], list[str]]:
-    """Per-stage (steps, guidance scales, samplers) from their command-line strings, checked. A value left
-    None takes each stage config's train.sample_steps / train.sample_guidance_scale, or 'ddpm'; without
+    """Per-stage (steps, guidance scales, samplers), checked: each given list has one value per stage; one left
+    None takes each stage config's train.sample_steps / train.sample_guidance_scale, or 'ddpm'. Without
     `configs` the lists for None values are empty (the check sample.py runs before any model loads)."""
     configs = list(configs or [])
-    steps_ = per_stage(steps, count, int, "steps", [c.train.sample_steps for c in configs])
-    scales = per_stage(guidance_scale, count, float, "guidance_scale",
-                       [c.train.sample_guidance_scale for c in configs])
-    samplers = per_stage(sampler, count, str, "sampler", ["ddpm"] * count)
+    for name, values in (("steps", steps), ("guidance_scale", guidance_scales), ("sampler", samplers)):
+        if values is not None and len(values) != count:
+            raise UsageError(f"--{name} has {len(values)} values for {count} stages (give one, or one per stage)")
+    steps_ = list(steps) if steps is not None else [int(c.train.sample_steps) for c in configs]
+    scales = (list(guidance_scales) if guidance_scales is not None
+              else [float(c.train.sample_guidance_scale) for c in configs])
+    samplers_ = list(samplers) if samplers is not None else ["ddpm"] * count
     if any(s < 1 for s in steps_):
-        raise ValueError(f"--steps must be >= 1 for every stage, got {_shown(steps, steps_)}")
+        raise UsageError(f"--steps must be >= 1 for every stage, got {_shown(steps, steps_)}")
     if any(not (math.isfinite(g) and g >= 0) for g in scales):
-        raise ValueError(f"--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, "
-                         f"got {_shown(guidance_scale, scales)}")
-    for name in samplers:
+        raise UsageError(f"--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, "
+                         f"got {_shown(guidance_scales, scales)}")
+    for name in samplers_:
         if name not in SAMPLERS:
-            raise ValueError(f"--sampler {sampler!r}: unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    return steps_, scales, samplers
+            raise UsageError(f"--sampler {','.join(samplers_)!r}: unknown sampler {name!r}; valid samplers: "
+                             f"{', '.join(SAMPLERS)}")
+    return steps_, scales, samplers_
 
 
-def _shown(value: str | None, parsed: list) -> str:
-    """The value as given on the command line, or the configs' values it defaulted to."""
-    return repr(value) if value is not None else f"{parsed} (the stages' configs)"
+def _shown(value: Sequence | None, parsed: list) -> str:
+    """The values as given, or the configs' values they defaulted to."""
+    if value is None:
+        return f"{parsed} (the stages' configs)"
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
 
 
 def check_arguments(
@@ -91,27 +85,45 @@ def check_arguments(
     num_images: int,
     seed: int,
     batch_size: int,
-    sr_noise_level: float,
-    steps: str | None = None,
-    guidance_scale: str | None = None,
-    sampler: str | None = None,
+    sr_noise_level: float | None,
+    steps: Sequence[int] | None = None,
+    guidance_scales: Sequence[float] | None = None,
+    samplers: Sequence[str] | None = None,
 ) -> None:
-    """Raises ValueError naming the first bad argument (as its sample.py flag) and its value."""
+    """Raises UsageError naming the first bad argument (as its sample.py flag) and its value."""
     if num_prompts < 1:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE with one prompt per line")
+        raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE with one prompt per line")
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
         if value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
+            raise UsageError(f"--{name} must be >= 1, got {value}")
     last = _SEED_LIMIT - num_prompts * num_images
     if not 0 <= seed <= last:
-        raise ValueError(f"--seed must be in [0, {last}] (image i uses seed + i, a uint32), got {seed}")
-    if not 0.0 <= sr_noise_level <= 1.0:
-        raise ValueError(f"--sr_noise_level must be in [0, 1], got {sr_noise_level}")
-    stage_settings(num_stages, steps, guidance_scale, sampler)
+        raise UsageError(f"--seed must be in [0, {last}] (image i uses seed + i, a uint32), got {seed}")
+    if sr_noise_level is not None and not 0.0 <= sr_noise_level <= 1.0:
+        raise UsageError(f"--sr_noise_level must be in [0, 1], got {sr_noise_level}")
+    stage_settings(num_stages, steps, guidance_scales, samplers)
 
 
-def check_writable(out: str) -> None:
-    """Creates `out` if needed and checks a file can be written there; ValueError naming it if not."""
+def previous_images(out: str) -> list[str]:
+    """What an earlier run left in `out`: its samples.json and the PNGs at the top and in <size>px/ folders."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(out):
+        return []
+    found = []
+    for name in sorted(tf.io.gfile.listdir(out)):
+        name = name.rstrip("/")
+        path = os.path.join(out, name)
+        if name == INDEX_FILE or name.endswith(".png"):
+            found.append(path)
+        elif _STAGE_FOLDER.match(name) and tf.io.gfile.isdir(path):
+            found += [os.path.join(path, f) for f in sorted(tf.io.gfile.listdir(path)) if f.endswith(".png")]
+    return found
+
+
+def check_writable(out: str, *, overwrite: bool = False) -> None:
+    """Creates `out` if needed and checks a file can be written there; a folder that holds another run's images
+    is refused unless `overwrite` (whose files are then replaced). UsageError naming it if not."""
     import tensorflow as tf
 
     try:
@@ -120,8 +132,12 @@ def check_writable(out: str) -> None:
         with tf.io.gfile.GFile(probe, "w") as f:
             f.write("")
         tf.io.gfile.remove(probe)
+        previous = previous_images(out)
     except (OSError, tf.errors.OpError) as e:
-        raise ValueError(f"--out {out!r} cannot be created or written: {_message(e)}") from None
+        raise UsageError(f"--out {out!r} cannot be created or written: {_message(e)}") from None
+    if previous and not overwrite:
+        raise UsageError(f"--out {out!r} already holds another run's images ({len(previous)} files, e.g. "
+                         f"{os.path.relpath(previous[0], out)}); pass --overwrite to replace them, or choose a new folder")
 
 
 def sample_to_folder(
@@ -131,16 +147,18 @@ def sample_to_folder(
     out: str,
     num_images: int,
     seed: int,
-    steps: str | None = None,
-    guidance_scale: str | None = None,
-    sampler: str | None = None,
-    sr_noise_level: float = 0.2,
+    steps: Sequence[int] | None = None,
+    guidance_scales: Sequence[float] | None = None,
+    samplers: Sequence[str] | None = None,
+    sr_noise_level: float | None = None,
     batch_size: int = 16,
+    overwrite: bool = False,
 ) -> list[str]:
     """Samples num_images per prompt through the cascade (image i of the run: seed + i) into `out`.
 
-    steps / guidance_scale / sampler: one value for every stage or a comma-separated value per stage;
-    None takes each stage's config (train.sample_steps, train.sample_guidance_scale) and 'ddpm'.
+    steps / guidance_scales / samplers: one value per stage; None takes each stage's config
+    (train.sample_steps, train.sample_guidance_scale) and 'ddpm'. sr_noise_level: None takes each SR stage
+    config's diffusion.sr_noise_level. A folder with another run's images needs `overwrite`.
     Returns the final images' file names, as samples.json lists them.
     """
     from tqdm import tqdm
@@ -149,12 +167,12 @@ def sample_to_folder(
 
     check_arguments(num_prompts=len(prompts), num_stages=len(workdirs), num_images=num_images, seed=seed,
                     batch_size=batch_size, sr_noise_level=sr_noise_level, steps=steps,
-                    guidance_scale=guidance_scale, sampler=sampler)
-    check_writable(out)
+                    guidance_scales=guidance_scales, samplers=samplers)
+    check_writable(out, overwrite=overwrite)
     imagen = Imagen.load(list(workdirs))
     stages = imagen.stages
     n = len(stages)
-    steps_, scales, samplers = stage_settings(n, steps, guidance_scale, sampler, [s.config for s in stages])
+    steps_, scales, samplers_ = stage_settings(n, steps, guidance_scales, samplers, [s.config for s in stages])
     jobs = [(p, prompt, j, seed + p * num_images + j) for p, prompt in enumerate(prompts) for j in range(num_images)]
     results: list[list[np.ndarray]] = [[] for _ in stages]
     bars = [tqdm(total=len(jobs) * steps_[i], desc=f"stage {i + 1}/{n} ({stage.image_size}px)", unit="step", position=i)
@@ -168,7 +186,7 @@ def sample_to_folder(
             done[stage] = finished
 
         outputs = imagen([c[1] for c in chunk], [c[3] for c in chunk], steps=steps_, guidance_scales=scales,
-                         samplers=samplers, sr_noise_level=sr_noise_level, progress=progress)
+                         samplers=samplers_, sr_noise_level=sr_noise_level, progress=progress)
         for i, x in enumerate(outputs):
             results[i].extend(images_lib.to_uint8(x))
     for bar in bars:
@@ -184,10 +202,11 @@ def sample_to_folder(
             if i < n - 1:  # intermediate resolutions, in a folder per size
                 stage_file = f"{stage.image_size}px/{name}"
                 files[stage_file] = results[i][k]
+            level = stage.config.diffusion.sr_noise_level if sr_noise_level is None else sr_noise_level
             entry["stages"].append({
                 "workdir": stage.workdir, "checkpoint_step": stage.step, "image_size": stage.image_size,
-                "steps": steps_[i], "guidance_scale": scales[i], "sampler": samplers[i], "file": stage_file,
-                **({"sr_noise_level": sr_noise_level} if stage.lowres_size else {}),
+                "steps": steps_[i], "guidance_scale": scales[i], "sampler": samplers_[i], "file": stage_file,
+                **({"sr_noise_level": level} if stage.lowres_size else {}),
             })
         index[name] = entry
     files[GRID_FILE] = images_lib.make_grid(np.stack(results[-1]), columns=num_images)
@@ -204,6 +223,8 @@ def write_folder(out: str, images: dict[str, np.ndarray], index: dict) -> None:
     try:
         if tf.io.gfile.exists(index_path):  # from here on the folder is not complete until the new index
             tf.io.gfile.remove(index_path)
+        for stale in previous_images(out):  # an earlier run's images (check_writable allowed replacing them)
+            tf.io.gfile.remove(stale)
         for pattern in ("*", os.path.join("*", "*")):  # debris of a killed run
             for debris in tf.io.gfile.glob(os.path.join(out, pattern + _PARTIAL + "*")):
                 tf.io.gfile.remove(debris)
@@ -212,8 +233,8 @@ def write_folder(out: str, images: dict[str, np.ndarray], index: dict) -> None:
             tf.io.gfile.makedirs(os.path.dirname(path))
             write_atomically(path, _png(image), marker=_PARTIAL)
         write_atomically(index_path, json.dumps(index, indent=2), marker=_PARTIAL)
-    except tf.errors.OpError as e:
-        raise OSError(f"cannot write samples into {out!r}: {_message(e)}") from e
+    except (OSError, tf.errors.OpError) as e:
+        raise OutputError(f"cannot write samples into {out!r}: {_message(e)}") from e
 
 
 def _png(image: np.ndarray) -> bytes:

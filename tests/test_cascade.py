@@ -10,8 +10,9 @@ from PIL import Image
 
 from imagen_jax import config as config_lib
 from imagen_jax.data import demo
-from imagen_jax.pipeline import Stage, check_cascade
-from imagen_jax.sample_files import per_stage
+from imagen_jax.cascade import check_cascade
+from imagen_jax.stage.stage import Stage
+from sample import per_stage
 from imagen_jax.text.tiny import make_tiny_t5
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +35,13 @@ def test_check_cascade_names_both_stages_on_a_size_mismatch():
 
 
 def test_per_stage_values():
-    assert per_stage("256,64,32", 3, int, "steps", []) == [256, 64, 32]
-    assert per_stage("5", 3, float, "guidance_scale", []) == [5.0, 5.0, 5.0]
-    assert per_stage(None, 2, str, "sampler", ["ddpm", "ddpm"]) == ["ddpm", "ddpm"]
+    assert per_stage("256,64,32", 3, int, "steps") == [256, 64, 32]
+    assert per_stage("5", 3, float, "guidance_scale") == [5.0, 5.0, 5.0]
+    assert per_stage(None, 2, str, "sampler") is None  # the stages' configs decide
     with pytest.raises(ValueError, match="--steps has 2 values for 3 stages"):
-        per_stage("1,2", 3, int, "steps", [])
+        per_stage("1,2", 3, int, "steps")
     with pytest.raises(ValueError, match="--guidance_scale 'x': each value must be a float"):
-        per_stage("x", 1, float, "guidance_scale", [])
+        per_stage("x", 1, float, "guidance_scale")
 
 
 @pytest.mark.slow
@@ -65,7 +66,8 @@ def test_tiny_cascade_end_to_end(tmp_path):
 
     out = tmp_path / "out"
     names = sample_to_folder([str(tmp_path / "base"), str(tmp_path / "sr")], ["a red circle on the left"], out=str(out),
-                             num_images=2, seed=3, steps="3,2", guidance_scale="2,1", sampler="ddim,dpmpp_2m")
+                             num_images=2, seed=3, steps=[3, 2], guidance_scales=[2.0, 1.0],
+                             samplers=["ddim", "dpmpp_2m"])
     index = json.load(open(out / "samples.json"))["images"]
     entry = index[names[0]]
     assert [s["image_size"] for s in entry["stages"]] == [8, 16]

@@ -18,7 +18,7 @@ import imagen_jax  # noqa: F401  (flax settings)
 from imagen_jax import config as config_lib
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.train import optimizer as optimizer_lib
-from imagen_jax.train.checkpoint import CheckpointError, Checkpointer, check_compatible, checkpoint_dir
+from imagen_jax.stage.checkpoint import CheckpointError, Checkpointer, check_compatible, checkpoint_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,7 +146,7 @@ CRASHING_SAVE = textwrap.dedent("""
     import os, signal, sys
     import jax.numpy as jnp, numpy as np
     from imagen_jax import config as config_lib
-    from imagen_jax.train.checkpoint import Checkpointer
+    from imagen_jax.stage.checkpoint import Checkpointer
     config = config_lib.load_config_file(sys.argv[2])
     def state(step, rows):
         params = {"w": jnp.asarray(np.full((rows, 1024), float(step), np.float32))}

@@ -17,7 +17,8 @@ from PIL import Image
 
 from imagen_jax import config as config_lib
 from imagen_jax import sample_files
-from imagen_jax.pipeline import Imagen, Stage, stage_config
+from imagen_jax.cascade import Imagen
+from imagen_jax.stage.stage import Stage, stage_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def _save_stage(config, workdir):
     """A checkpoint as the trainer writes it, with random weights (compiling a train step takes a minute)."""
     from imagen_jax.train import optimizer as optimizer_lib
     from imagen_jax.train import state as state_lib
-    from imagen_jax.train.checkpoint import Checkpointer
+    from imagen_jax.stage.checkpoint import Checkpointer
 
     tx = optimizer_lib.make_optimizer(config.train)
     abstract = jax.eval_shape(lambda: state_lib.fresh_state(config, 16, tx))
@@ -82,16 +83,16 @@ def _assert_one_line_error(proc, returncode, line):
 
 
 SAMPLE_ARGUMENT_ERRORS = [
-    (["--steps", "0"], "--steps must be >= 1 for every stage, got '0'"),
-    (["--steps", "-3"], "--steps must be >= 1 for every stage, got '-3'"),
-    (["--sr_workdir", "sr", "--steps", "4,0"], "--steps must be >= 1 for every stage, got '4,0'"),
+    (["--steps", "0"], "--steps must be >= 1 for every stage, got 0"),
+    (["--steps", "-3"], "--steps must be >= 1 for every stage, got -3"),
+    (["--sr_workdir", "sr", "--steps", "4,0"], "--steps must be >= 1 for every stage, got 4,0"),
     (["--steps", "2.5"], "--steps '2.5': each value must be an int"),
     (["--sr_workdir", "sr", "--steps", "1,2,3"], "--steps has 3 values for 2 stages (give one, or one per stage)"),
     (["--guidance_scale", "strong"], "--guidance_scale 'strong': each value must be a float"),
     (["--guidance_scale", "-1"],
-     "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got '-1'"),
+     "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got -1"),
     (["--sr_workdir", "sr", "--guidance_scale", "3,nan"],
-     "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got '3,nan'"),
+     "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got 3,nan"),
     (["--sampler", "euler"], "--sampler 'euler': unknown sampler 'euler'; valid samplers: ddpm, ddim, dpmpp_2m"),
     (["--num_images", "0"], "--num_images must be >= 1, got 0"),
     (["--batch_size", "-2"], "--batch_size must be >= 1, got -2"),

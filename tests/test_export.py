@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from imagen_jax import config as config_lib
-from imagen_jax import export as export_lib
+from imagen_jax.stage import export as export_lib
 from imagen_jax.data import demo
 from imagen_jax.text.tiny import make_tiny_t5
 
@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     so real training is in the slow end-to-end test below. Returns (workdir, config)."""
     from imagen_jax.train import optimizer as optimizer_lib
     from imagen_jax.train import state as state_lib
-    from imagen_jax.train.checkpoint import Checkpointer
+    from imagen_jax.stage.checkpoint import Checkpointer
 
     root = tmp_path_factory.mktemp("export")
     (root / "t5").mkdir()  # the exporter reads only the T5 width from config.json
@@ -71,12 +71,12 @@ def trained(tmp_path_factory):
 
 def _checkpoint(workdir, step):
     """(config, EMA params, graphdef) straight from orbax, independently of the exporter."""
-    from imagen_jax.train import state as state_lib
-    from imagen_jax.train.checkpoint import Checkpointer
+    from imagen_jax.stage.checkpoint import Checkpointer
+    from imagen_jax.stage.model import build_model
 
     checkpointer = Checkpointer(workdir, every=1, keep=1, async_save=False, read_only=True)
     config = checkpointer.restore_config(step)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: state_lib.build_model(config, 16)), nnx.Param)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, 16)), nnx.Param)
     ema = checkpointer.restore_ema(step, nnx.to_pure_dict(abstract))
     checkpointer.close()
     return config, jax.device_get(ema), graphdef
@@ -139,7 +139,7 @@ def test_export_of_an_earlier_step(trained, tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema2)))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 7 in .*checkpoints \(steps: \[1, 2\]\)"):
         export_workdir(workdir, str(tmp_path / "s7"), step=7)
-    with pytest.raises(ValueError, match=r"checkpoints/2: EMA weights do not fit .* text_dim=24"):
+    with pytest.raises(ValueError, match=r"checkpoints/2: cannot restore the EMA weights .* \(text width 24\)"):
         export_workdir(workdir, str(tmp_path / "d24"), text_dim=24)
     assert not os.path.exists(tmp_path / "s7") and not os.path.exists(tmp_path / "d24")
 
@@ -195,7 +195,7 @@ def test_killed_export_leaves_no_export(tmp_path):
     out = tmp_path / "stage"
     script = textwrap.dedent(f"""
         import os, signal, numpy as np, ml_collections
-        from imagen_jax import export
+        from imagen_jax.stage import export
         export._commit = lambda tmp, folder: os.kill(os.getpid(), signal.SIGKILL)
         export.write_export({str(out)!r}, ml_collections.ConfigDict({{"a": 1}}), {{"w": np.ones(3, np.float32)}},
                             step=1, text_dim=4, source="x")

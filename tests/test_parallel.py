@@ -47,6 +47,7 @@ def test_adafactor_state_gets_shardings_that_fit_its_factored_moments():
     """Adafactor keeps rank-reduced row/column statistics: their shardings cannot be their parameters'."""
     from imagen_jax import config as config_lib
     from imagen_jax.train import optimizer as optimizer_lib
+    from imagen_jax.stage.model import stage_model
     from imagen_jax.train import state as state_lib
 
     c = config_lib.load_config_file(os.path.join(REPO, "configs/demo.py"))
@@ -54,7 +55,7 @@ def test_adafactor_state_gets_shardings_that_fit_its_factored_moments():
     c.data.image_size, c.train.optimizer = 8, "adafactor"
     mesh = mesh_lib.make_mesh(c.mesh)
     tx = optimizer_lib.make_optimizer(c.train)
-    shardings = state_lib.state_shardings(state_lib.model_spec(c, 16, mesh), tx, mesh)
+    shardings = state_lib.state_shardings(stage_model(c, 16, mesh), tx, mesh)
     abstract = state_lib.abstract_state(c, 16, tx, shardings)  # Raised for every factored moment before.
     state = state_lib.init_state(c, 16, tx, shardings)
     ranks = {len(leaf.shape) for leaf in jax.tree.leaves(state["opt_state"])}
@@ -68,6 +69,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     from imagen_jax import config as config_lib
     from imagen_jax.parallel import mesh as mesh_lib
+    from imagen_jax.stage.model import stage_model
     from imagen_jax.train import state as state_lib
     from imagen_jax.train.loop import run
 
@@ -86,7 +88,7 @@ SCRIPT = textwrap.dedent("""
         return original(self, step, values)
     metrics.MetricWriter.scalars = record
     run(c, workdir)
-    spec = state_lib.model_spec(c, 16, mesh_lib.make_mesh(c.mesh))
+    spec = stage_model(c, 16, mesh_lib.make_mesh(c.mesh))
     specs = sorted({str(s.spec) for s in jax.tree.leaves(spec.param_shardings)})
     print("RESULT" + json.dumps({"devices": jax.device_count(), "losses": losses, "specs": specs}))
 """)

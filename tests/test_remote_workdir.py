@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from imagen_jax import images as images_lib
-from imagen_jax.train.checkpoint import checkpoint_dir
+from imagen_jax.stage.checkpoint import checkpoint_dir
 from imagen_jax.train.metrics import MetricWriter
 from tests.test_train import assets, tiny_config  # noqa: F401  (the module's shards and tiny T5)
 
@@ -53,9 +53,9 @@ def test_a_url_workdir_trains_resumes_and_samples(assets, tmp_path, monkeypatch,
     """train -> resume -> sample with `--workdir` a URL: config.json, event files and sample grids live in the
     stand-in bucket (ram://); the orbax checkpoints, which reach gs:// through tensorstore, go to a local
     folder that stands in for `<workdir>/checkpoints`, so the loop's own handling of a URL workdir is what runs."""
-    from imagen_jax import pipeline
+    from imagen_jax.stage import stage as stage_lib
     from imagen_jax.sample_files import sample_to_folder
-    from imagen_jax.train import checkpoint as checkpoint_lib
+    from imagen_jax.stage import checkpoint as checkpoint_lib
     from imagen_jax.train.loop import run
 
     workdir = f"ram://bucket/{tmp_path.name}/run"
@@ -65,7 +65,7 @@ def test_a_url_workdir_trains_resumes_and_samples(assets, tmp_path, monkeypatch,
         return str(tmp_path / "bucket_checkpoints") if path == workdir else real(path)
 
     monkeypatch.setattr(checkpoint_lib, "checkpoint_dir", stand_in)
-    monkeypatch.setattr(pipeline, "checkpoint_dir", stand_in)
+    monkeypatch.setattr(stage_lib, "checkpoint_dir", stand_in)
 
     config = tiny_config(assets, num_steps=2, checkpoint_every=2, log_every=1, sample_every=2)
     run(config, workdir)
@@ -79,6 +79,6 @@ def test_a_url_workdir_trains_resumes_and_samples(assets, tmp_path, monkeypatch,
     assert len(tf.io.gfile.glob(f"{workdir}/tensorboard/events.out.tfevents.*")) == 2  # one per run
 
     names = sample_to_folder([workdir], ["a red circle on the left"], out=str(tmp_path / "samples"), num_images=1,
-                             seed=0, steps=2, guidance_scale=1.0, batch_size=1)
+                             seed=0, steps=[2], guidance_scales=[1.0], batch_size=1)
     with open(tmp_path / "samples" / "samples.json") as f:
         assert json.load(f)["images"][names[0]]["stages"][0]["checkpoint_step"] == 3

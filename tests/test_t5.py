@@ -12,6 +12,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from imagen_jax.errors import WeightsError
 from imagen_jax.text import T5Encoder, Tokenizer, make_tiny_t5, t5
 from imagen_jax.text.t5 import relative_position_buckets
 
@@ -178,7 +179,7 @@ def test_missing_files_and_keys_are_named(tmp_path):
     config_path = os.path.join(folder, "config.json")
     config = _read_json(config_path)
     _write_json(config_path, {k: v for k, v in config.items() if k != "d_kv"})
-    with pytest.raises(KeyError, match="config.json: missing key 'd_kv'"):
+    with pytest.raises(WeightsError, match="config.json: missing key 'd_kv'"):
         T5Encoder.from_pretrained(folder)
     _write_json(config_path, {**config, "feed_forward_proj": "gated-swish"})
     with pytest.raises(ValueError, match="unsupported feed_forward_proj 'gated-swish'"):
@@ -188,7 +189,7 @@ def test_missing_files_and_keys_are_named(tmp_path):
     weights = load_file(os.path.join(folder, "model.safetensors"))
     missing = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
     save_file({k: v for k, v in weights.items() if k != missing}, os.path.join(folder, "model.safetensors"))
-    with pytest.raises(KeyError, match=f"model.safetensors: missing tensor '{missing}'"):
+    with pytest.raises(WeightsError, match=f"model.safetensors: missing tensor '{missing}'"):
         T5Encoder.from_pretrained(folder)
 
     weights["encoder.final_layer_norm.weight"] = np.ones(7, np.float32)

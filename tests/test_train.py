@@ -74,7 +74,7 @@ def test_train_resume_and_sample(assets, tmp_path, capsys):
 
     sample_dir = str(tmp_path / "samples")
     names = sample_to_folder([workdir], ["a red circle on the left", "a green square at the top"], out=sample_dir,
-                             num_images=2, seed=7, steps=3, guidance_scale=2.0, batch_size=3)
+                             num_images=2, seed=7, steps=[3], guidance_scales=[2.0], batch_size=3)
     index = json.load(open(os.path.join(sample_dir, "samples.json")))
     assert sorted(index["images"]) == sorted(names) and len(names) == 4
     seeds = sorted(v["seed"] for v in index["images"].values())
@@ -88,7 +88,7 @@ def test_train_resume_and_sample(assets, tmp_path, capsys):
     # Same seed, same images, whatever the batch split; the per-image seed is what matters.
     again = str(tmp_path / "again")
     sample_to_folder([workdir], ["a red circle on the left", "a green square at the top"], out=again,
-                     num_images=2, seed=7, steps=3, guidance_scale=2.0, batch_size=4)
+                     num_images=2, seed=7, steps=[3], guidance_scales=[2.0], batch_size=4)
     for name in names:
         a = np.asarray(Image.open(os.path.join(sample_dir, name)))
         b = np.asarray(Image.open(os.path.join(again, name)))
@@ -99,7 +99,7 @@ def test_train_resume_and_sample(assets, tmp_path, capsys):
 @pytest.mark.slow
 def test_resumed_run_sees_the_same_data_and_reaches_the_same_parameters(assets, tmp_path, capsys):
     """4 steps + resume to 6 == 6 steps in one go, bit for bit on CPU: same examples, same RNG, same state."""
-    from imagen_jax.train.checkpoint import Checkpointer
+    from imagen_jax.stage.checkpoint import Checkpointer
     from imagen_jax.train.loop import run
 
     def config(num_steps):  # Constant learning rate, so stopping at 4 does not change the schedule.
@@ -194,20 +194,12 @@ def test_train_cli_bad_paths_are_one_line_errors(assets, tmp_path):
 def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
     """NaN in the batch -> NaN loss and gradients: params, EMA and optimizer moments stay bit for bit."""
     from imagen_jax.parallel import mesh as mesh_lib
-    from imagen_jax.text import T5Encoder
-    from imagen_jax.train import optimizer as optimizer_lib
-    from imagen_jax.train import state as state_lib
-    from imagen_jax.train.step import make_train_step
+    from imagen_jax.train import setup as setup_lib
 
     config = tiny_config(assets)
-    encoder = T5Encoder.from_pretrained(config.text.encoder)
     mesh = mesh_lib.make_mesh(config.mesh)
-    tx = optimizer_lib.make_optimizer(config.train)
-    spec = state_lib.model_spec(config, encoder.dim, mesh)
-    shardings = state_lib.state_shardings(spec, tx, mesh)
-    t5_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
-    step = make_train_step(config, spec.graphdef, encoder.apply, tx, optimizer_lib.learning_rate_schedule(config.train),
-                           mesh, shardings, t5_shardings)
+    trainer = setup_lib.setup(config, mesh, setup_lib.load_text(config, mesh))
+    encoder, step = trainer.text.encoder, trainer.train_step
     ids, mask = encoder.tokenizer(["a red circle on the left"] * 8, config.text.max_length)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
     good = mesh_lib.global_batch({"image": images, "ids": ids, "mask": mask}, mesh)
@@ -215,7 +207,7 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
     nan_images[3, 2, 2, 1] = np.nan
     poisoned = mesh_lib.global_batch({"image": nan_images, "ids": ids, "mask": mask}, mesh)
 
-    state, metrics = step(state_lib.init_state(config, encoder.dim, tx, shardings), encoder.state, good)
+    state, metrics = step(trainer.init_state(), encoder.state, good)
     assert int(metrics["nonfinite"]) == 0
     before = jax.device_get(state)
     after, metrics = step(state, encoder.state, poisoned)
@@ -232,7 +224,7 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
 
 def test_a_diverging_run_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_path):
     """A learning rate of 1e30 overflows every update: each is skipped; the third in a row stops the run."""
-    from imagen_jax.train.checkpoint import Checkpointer
+    from imagen_jax.stage.checkpoint import Checkpointer
     from imagen_jax.train.loop import TrainingDiverged, run
 
     config = tiny_config(assets, num_steps=50, learning_rate=1e30, warmup_steps=0, end_lr_fraction=1.0,

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from imagen_jax.errors import DataError
 from imagen_jax.data import text_records
 from imagen_jax.data.decode import CONVERSIONS, REASONS, Decoder
 from imagen_jax.data.reader import RECORD, SHARD_DAMAGED, SHARD_UNREADABLE, epoch_stream, mix_seed, process_files
@@ -86,7 +87,7 @@ class DatasetStats:
         return dict(zip(self.NAMES, (int(v) for v in self.counts.numpy())))
 
 
-class NoExamplesError(RuntimeError):
+class NoExamplesError(DataError):
     """A whole epoch of this process's shard files delivered no example: every record was skipped, or none
     could be read. Raised instead of waiting forever on an endless stream that holds nothing."""
 
@@ -165,19 +166,19 @@ def make_dataset(
     """
     fmt = data_cfg.get("format", "tfrecord")
     if fmt not in SUPPORTED_FORMATS:
-        raise ValueError(
+        raise DataError(
             f"data.format {fmt!r} is not supported; use one of {SUPPORTED_FORMATS} (convert webdataset .tar "
             f"shards with python -m imagen_jax.tools.convert_shards)")
     if "train_shards" not in data_cfg or "image_size" not in data_cfg:
-        raise ValueError("data config needs both 'train_shards' and 'image_size'")
+        raise DataError("data config needs both 'train_shards' and 'image_size'")
     size = int(data_cfg.image_size)
     if size <= 0 or batch_size <= 0:
-        raise ValueError(f"data.image_size ({size}) and batch_size ({batch_size}) must be positive")
+        raise DataError(f"data.image_size ({size}) and batch_size ({batch_size}) must be positive")
     crop_size = int(data_cfg.get("crop_size", 0))
     if crop_size < 0 or crop_size > size:
-        raise ValueError(f"data.crop_size ({crop_size}) must be 0 (no crop) or at most data.image_size ({size})")
+        raise DataError(f"data.crop_size ({crop_size}) must be 0 (no crop) or at most data.image_size ({size})")
     if start.epoch < 0 or start.index < 0:
-        raise ValueError(f"data start position {tuple(start)} must be non-negative")
+        raise DataError(f"data start position {tuple(start)} must be non-negative")
     shuffle_buffer = max(1, int(data_cfg.get("shuffle_buffer", 10_000)))
     parallel = int(data_cfg.get("num_parallel_calls", -1))
     parallel_or_auto = tf.data.AUTOTUNE if parallel == -1 else parallel
@@ -188,7 +189,7 @@ def make_dataset(
     if data_cfg.get("precomputed_text", False):
         text = text_records.read_metadata(all_files)
         if text_max_length is not None and text["max_length"] != text_max_length:
-            raise ValueError(
+            raise DataError(
                 f"precomputed text embeddings were stored with max_length {text['max_length']} but "
                 f"config.text.max_length is {text_max_length}; set them equal or re-run encode_text")
         text["tf_dtype"] = {"bfloat16": tf.bfloat16, "float16": tf.float16}[text["dtype"]]

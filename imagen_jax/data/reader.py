@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from imagen_jax.errors import DataError
+
 # Shards read side by side (the interleave's cycle). tf.data's parallel interleave also opens the next
 # 2 x CYCLE_FILES shards ahead of need, so at most MAX_OPEN_FILES are open at once (measured in
 # tests/test_data_memory.py), whatever the number of shards.
@@ -87,11 +89,11 @@ def epoch_stream(files: list[str], process_seed: int, epoch: tf.Tensor, shuffle_
 def process_files(files: list[str], seed: int, process_index: int, process_count: int) -> list[str]:
     """Returns this process's disjoint share of the files, after a seeded shuffle shared by all processes."""
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+        raise DataError(f"process_index {process_index} is outside [0, process_count={process_count})")
     order = np.random.default_rng(seed).permutation(len(files))
     mine = [files[i] for i in order[process_index::process_count]]
     if not mine:
-        raise ValueError(
+        raise DataError(
             f"process {process_index} of {process_count} gets no shard files: only {len(files)} files for "
             f"{process_count} processes; write more, smaller shards"
         )

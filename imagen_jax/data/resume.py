@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from imagen_jax.errors import DataError
 from imagen_jax.data.pipeline import Position
 
 
@@ -30,11 +31,11 @@ def start_position(saved: dict | None, process_index: int, process_count: int) -
     if not saved:
         return Position(0, 0), "data: starting at epoch 0"
     if "positions" not in saved or "process_count" not in saved:
-        raise ValueError(f"checkpoint data item {saved!r} lacks 'positions'/'process_count'; it was written by an "
+        raise DataError(f"checkpoint data item {saved!r} lacks 'positions'/'process_count'; it was written by an "
                          f"older imagen-jax whose data position cannot be restored")
     positions = [Position(int(e), int(i)) for e, i in saved["positions"]]
     if len(positions) != int(saved["process_count"]):
-        raise ValueError(f"checkpoint data item has {len(positions)} positions for {saved['process_count']} processes")
+        raise DataError(f"checkpoint data item has {len(positions)} positions for {saved['process_count']} processes")
     if int(saved["process_count"]) == process_count:
         mine = positions[process_index]
         return mine, f"data: resuming at epoch {mine.epoch}, record {mine.index} (process {process_index})"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from imagen_jax.errors import DataError, MissingError
+
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
@@ -44,7 +46,7 @@ def expand_braces(pattern: str) -> list[str]:
     open_at = pattern.find("{")
     if open_at < 0:
         if "}" in pattern:
-            raise ValueError(f"unbalanced '}}' in shard pattern {pattern!r}")
+            raise DataError(f"unbalanced '}}' in shard pattern {pattern!r}")
         return [pattern]
     depth = 0
     for close_at in range(open_at, len(pattern)):
@@ -52,7 +54,7 @@ def expand_braces(pattern: str) -> list[str]:
         if depth == 0:
             break
     else:
-        raise ValueError(f"unbalanced '{{' in shard pattern {pattern!r}")
+        raise DataError(f"unbalanced '{{' in shard pattern {pattern!r}")
     head, body, tail = pattern[:open_at], pattern[open_at + 1 : close_at], pattern[close_at + 1 :]
     match = _RANGE.match(body)
     if match:
@@ -60,7 +62,7 @@ def expand_braces(pattern: str) -> list[str]:
     else:
         choices = [c for alt in _split_top_level(body) for c in expand_braces(alt)]
         if len(choices) < 2:
-            raise ValueError(f"brace group {{{body}}} in shard pattern {pattern!r} is neither a,b nor lo..hi")
+            raise DataError(f"brace group {{{body}}} in shard pattern {pattern!r} is neither a,b nor lo..hi")
     return [e for choice in choices for e in expand_braces(head + choice + tail)]
 
 
@@ -73,7 +75,7 @@ def _patterns(spec: str | Sequence[str]) -> list[str]:
         raise TypeError(f"shard spec must be a string or a list of strings, got {type(spec).__name__}")
     patterns = [p.strip() for p in items if isinstance(p, str) and p.strip()]
     if len(patterns) != len(items) or not patterns:
-        raise ValueError(f"shard spec {spec!r} holds an empty or non-string pattern")
+        raise DataError(f"shard spec {spec!r} holds an empty or non-string pattern")
     return patterns
 
 
@@ -93,7 +95,7 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
             continue
         matched = [f for piece in expand_braces(pattern) for f in tf.io.gfile.glob(piece)]
         if not matched:
-            raise FileNotFoundError(f"no shard files match {pattern!r}")
+            raise MissingError(f"no shard files match {pattern!r}")
         files.update(matched)
     return sorted(files)
 
@@ -106,9 +108,9 @@ def _read_list_file(path: str) -> list[str]:
         with tf.io.gfile.GFile(path, "r") as f:
             lines = f.read().splitlines()
     except (tf.errors.OpError, UnicodeDecodeError) as e:
-        raise FileNotFoundError(f"cannot read shard list file {path!r}: {str(e).splitlines()[0]}") from None
+        raise MissingError(f"cannot read shard list file {path!r}: {str(e).splitlines()[0]}") from None
     folder = path.rsplit("/", 1)[0] if "/" in path else "."
     entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not entries:
-        raise ValueError(f"shard list file {path!r} lists no files")
+        raise DataError(f"shard list file {path!r} lists no files")
     return [e if e.startswith("/") or "://" in e else f"{folder}/{e}" for e in entries]

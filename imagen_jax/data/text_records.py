@@ -38,6 +38,8 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
+from imagen_jax.errors import DataError
+
 EMBEDDING_FEATURE = "t5_embedding"
 LENGTH_FEATURE = "t5_length"
 METADATA_FILE = "text_embeddings.json"
@@ -106,7 +108,7 @@ def decode_embedding(
 def _read_folder_metadata(folder: str) -> dict:
     path = os.path.join(folder, METADATA_FILE)  # posix joining, right for gs:// too
     if not tf.io.gfile.exists(path):
-        raise ValueError(
+        raise DataError(
             f"{folder}: no {METADATA_FILE}; write the shards with python -m imagen_jax.tools.encode_text "
             f"(or let the run that was interrupted finish)"
         )
@@ -114,17 +116,17 @@ def _read_folder_metadata(folder: str) -> dict:
         try:
             metadata = json.loads(f.read())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{folder}: {METADATA_FILE} is not valid JSON ({e})") from None
+            raise DataError(f"{folder}: {METADATA_FILE} is not valid JSON ({e})") from None
     if not isinstance(metadata, dict):
-        raise ValueError(f"{folder}: {METADATA_FILE} must hold a JSON object")
+        raise DataError(f"{folder}: {METADATA_FILE} must hold a JSON object")
     for key in _REQUIRED_KEYS:
         if key not in metadata:
-            raise ValueError(f"{folder}: {METADATA_FILE} lacks key {key!r}")
+            raise DataError(f"{folder}: {METADATA_FILE} lacks key {key!r}")
     if metadata["dtype"] not in STORAGE_DTYPES:
-        raise ValueError(f"{folder}: {METADATA_FILE} has dtype {metadata['dtype']!r}; expected one of {STORAGE_DTYPES}")
+        raise DataError(f"{folder}: {METADATA_FILE} has dtype {metadata['dtype']!r}; expected one of {STORAGE_DTYPES}")
     for key in ("dim", "max_length"):
         if not isinstance(metadata[key], int) or metadata[key] < 1:
-            raise ValueError(f"{folder}: {METADATA_FILE} has {key} {metadata[key]!r}; expected a positive integer")
+            raise DataError(f"{folder}: {METADATA_FILE} has {key} {metadata[key]!r}; expected a positive integer")
     return metadata
 
 
@@ -141,14 +143,14 @@ def read_metadata(shard_files: list[str]) -> dict:
     """
     folders = list(dict.fromkeys(os.path.dirname(f) or "." for f in shard_files))
     if not folders:
-        raise ValueError("read_metadata needs at least one shard file")
+        raise DataError("read_metadata needs at least one shard file")
     first = _read_folder_metadata(folders[0])
     for folder in folders[1:]:
         other = _read_folder_metadata(folder)
         for key in _AGREEING_KEYS:
             mine, theirs = (_encoder_name(m[key]) if key == "encoder" else m[key] for m in (other, first))
             if mine != theirs:
-                raise ValueError(
+                raise DataError(
                     f"{folder}: {METADATA_FILE} has {key} {other[key]!r} but {folders[0]} has {first[key]!r}; "
                     f"all shards read together need the same T5 embeddings"
                 )

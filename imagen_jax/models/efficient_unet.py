@@ -364,16 +364,26 @@ def _as_bool(name: str, value: Any) -> bool:
     return value
 
 
-def build_sr_unet(
-    model_cfg: ml_collections.ConfigDict | Mapping[str, Any],
-    *,
-    image_size: int,
-    text_dim: int,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype = jnp.float32,
-) -> EfficientUNet:
-    """Builds the Efficient U-Net from ``config.model`` (fields in the module docstring) for the
-    stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32."""
+def default_config() -> ml_collections.ConfigDict:
+    """The Efficient U-Net's `config.model` fields with the paper's 64->256 values (configs/sr256.py)."""
+    c = ml_collections.ConfigDict()
+    c.kind = KIND
+    c.dim = 128  # width of the full-resolution input conv; the conditioning embedding is 4 * dim wide
+    c.channel_mults = (1, 2, 4, 8)  # widths dim * mult per level; every level halves the resolution
+    c.num_res_blocks = (2, 4, 8, 8)  # residual blocks per level (one entry per level), mirrored on the way up
+    c.self_attention = True  # self-attention over the lowest level's pixels (the paper's 1024 stage: False)
+    c.cross_attention = True  # text cross-attention at the lowest level
+    c.ffn_mult = 2  # feed-forward after the lowest level's attention, hidden ffn_mult * width (0 = none)
+    c.head_dim = 128  # channels per attention head
+    c.dropout = 0.0  # dropout in residual blocks while training
+    c.in_channels = 3
+    c.out_channels = 3
+    c.lowres_size = 64  # side of the low-res conditioning image at data.image_size (64 for 64->256)
+    c.full_res_first_level = False  # True: residual blocks at full resolution too (tiny CPU models need them)
+    return c
+
+
+def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
     fields = dict(model_cfg)
     kind = fields.pop("kind", KIND)
     if kind != KIND:
@@ -387,10 +397,8 @@ def build_sr_unet(
         )
     if missing:
         raise ValueError(f"missing config.model field(s) {missing} for {KIND}")
-    return EfficientUNet(
-        image_size=image_size,
+    return dict(
         lowres_size=int(fields["lowres_size"]),
-        text_dim=text_dim,
         dim=int(fields["dim"]),
         channel_mults=_as_tuple("channel_mults", fields["channel_mults"]),
         num_res_blocks=_as_tuple("num_res_blocks", fields["num_res_blocks"]),
@@ -402,6 +410,25 @@ def build_sr_unet(
         in_channels=int(fields["in_channels"]),
         out_channels=int(fields["out_channels"]),
         full_res_first_level=full_res_first_level,
-        rngs=rngs,
-        dtype=dtype,
     )
+
+
+def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, image_size: int) -> None:
+    """Raises ValueError naming the first `config.model` field that build_sr_unet would refuse, without building."""
+    a = _constructor_args(model_cfg)
+    _validate(image_size, a["lowres_size"], a["channel_mults"], a["num_res_blocks"], a["ffn_mult"], a["dropout"],
+              a["full_res_first_level"])
+
+
+def build_sr_unet(
+    model_cfg: ml_collections.ConfigDict | Mapping[str, Any],
+    *,
+    image_size: int,
+    text_dim: int,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype = jnp.float32,
+) -> EfficientUNet:
+    """Builds the Efficient U-Net from ``config.model`` (fields in the module docstring) for the
+    stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32."""
+    return EfficientUNet(image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype,
+                         **_constructor_args(model_cfg))

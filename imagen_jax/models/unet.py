@@ -256,16 +256,22 @@ def _validate(
         raise ValueError(f"config.model.dropout must be in [0, 1), got {dropout}")
 
 
-def build_unet(
-    model_cfg: ml_collections.ConfigDict | Mapping[str, Any],
-    *,
-    image_size: int,
-    text_dim: int,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype = jnp.float32,
-) -> UNet:
-    """Builds the U-Net from ``config.model`` (fields in the module docstring); ``dtype`` is the
-    compute dtype, parameters are float32."""
+def default_config() -> ml_collections.ConfigDict:
+    """The base U-Net's `config.model` fields with small defaults (configs/base64.py sets the paper's)."""
+    c = ml_collections.ConfigDict()
+    c.kind = KIND
+    c.dim = 128  # channel width of the first level
+    c.channel_mults = (1, 2, 3, 4)  # width multiplier per level; each level halves the resolution
+    c.num_res_blocks = 2  # residual blocks per level (down path; the up path has one more, as in ADM)
+    c.attn_resolutions = (16, 8)  # feature-map sizes with self-attention + text cross-attention
+    c.head_dim = 64  # channels per attention head (heads = width / head_dim)
+    c.dropout = 0.0  # dropout in residual blocks while training
+    c.in_channels = 3
+    c.out_channels = 3
+    return c
+
+
+def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
     fields = dict(model_cfg)
     kind = fields.pop("kind", KIND)
     if kind != KIND:
@@ -276,9 +282,7 @@ def build_unet(
         raise ValueError(f"unknown config.model field(s) {unknown}; allowed: {list(MODEL_FIELDS)}")
     if missing:
         raise ValueError(f"missing config.model field(s) {missing}")
-    return UNet(
-        image_size=image_size,
-        text_dim=text_dim,
+    return dict(
         dim=int(fields["dim"]),
         channel_mults=tuple(int(m) for m in fields["channel_mults"]),
         num_res_blocks=int(fields["num_res_blocks"]),
@@ -287,6 +291,25 @@ def build_unet(
         dropout=float(fields["dropout"]),
         in_channels=int(fields["in_channels"]),
         out_channels=int(fields["out_channels"]),
-        rngs=rngs,
-        dtype=dtype,
     )
+
+
+def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, image_size: int) -> None:
+    """Raises ValueError naming the first `config.model` field that build_unet would refuse, without building."""
+    args = _constructor_args(model_cfg)
+    sizes = [image_size // 2**i for i in range(len(args["channel_mults"]))]
+    _validate(image_size, args["channel_mults"], args["num_res_blocks"], args["attn_resolutions"], args["dropout"],
+              sizes)
+
+
+def build_unet(
+    model_cfg: ml_collections.ConfigDict | Mapping[str, Any],
+    *,
+    image_size: int,
+    text_dim: int,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype = jnp.float32,
+) -> UNet:
+    """Builds the U-Net from ``config.model`` (fields in the module docstring); ``dtype`` is the
+    compute dtype, parameters are float32."""
+    return UNet(image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, **_constructor_args(model_cfg))

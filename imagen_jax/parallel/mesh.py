@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from imagen_jax.errors import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 # Batches are split over every axis that holds data-parallel replicas.
 BATCH_AXES = ("data", "fsdp")
@@ -26,14 +28,14 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_cfg[a]) for a in AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {dict(zip(AXES, sizes))}")
+            raise ConfigError(f"mesh: {len(devices)} devices are not divisible by {dict(zip(AXES, sizes))}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh: axis sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, have {len(devices)}")
+        raise ConfigError(f"mesh: axis sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, have {len(devices)}")
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
@@ -42,10 +44,10 @@ def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, str | None]:
     table = {}
     for rule in rules:
         if len(rule) != 2:
-            raise ValueError(f"mesh.rules: each rule is (logical_name, mesh_axis or None), got {rule!r}")
+            raise ConfigError(f"mesh.rules: each rule is (logical_name, mesh_axis or None), got {rule!r}")
         name, axis = rule
         if axis is not None and axis not in AXES:
-            raise ValueError(f"mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; axes are {AXES}")
+            raise ConfigError(f"mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; axes are {AXES}")
         table[name] = axis
     return table
 

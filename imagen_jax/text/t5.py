@@ -22,6 +22,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 from safetensors import safe_open
 
+from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.text.tokenizer import Tokenizer
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -54,13 +55,18 @@ class T5Config:
     def from_json(cls, path: str) -> T5Config:
         """Reads config.json; the size fields are required, the rest default as in transformers."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: T5 config.json not found")
-        with open(path) as f:
-            raw = json.load(f)
+            raise MissingError(f"{path}: T5 config.json not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path}: T5 config.json cannot be read as JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{path}: T5 config.json is not a JSON object")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for name, field in fields.items():
             if field.default is dataclasses.MISSING and name not in raw:
-                raise KeyError(f"{path}: missing key '{name}'")
+                raise WeightsError(f"{path}: missing key '{name}'")
         return cls(**{k: v for k, v in raw.items() if k in fields})
 
     @property
@@ -231,19 +237,19 @@ class _SafetensorsFolder:
             with open(index) as f:
                 weight_map = json.load(f).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: missing key 'weight_map'")
+                raise WeightsError(f"{index}: missing key 'weight_map'")
             self.source = index
             self.where = {key: os.path.join(folder, name) for key, name in weight_map.items()}
         elif os.path.isfile(single):
             self.source = single
             self.where = dict.fromkeys(self._open(single).keys(), single)
         else:
-            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+            raise MissingError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
     def _open(self, path: str):
         if path not in self._handles:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: safetensors shard named in {self.source} not found")
+                raise MissingError(f"{path}: safetensors shard named in {self.source} not found")
             self._handles[path] = self._stack.enter_context(safe_open(path, framework="np"))
         return self._handles[path]
 
@@ -252,7 +258,7 @@ class _SafetensorsFolder:
 
     def get(self, key: str) -> np.ndarray:
         if key not in self.where:
-            raise KeyError(f"{self.source}: missing tensor '{key}'")
+            raise WeightsError(f"{self.source}: missing tensor '{key}'")
         return self._open(self.where[key]).get_tensor(key)
 
 
@@ -269,7 +275,7 @@ def _load_params(folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLi
             if transpose:
                 array = array.T
             if array.shape != variable.shape:
-                raise ValueError(f"{reader.source}: tensor '{key}' has shape {array.shape}, expected {variable.shape}")
+                raise WeightsError(f"{reader.source}: tensor '{key}' has shape {array.shape}, expected {variable.shape}")
             yield path, variable.replace(jnp.asarray(array, dtype=dtype))
 
 

@@ -17,6 +17,8 @@ import unicodedata
 import numpy as np
 import sentencepiece as spm
 
+from imagen_jax.errors import MissingError, WeightsError
+
 PAD_ID = 0
 EOS_ID = 1
 NUM_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, placed after the SentencePiece vocab.
@@ -42,10 +44,10 @@ class Tokenizer:
     def __init__(self, folder: str) -> None:
         path = os.path.join(folder, "spiece.model")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no SentencePiece model (spiece.model) in the T5 folder")
+            raise MissingError(f"{path}: no SentencePiece model (spiece.model) in the T5 folder")
         self.sp = spm.SentencePieceProcessor(model_file=path)
         if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID:
-            raise ValueError(
+            raise WeightsError(
                 f"{path}: T5 needs pad id {PAD_ID} and eos id {EOS_ID}, "
                 f"got pad {self.sp.pad_id()} and eos {self.sp.eos_id()}"
             )

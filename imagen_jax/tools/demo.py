@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     trained = time.perf_counter()
     guidance, steps = base.train.sample_guidance_scale, base.train.sample_steps
     sample_to_folder([train_dir, sr_dir], list(PROMPTS), out=os.path.join(args.workdir, "samples"), num_images=4,
-                     seed=0, steps=f"{steps},{sr.train.sample_steps}", guidance_scale=f"{guidance},1", batch_size=32)
+                     seed=0, steps=[steps, sr.train.sample_steps], guidance_scales=[guidance, 1.0], batch_size=32,
+                     overwrite=True)
     results = eval_demo.evaluate(train_dir, guidance_scale=guidance, steps=steps,
                                  out=os.path.join(args.workdir, "eval"))
     results["super_resolution"] = eval_demo.evaluate_sr(train_dir, sr_dir, steps=sr.train.sample_steps)

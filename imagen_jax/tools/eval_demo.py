@@ -23,7 +23,7 @@ import numpy as np
 from imagen_jax import images as images_lib
 from imagen_jax.data import demo
 from imagen_jax.diffusion import augment
-from imagen_jax.pipeline import Imagen
+from imagen_jax.cascade import Imagen
 
 
 def evaluate(

@@ -13,7 +13,7 @@ import json
 import time
 
 from imagen_jax.diffusion.solvers import SAMPLERS
-from imagen_jax.pipeline import Imagen
+from imagen_jax.cascade import Imagen
 from imagen_jax.tools import eval_demo
 
 DEFAULT_RUNS = "ddpm:64,ddpm:16,ddim:16,dpmpp_2m:16,dpmpp_2m:8"

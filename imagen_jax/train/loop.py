@@ -14,20 +14,19 @@ import tensorflow as tf
 
 from imagen_jax import config as config_lib
 from imagen_jax import images as images_lib
-from imagen_jax.data.pipeline import Position, make_dataset, numpy_batches, position_after, precomputed_text_metadata
+from imagen_jax.data.pipeline import Position, make_dataset, numpy_batches, position_after
 from imagen_jax.data.resume import gather_positions, start_position
 from imagen_jax.diffusion import augment
-from imagen_jax.diffusion import sample as diffusion_sample
+from imagen_jax.errors import ConfigError, TrainingDiverged
 from imagen_jax.files import write_atomically
 from imagen_jax.models import upsample_lowres
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.text import T5Encoder
-from imagen_jax.train import optimizer as optimizer_lib
-from imagen_jax.train import state as state_lib
-from imagen_jax.train.checkpoint import Checkpointer
+from imagen_jax.stage import sampling
+from imagen_jax.stage.checkpoint import Checkpointer
+from imagen_jax.stage.model import lowres_size
+from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.preemption import PreemptionWatch
-from imagen_jax.train.step import make_apply_fn, make_train_step
 
 CONFIG_FILE = "config.json"
 
@@ -41,14 +40,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the stage `config` describes in `workdir`, resuming from its latest checkpoint. Returns the
     last logged metrics."""
     # ----------------------------------------------------------------------------------------------
-    # Setup: validate, workdir, mesh.
+    # Setup: validate everything checkable, then the mesh, then (only then) the workdir.
     # ----------------------------------------------------------------------------------------------
-    validate(config)
-    tf.io.gfile.makedirs(workdir)
+    setup_lib.validate(config, jax.process_count())
     mesh = mesh_lib.make_mesh(config.mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % replicas:
-        raise config_lib.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} data-parallel devices")
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} "
+                          "data-parallel devices")
+    prepare_workdir(workdir)
     log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, mesh: {dict(mesh.shape)}")
     checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
     # Watched from here on: a SIGTERM while T5 loads, the state restores or the step compiles is answered
@@ -63,35 +63,18 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
 
     # ----------------------------------------------------------------------------------------------
     # Frozen T5 text encoder (parameters replicated, never in the optimizer), or none at all when the
-    # shards carry precomputed embeddings.
+    # shards carry precomputed embeddings; U-Net, optimizer, compiled step; the train state (born sharded,
+    # or restored from the latest checkpoint).
     # ----------------------------------------------------------------------------------------------
-    precomputed = bool(config.data.precomputed_text)
-    if precomputed:
-        encoder, t5_params, t5_shardings = None, {}, {}
-        stored = precomputed_text_metadata(config.data)
-        text_dim = int(stored["dim"])
-        log(f"text: precomputed T5 embeddings from {stored['encoder']} (dim {text_dim}, {stored['dtype']}); no encoder built")
-    else:
-        encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=state_lib.compute_dtype(config.text.dtype))
-        t5_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
-        t5_params = jax.device_put(encoder.state, t5_shardings)
-        text_dim = encoder.dim
-        log(f"text encoder: {config.text.encoder} (d_model {text_dim}, max_length {config.text.max_length})")
-
-    # ----------------------------------------------------------------------------------------------
-    # U-Net, optimizer, train state (born sharded, or restored from the latest checkpoint).
-    # ----------------------------------------------------------------------------------------------
-    spec = state_lib.model_spec(config, text_dim, mesh)
-    tx = optimizer_lib.make_optimizer(config.train)
-    schedule = optimizer_lib.learning_rate_schedule(config.train)
-    shardings = state_lib.state_shardings(spec, tx, mesh)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_params))
-    log(f"U-Net: {num_params / 1e6:.2f}M parameters")
+    text = setup_lib.load_text(config, mesh)
+    log(text.description)
+    trainer = setup_lib.setup(config, mesh, text)
+    log(f"U-Net: {trainer.model.num_params / 1e6:.2f}M parameters")
     # The newest checkpoint that restores (older ones are fallbacks, logged); a config whose model or
     # optimizer differs from the checkpoint's is an error listing the fields.
-    restored = checkpointer.restore_latest(state_lib.abstract_state(config, text_dim, tx, shardings), config, log=log)
+    restored = checkpointer.restore_latest(trainer.abstract_state(), config, log=log)
     if restored is None:
-        state = state_lib.init_state(config, text_dim, tx, shardings)
+        state = trainer.init_state()
         saved_data = None
         log("initialised a new train state")
     else:
@@ -114,10 +97,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     )
     batches = numpy_batches(dataset, data_stats)  # An epoch that delivers nothing is an error, not a hang.
 
+    encoder = text.encoder
+
     def next_batch() -> tuple[dict, Position, list[bytes]]:
         """The next global batch, this process's stream position after it, and its local captions."""
         raw = next(batches)
-        if precomputed:
+        if encoder is None:
             local = {"image": raw["image"], "text": raw["text"], "mask": raw["mask"]}
         else:
             ids, mask = encoder.tokenizer([c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length)
@@ -125,46 +110,37 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         return mesh_lib.global_batch(local, mesh), position_after(raw), list(raw["caption"])
 
     # ----------------------------------------------------------------------------------------------
-    # Compiled train step; periodic samples use the EMA weights.
+    # Periodic sample grids, from the EMA weights, through the same code as sample.py.
     # ----------------------------------------------------------------------------------------------
-    train_step = make_train_step(config, spec.graphdef, None if precomputed else encoder.apply, tx, schedule, mesh,
-                                 shardings, t5_shardings)
-    apply_fn = make_apply_fn(spec.graphdef)
-    # Without an encoder (precomputed text), sample grids use the captions of the current batch.
-    prompts = [] if precomputed else list(config.train.sample_prompts)
+    writer = MetricWriter(workdir)
+    # Base stages draw the config's prompts; without an encoder (precomputed text), the current batch's captions.
+    prompts = [] if encoder is None else list(config.train.sample_prompts)
     sample_text = encoder.encode(prompts, max_length=config.text.max_length) if prompts else None
+    apply_fn = trainer.model.apply_fn
 
     def batch_text(batch: dict, n: int) -> tuple[jax.Array, jax.Array]:
-        if precomputed:
+        if encoder is None:
             return batch["text"][:n], batch["mask"][:n]
         return encoder.apply(encoder.state, batch["ids"][:n], batch["mask"][:n]), batch["mask"][:n]
-    writer = MetricWriter(workdir)
-
-    super_resolution = state_lib.is_super_resolution(config)
 
     def write_samples(step: int, batch: dict, captions: list[bytes]) -> None:
         """Base: the config's sample prompts. SR: the first images of the batch, as low-res input | sample | target."""
-        common = dict(
-            steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance_scale,
-            schedule=config.diffusion.schedule, objective=config.diffusion.objective,
-            thresholding=config.diffusion.thresholding, percentile=config.diffusion.dynamic_threshold_percentile,
-        )
-        if super_resolution:
+        settings = dict(steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance_scale)
+        seeds = [config.seed + i for i in range(max(len(prompts), min(4, local_batch)))]
+        low = lowres_size(config, batch["image"].shape[1])
+        if low is not None:
             n = min(4, local_batch)
             target = jax.device_get(batch["image"])[:n]
-            text, text_mask = batch_text(batch, n)
-            size = target.shape[1]
-            lowres = augment.downsample(target, size * config.model.lowres_size // config.data.image_size)
-            z, aug_t = augment.sampling_augmentation(lowres, 0.2, jax.random.key(config.seed + 1), config.diffusion.schedule)
-            x = diffusion_sample(apply_fn, state["ema"], text, text_mask, jax.random.key(config.seed),
-                                 shape=target.shape, model_kwargs={"lowres": z, "lowres_t": aug_t}, **common)
-            shown = jnp.concatenate([upsample_lowres(lowres, size), x, target])
+            lowres = augment.downsample(target, low)
+            text_n, mask_n = batch_text(batch, n)
+            x = sampling.sample(config, apply_fn, state["ema"], text_n, mask_n, seeds[:n], lowres=lowres,
+                                size=target.shape[1], **settings)
+            shown = jnp.concatenate([upsample_lowres(lowres, target.shape[1]), x, target])
             grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(shown)), columns=n), "low-res | sample | target"
-        elif prompts or precomputed:
-            size, n = config.data.image_size, len(prompts) or min(4, local_batch)
-            text, text_mask = sample_text if prompts else batch_text(batch, n)
-            x = diffusion_sample(apply_fn, state["ema"], text, text_mask, jax.random.key(config.seed),
-                                 shape=(n, size, size, 3), **common)
+        elif prompts or encoder is None:
+            n = len(prompts) or min(4, local_batch)
+            text_n, mask_n = sample_text if prompts else batch_text(batch, n)
+            x = sampling.sample(config, apply_fn, state["ema"], text_n, mask_n, seeds[:n], **settings)
             shown = prompts or [c.decode("utf-8", "replace") for c in captions[:n]]
             grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(x))), " | ".join(shown)
         else:
@@ -186,7 +162,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     bad_streak, bad_total = 0, 0
     for step in range(start_step, num_steps):
         batch, position, captions = next_batch()
-        state, metrics = train_step(state, t5_params, batch)
+        state, metrics = trainer.train_step(state, text.params, batch)
         steps_since_log += 1
         done = step + 1
         # A non-finite step changed nothing but the counters (see step.py); count it, stop on a streak.
@@ -229,16 +205,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     return last_metrics
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the message says where the last good state is."""
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Cross-field checks that would otherwise fail late and obscurely."""
-    if config.train.batch_size % jax.process_count():
-        raise config_lib.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by {jax.process_count()} processes")
-    if config.train.num_steps < 1:
-        raise config_lib.ConfigError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}")
-    if not config.text.encoder and not config.data.precomputed_text:
-        raise config_lib.ConfigError("config.text.encoder is empty: set it to a Hugging Face T5 folder "
-                                     "(or train on precomputed embeddings: config.data.precomputed_text=True)")
+def prepare_workdir(workdir: str) -> None:
+    """Creates `workdir` after checking that it can be: a path that is a file, or whose nearest existing parent
+    is a file or read-only, is a ConfigError naming it (nothing is created). gs:// paths are created as they are."""
+    if "://" not in workdir:
+        path = os.path.abspath(workdir)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--workdir {workdir!r} exists and is a file, not a folder")
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--workdir {workdir!r} cannot be created: {parent} is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--workdir {workdir!r} cannot be {'written' if parent == path else 'created'}: "
+                              f"{parent} is not writable")
+    tf.io.gfile.makedirs(workdir)

@@ -17,18 +17,7 @@ from jax.sharding import Mesh
 
 from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.train.state import is_super_resolution
-
-
-def make_apply_fn(graphdef: nnx.GraphDef) -> Callable:
-    """apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None, **conditioning) for the
-    diffusion code; SR stages take conditioning lowres=[B,h,w,3] (noise-augmented) and lowres_t=[B]."""
-
-    def apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None, **conditioning):
-        model = nnx.merge(graphdef, params)
-        return model(x_t, t, text, text_mask, drop_text=drop_text, dropout_key=dropout_key, **conditioning)
-
-    return apply_fn
+from imagen_jax.stage.model import lowres_size, make_apply_fn, train_size
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
@@ -57,11 +46,7 @@ def make_train_step(
     apply_fn = make_apply_fn(graphdef)
     dcfg = config.diffusion
     use_dropout = float(config.model.dropout) > 0
-    super_resolution = is_super_resolution(config)
-    if super_resolution:
-        # Training crops (sr1024: 256 of 1024) get the matching low-res crop (64 of 256).
-        size = config.data.crop_size or config.data.image_size
-        lowres_size = size * config.model.lowres_size // config.data.image_size
+    lowres = lowres_size(config, train_size(config))  # SR stages: the low-res side of a training crop
 
     def step(state: dict, t5_params: Any, batch: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -70,9 +55,9 @@ def make_train_step(
         text = batch["text"] if text_fn is None else text_fn(t5_params, batch["ids"], batch["mask"])
         text = jax.lax.stop_gradient(text)
         model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
-        if super_resolution:
-            lowres = augment.downsample(batch["image"], lowres_size)
-            model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(lowres, augment_key, dcfg.schedule)
+        if lowres is not None:
+            z = augment.downsample(batch["image"], lowres)
+            model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(z, augment_key, dcfg.schedule)
 
         def loss_fn(params):
             return diffusion_loss(

@@ -30,6 +30,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from imagen_jax import config as config_lib
+from imagen_jax.errors import CheckpointError, ConfigError, first_line
+from imagen_jax.stage.config import complete
+from imagen_jax.stage.model import shape_differences
 
 CHECKPOINT_DIR = "checkpoints"
 UNRESTORABLE_SUFFIX = ".unrestorable"
@@ -37,10 +40,6 @@ ITEMS = ("train", "ema", "config", "data")
 _MAX_REASON_CHARS = 160
 _MAX_LISTED_ARRAYS = 5
 _MISSING = object()  # a field one of the two configs does not have
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory or step cannot be used; the one-line message names it and says why."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -51,12 +50,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 def _reason(error: BaseException) -> str:
     """`ErrorType: first line`, short: tensorstore's first line carries a whole JSON spec."""
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    line = line.split(" [tensorstore_spec=")[0]
+    line = first_line(error).split(" [tensorstore_spec=")[0]
     if len(line) > _MAX_REASON_CHARS:
         line = line[: _MAX_REASON_CHARS - 3] + "..."
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return f"{type(error).__name__}: {line}" if line != type(error).__name__ else line
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -104,38 +101,9 @@ def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.C
                                f"(adafactor keeps a weight-decay state only when it is non-zero)")
     if differences:
         saved_at = f" ({workdir.rstrip('/')}/config.json)" if workdir else ""
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"{source} was saved with a different model or optimizer: {'; '.join(differences)}; resume with the "
             f"config it was saved with{saved_at} or use a new workdir")
-
-
-def _path_name(path: tuple) -> str:
-    """A key path as a dotted name; orbax and jax spell dict keys, list indices and namedtuple fields alike."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return ".".join(parts)
-
-
-def _leaf_shapes(tree: Any) -> dict[str, tuple]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
-
-
-def _shape_differences(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
-    differences = []
-    for name, shape in expected.items():
-        if name not in saved:
-            differences.append(f"{name}: not in checkpoint, expected {shape}")
-        elif saved[name] != shape:
-            differences.append(f"{name}: checkpoint {saved[name]}, expected {shape}")
-    differences += [f"{name}: checkpoint {shape}, not in this model" for name, shape in saved.items() if name not in expected]
-    return sorted(differences, key=lambda d: not d.startswith("params."))  # the parameters first: the telling ones
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -245,12 +213,12 @@ class Checkpointer:
             saved_config = self.restore_config(step)
         except Exception as e:  # noqa: BLE001 - whatever orbax raises for a broken step
             raise _Unrestorable(_reason(e)) from e
-        check_compatible(saved_config, config, source=where, workdir=self.workdir)
+        check_compatible(complete(saved_config), config, source=where, workdir=self.workdir)
         try:
             saved = self._saved_shapes(step)
         except Exception as e:  # noqa: BLE001
             raise _Unrestorable(_reason(e)) from e
-        differences = _shape_differences(saved, _leaf_shapes(abstract_state))
+        differences = shape_differences(saved, abstract_state, "checkpoint")
         if differences:
             listed = "; ".join(differences[:_MAX_LISTED_ARRAYS])
             more = f"; and {len(differences) - _MAX_LISTED_ARRAYS} more" if len(differences) > _MAX_LISTED_ARRAYS else ""
@@ -262,8 +230,8 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise _Unrestorable(_reason(e)) from e
 
-    def _saved_shapes(self, step: int) -> dict[str, tuple]:
-        """Array shapes of the train and EMA items from the step's metadata, keyed like the state's leaves."""
+    def _saved_shapes(self, step: int) -> dict:
+        """The train state's tree as the step's metadata describes it (array metadata with shapes)."""
         items = self.manager.metadata(step).item_metadata
         trees = {}
         for name in ("train", "ema"):
@@ -271,7 +239,7 @@ class Checkpointer:
             if metadata is None:
                 raise FileNotFoundError(f"item {name!r} is missing")
             trees[name] = getattr(metadata, "tree", metadata)
-        return _leaf_shapes({**trees["train"], "ema": trees["ema"]})
+        return {**trees["train"], "ema": trees["ema"]}
 
     def _agree_across_processes(self, step: int) -> None:
         """Every process must resume from the same step; a read error seen by one host alone would split them."""

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from imagen_jax import config as config_lib
+from imagen_jax.errors import MissingError, OutputError, StageError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "ema.safetensors"
@@ -78,9 +79,9 @@ def unflatten_params(flat: dict[str, np.ndarray], source: str = "params") -> dic
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{source}: tensor '{name}' lies under another tensor")
+                raise StageError(f"{source}: tensor '{name}' lies under another tensor")
         if leaf in node:
-            raise ValueError(f"{source}: tensor '{name}' is also a prefix of other tensors")
+            raise StageError(f"{source}: tensor '{name}' is also a prefix of other tensors")
         node[leaf] = array
     return params
 
@@ -121,27 +122,29 @@ def write_export(
         os.chmod(os.path.join(tmp, WEIGHTS_FILE), 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
         _commit(tmp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(f"{folder}: cannot write the export: {e}") from e
         raise
 
 
 def check_writable(folder: str, *, overwrite: bool) -> None:
-    """Raises FileExistsError if `folder` exists and is not empty, unless `overwrite`; NotADirectoryError or
-    PermissionError if it cannot be a folder here (it, or the nearest existing parent, is a file; or that
-    parent is read-only). Called before the restore, so that no long restore is wasted."""
+    """Raises OutputError if `folder` exists and is not empty, unless `overwrite`, or if it cannot be a folder
+    here (it, or the nearest existing parent, is a file; or that parent is read-only). Called before the
+    restore, so that no long restore is wasted."""
     folder = os.path.abspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"{folder}: exists and is a file, not an export folder")
+        raise OutputError(f"{folder}: exists and is a file, not an export folder")
     parent = os.path.dirname(folder)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise NotADirectoryError(f"{folder}: cannot be created, {parent} is a file")
+        raise OutputError(f"{folder}: cannot be created, {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{folder}: cannot be created, {parent} is not writable")
+        raise OutputError(f"{folder}: cannot be created, {parent} is not writable")
     if _non_empty(folder) and not overwrite:
-        raise FileExistsError(f"{folder}: already exists and is not empty (--overwrite / overwrite=True replaces it)")
+        raise OutputError(f"{folder}: already exists and is not empty (--overwrite / overwrite=True replaces it)")
 
 
 def _non_empty(folder: str) -> bool:
@@ -181,10 +184,10 @@ def read_metadata(folder: str) -> dict:
     path = os.path.join(folder, METADATA_FILE)
     metadata = _read_json(path, "export metadata")
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an imagen-jax export (format is not {FORMAT!r})")
+        raise StageError(f"{path}: not an imagen-jax export (format is not {FORMAT!r})")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r} is not supported (this reader reads {FORMAT_VERSION})")
+        raise StageError(f"{path}: format_version {version!r} is not supported (this reader reads {FORMAT_VERSION})")
     return metadata
 
 
@@ -198,7 +201,7 @@ def _read_config(folder: str) -> ml_collections.ConfigDict:
     path = os.path.join(folder, CONFIG_FILE)
     data = _read_json(path, "stage config")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise StageError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return config_lib.from_json(data)
 
 
@@ -208,25 +211,25 @@ def read_export(folder: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
     config = _read_config(folder)
     path = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: export weights not found")
+        raise MissingError(f"{path}: export weights not found")
     try:
         with safe_open(path, framework="np") as f:
             flat = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:  # truncated or corrupt: safetensors checks the header against the file size
-        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+        raise StageError(f"{path}: not a readable safetensors file: {e}") from None
     for name, array in flat.items():
         if array.dtype != np.float32:
-            raise ValueError(f"{path}: tensor '{name}' is {array.dtype}, expected float32")
+            raise StageError(f"{path}: tensor '{name}' is {array.dtype}, expected float32")
     if len(flat) != metadata.get("num_tensors"):
-        raise ValueError(f"{path}: holds {len(flat)} tensors, {METADATA_FILE} says {metadata.get('num_tensors')}")
+        raise StageError(f"{path}: holds {len(flat)} tensors, {METADATA_FILE} says {metadata.get('num_tensors')}")
     return config, unflatten_params(flat, path), metadata
 
 
 def _read_json(path: str, what: str) -> Any:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {what} not found")
+        raise MissingError(f"{path}: {what} not found")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read {what}: {e}") from None
+        raise StageError(f"{path}: cannot read {what}: {e}") from None

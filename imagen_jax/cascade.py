@@ -1,0 +1,99 @@
+"""The cascade for sampling: prompts -> frozen T5 (once) -> base stage -> SR stage(s) -> images.
+
+Each stage (`imagen_jax.stage.Stage`) is loaded from its training workdir (the config saved with the latest
+checkpoint and its EMA weights; no optimizer state is read) or from a folder written by
+`imagen_jax.tools.export`; the cascade checks their order and sizes, encodes the prompts once and feeds each
+stage's images to the next.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from imagen_jax.errors import StageError
+from imagen_jax.stage.model import compute_dtype
+from imagen_jax.stage.stage import Stage, StageSpec, stage_config
+from imagen_jax.text import T5Encoder
+
+
+def check_cascade(stages: Sequence[StageSpec]) -> None:
+    """The first stage is a base model; each later one is an SR stage whose input size is the previous output.
+
+    Called on the configs alone (`StageSpec`s) before any weights load, so a wrongly ordered command fails fast.
+    """
+    if not stages:
+        raise StageError("a cascade needs at least the base stage")
+    first = stages[0]
+    if first.lowres_size is not None:
+        raise StageError(
+            f"the first stage ({first.workdir}) is a super-resolution stage ({first.describe()}), not a base stage: "
+            f"pass the base stage (making the {first.lowres_size}x{first.lowres_size} images it takes) first "
+            "(sample.py --workdir), then the SR stages (--sr_workdir)"
+        )
+    chain = " -> ".join(f"{s.workdir} ({s.describe()})" for s in stages)
+    for previous, stage in zip(stages, stages[1:]):
+        if stage.lowres_size is None:
+            raise StageError(
+                f"stage {stage.workdir} is a base stage ({stage.describe()}), not a super-resolution stage: only the "
+                f"first stage (sample.py --workdir) is a base stage; the cascade given: {chain}"
+            )
+        if stage.lowres_size != previous.image_size:
+            raise StageError(
+                f"stage {stage.workdir} takes {stage.lowres_size}x{stage.lowres_size} input, but the stage before it "
+                f"({previous.workdir}) makes {previous.image_size}x{previous.image_size} images; the cascade given: "
+                f"{chain}"
+            )
+
+
+class Imagen:
+    """Text encoder + stages. `Imagen.load([base, sr1, ...])` then `imagen(prompts, seeds, ...)`."""
+
+    def __init__(self, encoder: T5Encoder, stages: list[Stage]):
+        check_cascade(stages)
+        self.encoder = encoder
+        self.stages = stages
+
+    @classmethod
+    def load(cls, workdirs: Sequence[str]) -> "Imagen":
+        if not workdirs:
+            raise StageError("Imagen.load needs at least the base stage's workdir")
+        specs = [StageSpec(workdir=w, config=stage_config(w)) for w in workdirs]
+        check_cascade(specs)  # before the encoder and any weights load
+        config = specs[0].config
+        encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=compute_dtype(config.text.dtype))
+        return cls(encoder, [Stage.load(w, text_dim=encoder.dim) for w in workdirs])
+
+    def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        return self.encoder.encode(list(prompts), max_length=self.stages[0].config.text.max_length)
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: Sequence[int],
+        guidance_scales: Sequence[float],
+        samplers: Sequence[str] | None = None,
+        sr_noise_level: float | None = None,
+        progress: Callable[[int, int, int], None] | None = None,
+    ) -> list[np.ndarray]:
+        """One entry per stage: its images at its resolution, in [-1,1]. Prompts are encoded once. SR stages
+        augment their input at `sr_noise_level` (default: each stage config's diffusion.sr_noise_level)."""
+        if len(prompts) != len(seeds):
+            raise StageError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        samplers = samplers or ["ddpm"] * len(self.stages)
+        for name, values in (("steps", steps), ("guidance_scales", guidance_scales), ("samplers", samplers)):
+            if len(values) != len(self.stages):
+                raise StageError(f"{len(values)} {name} for {len(self.stages)} stages")
+        text, mask = self.encode(prompts)
+        outputs: list[np.ndarray] = []
+        for index, stage in enumerate(self.stages):
+            report = None if progress is None else (lambda done, total, i=index: progress(i, done, total))
+            outputs.append(stage.sample(
+                text, mask, seeds, steps=steps[index], guidance_scale=guidance_scales[index], sampler=samplers[index],
+                lowres=outputs[-1] if outputs else None, sr_noise_level=sr_noise_level, progress=report,
+            ))
+        return outputs

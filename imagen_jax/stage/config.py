@@ -1,0 +1,170 @@
+"""Every config field, documented once, with its default; and the checks that a stage's config makes sense.
+
+`configs/<experiment>.py` files start from `base_config(kind)` and change values only. The model's fields
+come from its kind (`imagen_jax/models/unet.py`, `efficient_unet.py` define and document them), so a config
+never deletes fields that belong to another architecture. A config saved by an older version of this code
+is completed with the defaults of fields added since (`complete`), so old checkpoints and exports load.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from imagen_jax.diffusion import OBJECTIVES, SCHEDULES, THRESHOLD_MODES
+from imagen_jax.errors import ConfigError
+from imagen_jax.stage.model import DTYPES, MODEL_KINDS, model_kind
+
+
+def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
+    """The defaults of every field, with `config.model` of the given model kind (see MODEL_KINDS)."""
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model kind {kind!r} is not one of {sorted(MODEL_KINDS)}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # model init, diffusion noise, data order and sample noise all derive from it
+
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = ""  # Hugging Face T5 folder: config.json, model.safetensors (or index), spiece.model
+    c.text.max_length = 128  # tokens per caption (EOS included); longer captions are truncated
+    c.text.dtype = "bfloat16"  # T5 compute dtype: float32 | bfloat16
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_shards = ""  # glob, brace pattern ({00000..01242}.tfrecord), list, comma list or .txt list file; local or gs://
+    c.data.format = "tfrecord"  # img2dataset TFRecord shards (webdataset .tar: convert with tools.convert_shards)
+    c.data.image_size = 64  # the stage's output resolution (short side resized to it, centre crop)
+    c.data.crop_size = 0  # SR stages trained on random crops (0 = no crop)
+    c.data.precomputed_text = False  # read T5 embeddings written by tools.encode_text instead of running T5
+    c.data.shuffle_buffer = 10_000  # undecoded records held for shuffling, per process (memory: x record size)
+    c.data.num_parallel_calls = -1  # decode/resize parallelism; -1 = tf.data AUTOTUNE
+    # Filters; a rejected record is skipped and counted per reason in the training log (data/skipped_*).
+    c.data.min_image_size = 0  # min short side of the ORIGINAL image (img2dataset original_width/height), px
+    c.data.max_aspect_ratio = 0.0  # max long/short side ratio of the original image (0 = no limit)
+    c.data.min_caption_chars = 1  # shorter captions are skipped (1 drops empty captions)
+    c.data.max_caption_chars = 0  # longer captions are skipped (0 = no limit; T5 truncates at text.max_length)
+    c.data.require_success_status = True  # skip records whose img2dataset `status` is present and not "success"
+
+    # The U-Net: unet (base stage) | efficient_unet (super-resolution stages); fields documented in
+    # imagen_jax/models/unet.py and imagen_jax/models/efficient_unet.py.
+    c.model = MODEL_KINDS[kind].default_config()
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine"  # log-SNR schedule: cosine | linear
+    c.diffusion.objective = "eps"  # what the U-Net predicts: eps | v
+    c.diffusion.cond_drop_prob = 0.1  # captions replaced by the learned null text (classifier-free guidance)
+    c.diffusion.thresholding = "dynamic"  # x0 thresholding when sampling: dynamic | static | none
+    c.diffusion.dynamic_threshold_percentile = 0.995  # the paper's dynamic thresholding percentile
+    # SR stages: noise-augmentation time of the low-res input when sampling (training grids and sample.py's
+    # default), in [0, 1]; the paper samples with ~0.1-0.3. Base stages ignore it.
+    c.diffusion.sr_noise_level = 0.2
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 2048  # global batch, split over processes and data-parallel devices
+    c.train.num_steps = 2_500_000
+    c.train.optimizer = "adamw"  # adamw | adafactor
+    c.train.learning_rate = 1e-4  # peak, after linear warm-up
+    c.train.warmup_steps = 10_000
+    c.train.end_lr_fraction = 0.0  # cosine decay ends at learning_rate * end_lr_fraction at num_steps
+    c.train.weight_decay = 0.0
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.grad_clip_norm = 1.0  # global gradient-norm clipping
+    c.train.ema_decay = 0.9999  # EMA of the weights (warmed up as (1+step)/(10+step)); samples use it
+    c.train.compute_dtype = "bfloat16"  # U-Net activations: float32 | bfloat16 (params stay float32)
+    c.train.log_every = 100  # steps between console/TensorBoard metrics
+    c.train.checkpoint_every = 5_000  # steps between checkpoints
+    c.train.keep_checkpoints = 3  # newest checkpoints kept
+    # Steps with a non-finite loss/gradient/update leave params, EMA and optimizer moments unchanged; this many
+    # in a row stop the run with a checkpoint of the last good state (0 = never stop).
+    c.train.max_consecutive_nonfinite = 20
+    c.train.sample_every = 10_000  # steps between sample grids (0 = never)
+    c.train.sample_steps = 128  # sampler steps for those grids (and sample.py's default)
+    c.train.sample_guidance_scale = 5.0  # guidance for those grids (and sample.py's default)
+    c.train.sample_prompts = (  # base stages' grids; SR stages upsample the first images of the batch
+        "a photograph of a red apple on a wooden table",
+        "a watercolor painting of a lighthouse at sunset",
+        "a corgi wearing sunglasses on the beach",
+        "a bowl of ramen, studio lighting",
+    )
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)
+    c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style); batch is split over data x fsdp
+    c.mesh.tensor = 1  # tensor (model) parallelism over channels
+    # Logical parameter axis -> mesh axis (or None = replicated). A dim the mesh axis does not divide stays replicated.
+    c.mesh.rules = (
+        ("channels_out", "fsdp"),
+        ("channels_in", None),
+        ("conv_h", None),
+        ("conv_w", None),
+        ("text_embed", None),
+    )
+    return c
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with every field of `base_config(its model kind)` that it lacks added at its default, so a
+    config saved before a field existed reads as it behaved then (fields it has keep their values)."""
+    kind = config.get("model", {}).get("kind", "unet")
+    defaults = base_config(kind if kind in MODEL_KINDS else "unet")
+
+    def fill(node: ml_collections.ConfigDict, default: ml_collections.ConfigDict) -> None:
+        with node.unlocked():
+            for key, value in default.items():
+                if key not in node:
+                    node[key] = value
+                elif isinstance(value, ml_collections.ConfigDict) and isinstance(node[key], ml_collections.ConfigDict):
+                    fill(node[key], value)
+
+    fill(config, defaults)
+    return config
+
+
+def _choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
+    value = _get(config, key)
+    if value not in choices:
+        raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(config: ml_collections.ConfigDict, key: str, minimum: float = 1) -> None:
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ConfigError(f"config.{key}={value!r} must be a number >= {minimum}")
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"config has no field {key!r}")
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first field that would make building or sampling the stage fail:
+    choices (model kind, schedule, objective, thresholding, dtypes), sizes, and the model's own fields
+    against the image size (e.g. attention at a resolution the U-Net does not have). Allocates nothing."""
+    _choice(config, "diffusion.schedule", SCHEDULES)
+    _choice(config, "diffusion.objective", OBJECTIVES)
+    _choice(config, "diffusion.thresholding", THRESHOLD_MODES)
+    _choice(config, "train.compute_dtype", tuple(DTYPES))
+    _choice(config, "text.dtype", tuple(DTYPES))
+    _positive(config, "text.max_length")
+    _positive(config, "data.image_size")
+    _positive(config, "data.crop_size", minimum=0)
+    for key in ("diffusion.cond_drop_prob", "diffusion.sr_noise_level"):
+        value = _get(config, key)
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config.{key}={value!r} must be in [0, 1]")
+    kind = model_kind(config)
+    try:
+        kind.check_config(config.model, image_size=int(config.data.image_size))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{e} (data.image_size={config.data.image_size})") from None
+    crop = int(config.data.crop_size)
+    if crop:
+        if crop > config.data.image_size:
+            raise ConfigError(f"config.data.crop_size={crop} is larger than data.image_size={config.data.image_size}")
+        if kind.super_resolution and (crop * config.model.lowres_size) % config.data.image_size:
+            raise ConfigError(f"config.data.crop_size={crop} has no whole low-res crop: crop_size * "
+                              f"model.lowres_size ({config.model.lowres_size}) must be divisible by data.image_size "
+                              f"({config.data.image_size})")

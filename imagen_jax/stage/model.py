@@ -1,0 +1,165 @@
+"""A stage's U-Net as its config describes it: the model kinds, the dtypes, the SR geometry, and the model's
+structure, abstract parameters and shardings, built once without allocating anything.
+
+Training (train/state.py), sampling (stage/stage.py), export, the benchmark and the planner all get the
+U-Net from `stage_model`, so there is one answer to "what arrays does this config's model have, and where
+do they live".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from imagen_jax.errors import ConfigError
+from imagen_jax.models import efficient_unet, unet
+from imagen_jax.parallel import mesh as mesh_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """One U-Net architecture: its builder, its `config.model` defaults and its config check."""
+
+    build: Callable[..., nnx.Module]
+    default_config: Callable[[], ml_collections.ConfigDict]
+    check_config: Callable[..., None]
+    super_resolution: bool
+
+
+MODEL_KINDS = {
+    "unet": ModelKind(unet.build_unet, unet.default_config, unet.check_config, super_resolution=False),
+    "efficient_unet": ModelKind(efficient_unet.build_sr_unet, efficient_unet.default_config,
+                                efficient_unet.check_config, super_resolution=True),
+}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"compute dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_kind(config: ml_collections.ConfigDict) -> ModelKind:
+    kind = config.model.get("kind", "unet")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"config.model.kind={kind!r} is not one of {sorted(MODEL_KINDS)}")
+    return MODEL_KINDS[kind]
+
+
+def is_super_resolution(config: ml_collections.ConfigDict) -> bool:
+    """SR stages condition on a low-res image; the base stage does not."""
+    return model_kind(config).super_resolution
+
+
+def lowres_size(config: ml_collections.ConfigDict, size: int | None = None) -> int | None:
+    """The SR input size that goes with an output of `size` pixels (default: data.image_size): training crops
+    (sr1024: 256 of 1024) take the matching low-res crop (64 of 256). None for a base stage."""
+    if not is_super_resolution(config):
+        return None
+    size = int(config.data.image_size) if size is None else int(size)
+    return size * int(config.model.lowres_size) // int(config.data.image_size)
+
+
+def train_size(config: ml_collections.ConfigDict) -> int:
+    """The side of the images a training step sees: data.crop_size when SR stages train on crops."""
+    return int(config.data.crop_size or config.data.image_size)
+
+
+def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0) -> nnx.Module:
+    """The stage's U-Net (params float32, activations in train.compute_dtype)."""
+    return model_kind(config).build(
+        config.model,
+        image_size=config.data.image_size,
+        text_dim=text_dim,
+        rngs=nnx.Rngs(seed),
+        dtype=compute_dtype(config.train.compute_dtype),
+    )
+
+
+def make_apply_fn(graphdef: nnx.GraphDef) -> Callable:
+    """apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None, **conditioning) for the
+    diffusion code; SR stages take conditioning lowres=[B,h,w,3] (noise-augmented) and lowres_t=[B]."""
+
+    def apply_fn(params, x_t, t, text, text_mask, drop_text, dropout_key=None, **conditioning):
+        model = nnx.merge(graphdef, params)
+        return model(x_t, t, text, text_mask, drop_text=drop_text, dropout_key=dropout_key, **conditioning)
+
+    return apply_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class StageModel:
+    """What jitted functions close over: the U-Net's structure and its parameters' shapes and shardings."""
+
+    graphdef: nnx.GraphDef
+    abstract_params: dict  # pure dict of ShapeDtypeStructs carrying their NamedShardings
+    param_shardings: dict  # pure dict of NamedSharding, same tree
+
+    @property
+    def apply_fn(self) -> Callable:
+        return make_apply_fn(self.graphdef)
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
+
+
+def stage_model(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) -> StageModel:
+    """Shapes and shardings of the stage's U-Net on `mesh` (by the config's mesh.rules), via jax.eval_shape."""
+    abstract_model = nnx.eval_shape(lambda: build_model(config, text_dim))
+    graphdef, abstract, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"the U-Net has non-parameter state, which the train state does not carry: {rest}")
+    rules = mesh_lib.rules_dict(config.mesh.rules)
+    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh, rules))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nnx.to_pure_dict(abstract), shardings)
+    return StageModel(graphdef, abstract, shardings)
+
+
+def local_mesh() -> Mesh:
+    """This host's devices, all on the data axis: where sampling and export put a stage's weights (every
+    parameter whole on every device, as fsdp and tensor have size 1)."""
+    return mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), jax.local_devices())
+
+
+def shape_differences(have: Any, want: Any, source: str) -> list[str]:
+    """Every array of `want` (a tree of arrays or ShapeDtypeStructs) missing from `have` (read from `source`,
+    e.g. "checkpoint") or shaped differently, then every array of `have` that `want` lacks; parameters
+    first, as they tell the most."""
+    have, want = _leaf_shapes(have), _leaf_shapes(want)
+    differences = []
+    for name, shape in want.items():
+        if name not in have:
+            differences.append(f"{name}: not in {source}, expected {shape}")
+        elif have[name] != shape:
+            differences.append(f"{name}: {source} {have[name]}, expected {shape}")
+    differences += [f"{name}: {source} {shape}, not in this model" for name, shape in have.items() if name not in want]
+    return sorted(differences, key=lambda d: not d.startswith("params."))
+
+
+def _path_name(path: tuple) -> str:
+    """A key path as a dotted name; orbax and jax spell dict keys, list indices and namedtuple fields alike."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return ".".join(parts)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}

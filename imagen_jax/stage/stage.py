@@ -1,0 +1,150 @@
+"""A trained stage, loaded for sampling: its config and EMA weights from a training workdir's latest checkpoint
+(no optimizer state is read) or from an export folder (`imagen_jax.stage.export`).
+
+`StageSpec` is the config alone, enough to check a cascade's wiring before any weights load; `Stage` adds the
+weights, placed on this host's devices, and samples through `stage.sampling.sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from imagen_jax.errors import MissingError, StageError, first_line
+from imagen_jax.stage import export as export_lib
+from imagen_jax.stage import sampling
+from imagen_jax.stage.checkpoint import Checkpointer, checkpoint_dir
+from imagen_jax.stage.config import complete
+from imagen_jax.stage.model import MODEL_KINDS, is_super_resolution, local_mesh, shape_differences, stage_model
+
+
+@dataclasses.dataclass
+class StageSpec:
+    """A stage as its config describes it."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.data.image_size)
+
+    @property
+    def lowres_size(self) -> int | None:
+        """The input resolution of an SR stage; None for the base stage."""
+        return int(self.config.model.lowres_size) if is_super_resolution(self.config) else None
+
+    def describe(self) -> str:
+        """'unet, 64x64' for a base stage, 'efficient_unet, 64->256' for an SR stage."""
+        kind = self.config.model.get("kind", "unet")
+        if self.lowres_size is None:
+            return f"{kind}, {self.image_size}x{self.image_size}"
+        return f"{kind}, {self.lowres_size}->{self.image_size}"
+
+
+@dataclasses.dataclass
+class Stage(StageSpec):
+    """One trained diffusion U-Net with its config and EMA weights."""
+
+    params: Any
+    apply_fn: Callable
+    step: int
+
+    @classmethod
+    def load(cls, workdir: str, *, text_dim: int) -> "Stage":
+        """A workdir's latest checkpoint, or an export folder; `text_dim`: the stage's T5 width."""
+        if export_lib.is_export(workdir):
+            config, params, metadata = export_lib.read_export(workdir)
+            config = checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", config)
+            if metadata["text_dim"] != text_dim:
+                raise StageError(f"{workdir}: exported for a T5 of width {metadata['text_dim']}, the encoder has {text_dim}")
+            model = stage_model(config, text_dim, local_mesh())
+            differences = shape_differences(params, model.abstract_params, "export")
+            if differences:
+                raise StageError(f"{workdir}: weights do not fit the model its config describes (first: "
+                                 f"{differences[0]})")
+            params = jax.device_put(params, model.param_shardings)
+            return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=int(metadata["step"]))
+        checkpointer, step = _open(workdir)
+        try:
+            config = checkpoint_config(checkpointer, workdir, step)
+            model = stage_model(config, text_dim, local_mesh())
+            params = restore_ema(checkpointer, workdir, step, model.abstract_params, text_dim)
+        finally:
+            checkpointer.close()
+        return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step)
+
+    def sample(self, text: jax.Array, text_mask: jax.Array, seeds: Sequence[int], *, steps: int,
+               guidance_scale: float, sampler: str = "ddpm", lowres: np.ndarray | None = None,
+               sr_noise_level: float | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Images in [-1,1], [B,S,S,3] (see `stage.sampling.sample`; the SR noise level defaults to the config's)."""
+        x = sampling.sample(self.config, self.apply_fn, self.params, text, text_mask, seeds, steps=steps,
+                            guidance_scale=guidance_scale, sampler=sampler, lowres=lowres,
+                            sr_noise_level=sr_noise_level, progress=progress)
+        return np.asarray(jax.device_get(x))
+
+
+def restore_ema(checkpointer: Checkpointer, workdir: str, step: int, abstract_params: Any, text_dim: int) -> Any:
+    """The EMA weights of checkpoint `step`, into the shardings `abstract_params` carries; a StageError that
+    names the step when they do not fit (e.g. a T5 of another width)."""
+    try:
+        return checkpointer.restore_ema(step, abstract_params)
+    except (KeyError, ValueError, OSError) as e:  # orbax: a missing item, shapes, unreadable files
+        raise StageError(f"{checkpoint_dir(workdir)}/{step}: cannot restore the EMA weights of the model "
+                         f"its config describes (text width {text_dim}): {first_line(e)}") from e
+
+
+def _open(workdir: str) -> tuple[Checkpointer, int]:
+    checkpointer = Checkpointer(workdir, every=1, keep=1, async_save=False, read_only=True)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise MissingError(f"no checkpoint in {checkpoint_dir(workdir)} (train the stage first, or check --workdir)")
+    return checkpointer, step
+
+
+def checkpoint_config(checkpointer: Checkpointer, workdir: str, step: int) -> ml_collections.ConfigDict:
+    """The stage config saved with checkpoint `step`; a missing or unreadable one is a StageError naming it."""
+    where = f"{checkpoint_dir(workdir)}/{step}/config"
+    try:
+        config = checkpointer.restore_config(step)
+    except (KeyError, ValueError, OSError) as e:  # orbax: item not saved; JSON that does not parse
+        raise StageError(f"{where}: cannot read the stage config: {first_line(e)}") from e
+    return checked_stage_config(where, config)
+
+
+def checked_stage_config(source: str, config: Any) -> ml_collections.ConfigDict:
+    """`config`, completed with the defaults of fields added since it was saved; a StageError naming `source`
+    unless it has what sampling a stage reads."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise StageError(f"{source}: not a stage config (a JSON object), got {type(config).__name__}")
+    for key in ("data.image_size", "model", "text.encoder", "text.max_length", "diffusion.schedule"):
+        _require(source, config, key)
+    kind = config.model.get("kind", "unet")
+    if kind not in MODEL_KINDS:
+        raise StageError(f"{source}: model.kind {kind!r} is not one of {sorted(MODEL_KINDS)}")
+    if MODEL_KINDS[kind].super_resolution:
+        _require(source, config, "model.lowres_size")
+    return complete(config)
+
+
+def _require(source: str, config: ml_collections.ConfigDict, key: str) -> None:
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise StageError(f"{source}: not a stage config (no {key})")
+        node = node[part]
+
+
+def stage_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of a workdir's latest checkpoint, or of an export folder (checked to describe a stage)."""
+    if export_lib.is_export(workdir):
+        return checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", export_lib.read_config(workdir))
+    checkpointer, step = _open(workdir)
+    try:
+        return checkpoint_config(checkpointer, workdir, step)
+    finally:
+        checkpointer.close()

@@ -1,0 +1,132 @@
+"""One set-up call for every program that runs the train step: the training loop, the benchmark and the
+planner get the same text encoder placement, U-Net, optimizer, shardings and compiled step from `setup`.
+
+`validate` checks everything about a training config that can be checked without building anything, so
+train.py answers a wrong value in the first seconds, in one line, before a workdir exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from imagen_jax.errors import ConfigError
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.stage import config as stage_config
+from imagen_jax.stage.model import StageModel, compute_dtype, stage_model
+from imagen_jax.text import T5Config, T5Encoder
+from imagen_jax.train import optimizer as optimizer_lib
+from imagen_jax.train import state as state_lib
+from imagen_jax.train.step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """The frozen text encoder as the train step sees it: None and {} with precomputed embeddings."""
+
+    encoder: T5Encoder | None
+    params: Any  # the encoder's parameters on the mesh
+    shardings: Any
+    dim: int  # T5 width: the U-Net's text input
+    description: str  # one log line
+
+
+def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
+    """T5 from config.text.encoder, placed on `mesh`; or, with data.precomputed_text, no encoder at all (the
+    width comes from the shards' text_embeddings.json)."""
+    if config.data.precomputed_text:
+        from imagen_jax.data.pipeline import precomputed_text_metadata  # TensorFlow, only for this case
+
+        stored = precomputed_text_metadata(config.data)
+        return Text(None, {}, {}, int(stored["dim"]), f"text: precomputed T5 embeddings from {stored['encoder']} "
+                    f"(dim {stored['dim']}, {stored['dtype']}); no encoder built")
+    encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=compute_dtype(config.text.dtype))
+    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
+    return Text(encoder, jax.device_put(encoder.state, shardings), shardings, encoder.dim,
+                f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What a training program needs: the model, optimizer, shardings and the jitted step
+    `train_step(state, text.params, batch) -> (state, metrics)`."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    text: Text
+    model: StageModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: dict
+    train_step: Callable[[dict, Any, dict], tuple[dict, dict]]
+
+    def abstract_state(self) -> dict:
+        """ShapeDtypeStructs carrying shardings: the restore target, and what the planner compiles against."""
+        return state_lib.abstract_state(self.config, self.text.dim, self.tx, self.state_shardings)
+
+    def init_state(self) -> dict:
+        """A new train state, created directly in its shardings."""
+        return state_lib.init_state(self.config, self.text.dim, self.tx, self.state_shardings)
+
+
+def setup(config: ml_collections.ConfigDict, mesh: Mesh, text: Text) -> TrainSetup:
+    """Builds (abstractly: nothing is allocated) everything the train step needs for `config` on `mesh`."""
+    model = stage_model(config, text.dim, mesh)
+    tx = optimizer_lib.make_optimizer(config.train)
+    schedule = optimizer_lib.learning_rate_schedule(config.train)
+    shardings = state_lib.state_shardings(model, tx, mesh)
+    step = make_train_step(config, model.graphdef, None if text.encoder is None else text.encoder.apply, tx, schedule,
+                           mesh, shardings, text.shardings)
+    return TrainSetup(config, mesh, text, model, tx, schedule, shardings, step)
+
+
+def _at_least(config: ml_collections.ConfigDict, key: str, minimum: int) -> None:
+    section, field = key.split(".")
+    value = config[section][field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"config.{key} must be >= {minimum}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
+    """Raises ConfigError naming the first field of a training config that cannot work: the stage's own checks
+    (stage.config.validate), the optimizer, sizes and intervals, the data format and shards, and the T5
+    folder's config.json. Reads file listings and one small JSON file; builds nothing."""
+    stage_config.validate(config)
+    if config.train.optimizer not in optimizer_lib.OPTIMIZERS:
+        raise ConfigError(f"config.train.optimizer={config.train.optimizer!r} is not one of "
+                          f"{', '.join(optimizer_lib.OPTIMIZERS)}")
+    for key, minimum in (("train.batch_size", 1), ("train.num_steps", 1), ("train.log_every", 1),
+                         ("train.checkpoint_every", 1), ("train.keep_checkpoints", 1), ("train.warmup_steps", 0),
+                         ("train.sample_every", 0), ("train.sample_steps", 1), ("train.max_consecutive_nonfinite", 0)):
+        _at_least(config, key, minimum)
+    if config.train.batch_size % process_count:
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by {process_count} "
+                          "processes")
+    if not config.train.learning_rate > 0:
+        raise ConfigError(f"config.train.learning_rate={config.train.learning_rate!r} must be > 0")
+    if not config.data.precomputed_text:
+        if not config.text.encoder:
+            raise ConfigError("config.text.encoder is empty: set it to a Hugging Face T5 folder "
+                              "(or train on precomputed embeddings: config.data.precomputed_text=True)")
+        T5Config.from_json(os.path.join(config.text.encoder, "config.json"))  # names the file when it is bad
+    _validate_data(config)
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+    from imagen_jax.data.pipeline import SUPPORTED_FORMATS
+    from imagen_jax.data.shards import list_shards
+
+    if config.data.format not in SUPPORTED_FORMATS:
+        raise ConfigError(f"config.data.format={config.data.format!r} is not supported; use one of "
+                          f"{', '.join(SUPPORTED_FORMATS)} (convert webdataset .tar shards with "
+                          "python -m imagen_jax.tools.convert_shards)")
+    if not config.data.train_shards:
+        raise ConfigError("config.data.train_shards is empty: set it to your shard files (a glob, brace pattern, "
+                          "list or .txt list file; local or gs://)")
+    list_shards(config.data.train_shards)  # every pattern must match: a MissingError naming the one that does not
