@@ -18,6 +18,7 @@ from PIL import Image
 from imagen_jax import config as config_lib
 from imagen_jax import sample_files
 from imagen_jax.cascade import Imagen
+from imagen_jax.errors import UsageError
 from imagen_jax.stage.stage import Stage, stage_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,6 +224,7 @@ class FakeImagen:
         for workdir, (size, lowres) in zip(workdirs, sizes):
             model = {"kind": "efficient_unet", "lowres_size": lowres} if lowres else {"kind": "unet"}
             config = ml_collections.ConfigDict({"data": {"image_size": size}, "model": model,
+                                                "diffusion": {"sr_noise_level": 0.2},
                                                 "train": {"sample_steps": 2, "sample_guidance_scale": 1.0}})
             self.stages.append(Stage(workdir=workdir, config=config, params=None, apply_fn=None, step=7))
 
@@ -235,9 +237,9 @@ class FakeImagen:
         return [rng.uniform(-1, 1, (len(seeds), s.image_size, s.image_size, 3)) for s in self.stages]
 
 
-def _sample(out):
-    return sample_files.sample_to_folder(["base", "sr"], ["a cat", "a dog"], out=str(out), num_images=2, seed=0,
-                                         batch_size=3)
+def _sample(out, prompts=("a cat", "a dog"), overwrite=True):
+    return sample_files.sample_to_folder(["base", "sr"], list(prompts), out=str(out), num_images=2, seed=0,
+                                         batch_size=3, overwrite=overwrite)
 
 
 def _leftovers(out):
@@ -315,3 +317,22 @@ def test_stage_loads_from_workdir_and_export_and_names_a_misfit(stages):
     assert "\n" not in message and message.startswith(
         f"{os.path.join(stages['sr'], 'checkpoints')}/1: cannot restore the EMA weights of the model its config "
         "describes (text width 24): ")
+
+
+def test_a_folder_with_another_runs_images_is_refused_unless_overwrite(tmp_path, monkeypatch):
+    """Never two runs' images in one folder: refused without --overwrite; with it, the old images go first."""
+    monkeypatch.setattr(sample_files, "Imagen", FakeImagen)
+    out = tmp_path / "out"
+    first = _sample(out, overwrite=False)
+    (out / "notes.txt").write_text("mine")  # not an image: never touched
+    with pytest.raises(UsageError, match=r"already holds another run's images \(10 files, e.g. 000_00_a_cat.png\); "
+                                         r"pass --overwrite"):
+        _sample(out, prompts=["a bird"], overwrite=False)
+    assert sorted(os.listdir(out)) == sorted(["4px", "grid.png", "samples.json", "notes.txt", *first])
+    second = _sample(out, prompts=["a bird"])
+    assert sorted(os.listdir(out)) == sorted(["4px", "grid.png", "samples.json", "notes.txt", *second])
+    assert sorted(os.listdir(out / "4px")) == second and "a_bird" in second[0]
+    proc = _cli("sample.py", "--workdir", "base", "--prompt", "a cat", "--out", str(out))
+    _assert_one_line_error(proc, 2, f"sample.py: error: --out {str(out)!r} already holds another run's images "
+                                    "(6 files, e.g. 000_00_a_bird.png); pass --overwrite to replace them, or choose a "
+                                    "new folder")

@@ -18,7 +18,8 @@ from PIL import Image
 
 from imagen_jax.data.pipeline import make_dataset
 from imagen_jax.data.records import example_from_sample, sample_from_example
-from imagen_jax.tools import convert_shards as cs
+from imagen_jax.data import convert_shards as cs
+from imagen_jax.tools import convert_shards as convert_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -193,8 +194,8 @@ def test_unreadable_shard_fails_without_output_and_others_go_on(tmp_path, capsys
     assert sorted(os.listdir(tmp_path / "out")) == ["00000.tfrecord"]
     assert "00001.tar" in capsys.readouterr().err
     # Exit status 1 only when every shard failed.
-    assert cs.main(["--input", str(tmp_path / "00001.tar"), "--output", str(tmp_path / "out2"), "--workers", "1"]) == 1
-    assert cs.main(["--input", str(tmp_path / "*.tar"), "--output", str(tmp_path / "out3"), "--workers", "1"]) == 0
+    assert convert_cli.main(["--input", str(tmp_path / "00001.tar"), "--output", str(tmp_path / "out2"), "--workers", "1"]) == 1
+    assert convert_cli.main(["--input", str(tmp_path / "*.tar"), "--output", str(tmp_path / "out3"), "--workers", "1"]) == 0
 
 
 class _OneWayReader(io.RawIOBase):

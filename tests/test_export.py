@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from imagen_jax import config as config_lib
+from imagen_jax.errors import OutputError
 from imagen_jax.stage import export as export_lib
 from imagen_jax.data import demo
 from imagen_jax.text.tiny import make_tiny_t5
@@ -229,7 +230,7 @@ def test_round_trip_keys_and_read_errors(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, got, params)
     assert metadata["num_params"] == 6 + 3 + 6 and metadata["num_tensors"] == 3
     assert export_lib.read_config(folder).to_dict() == config.to_dict()
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+    with pytest.raises(OutputError, match="already exists and is not empty"):
         export_lib.write_export(folder, config, params, step=6, text_dim=4, source="src")
 
     for bad, match in [({"a/b": np.ones(1, np.float32)}, "key 'a/b' under '<root>' cannot round-trip"),

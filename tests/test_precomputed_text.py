@@ -12,7 +12,7 @@ import pytest
 from imagen_jax.data import demo
 from imagen_jax.data.pipeline import make_dataset
 from imagen_jax.text import T5Encoder, make_tiny_t5
-from imagen_jax.tools.encode_text import encode_shards
+from imagen_jax.data.encode_text import encode_shards
 from tests.shard_helpers import data_config
 
 MAX_LENGTH = 12

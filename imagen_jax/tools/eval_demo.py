@@ -15,15 +15,13 @@ import argparse
 import itertools
 import json
 import os
+import sys
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax import images as images_lib
-from imagen_jax.data import demo
-from imagen_jax.diffusion import augment
-from imagen_jax.cascade import Imagen
+if TYPE_CHECKING:
+    from imagen_jax.cascade import Imagen
 
 
 def evaluate(
@@ -31,6 +29,10 @@ def evaluate(
     baseline: bool = True, out: str | None = None, sampler: str = "ddpm", imagen: Imagen | None = None,
 ) -> dict:
     """Colour and position accuracy of samples for every demo caption; writes a grid under `out`."""
+    from imagen_jax import images as images_lib
+    from imagen_jax.cascade import Imagen
+    from imagen_jax.data import demo
+
     imagen = imagen or Imagen.load([workdir])
     triples = [t for t in itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS) for _ in range(per_prompt)]
     prompts = [demo.caption(*t) for t in triples]
@@ -56,8 +58,9 @@ def evaluate(
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eval_demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=64)
@@ -67,17 +70,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sr_workdir", help="also score this SR stage (its input is the base stage's size)")
     parser.add_argument("--sr_steps", type=int, default=32)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.per_prompt < 1:
-        parser.error("--steps and --per_prompt must be >= 1")
-    results = evaluate(args.workdir, guidance_scale=args.guidance_scale, steps=args.steps, per_prompt=args.per_prompt,
-                       seed=args.seed, baseline=not args.no_baseline, out=os.path.join(args.workdir, "eval"))
-    if args.sr_workdir:
-        results["super_resolution"] = evaluate_sr(args.workdir, args.sr_workdir, steps=args.sr_steps, seed=args.seed)
-    print(json.dumps(results, indent=2))
+    if args.steps < 1 or args.per_prompt < 1 or args.sr_steps < 1:
+        parser.error("--steps, --sr_steps and --per_prompt must be >= 1")
+    from imagen_jax.cli import main_guard
+
+    def body() -> int:
+        results = evaluate(args.workdir, guidance_scale=args.guidance_scale, steps=args.steps,
+                           per_prompt=args.per_prompt, seed=args.seed, baseline=not args.no_baseline,
+                           out=os.path.join(args.workdir, "eval"))
+        if args.sr_workdir:
+            results["super_resolution"] = evaluate_sr(args.workdir, args.sr_workdir, steps=args.sr_steps,
+                                                      seed=args.seed)
+        print(json.dumps(results, indent=2))
+        return 0
+
+    return main_guard("eval_demo", body)
 
 
-if __name__ == "__main__":
-    main()
 
 
 def high_frequency_energy(images: np.ndarray) -> float:
@@ -97,6 +106,13 @@ def evaluate_sr(base_workdir: str, sr_workdir: str, *, steps: int, sampler: str 
                 sr_noise_level: float = 0.2, seed: int = 0) -> dict:
     """SR fidelity on fresh renders: the SR output, downsampled back, against its input (PSNR), and its
     sharpness against bicubic upsampling of the same input (high-frequency energy ratio)."""
+    import jax
+    import jax.numpy as jnp
+
+    from imagen_jax.cascade import Imagen
+    from imagen_jax.data import demo
+    from imagen_jax.diffusion import augment
+
     imagen = Imagen.load([base_workdir, sr_workdir])
     sr = imagen.stages[1]
     rng = np.random.default_rng(seed + 12345)
@@ -118,3 +134,7 @@ def evaluate_sr(base_workdir: str, sr_workdir: str, *, steps: int, sampler: str 
         "psnr_output_vs_target_db": round(psnr(out, targets), 2),
         "psnr_bicubic_vs_target_db": round(psnr(bicubic, targets), 2),
     }
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -220,4 +220,7 @@ def prepare_workdir(workdir: str) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"--workdir {workdir!r} cannot be {'written' if parent == path else 'created'}: "
                               f"{parent} is not writable")
-    tf.io.gfile.makedirs(workdir)
+    try:
+        tf.io.gfile.makedirs(workdir)
+    except (OSError, tf.errors.OpError) as e:
+        raise ConfigError(f"--workdir {workdir!r} cannot be created: {getattr(e, 'message', None) or e}") from None
