@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -56,21 +56,31 @@ def per_stage(value: str | None, count: int, kind: Callable, name: str) -> list 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", required=True, help="the base stage's workdir or export folder")
-    parser.add_argument("--sr_workdir", action="append", default=[], help="a super-resolution stage, in order; repeatable")
+    parser.add_argument(
+        "--sr_workdir", action="append", default=[], help="a super-resolution stage, in order; repeatable"
+    )
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for more")
     parser.add_argument("--prompts_file", help="text file (UTF-8) with one prompt per line")
     parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
-    parser.add_argument("--guidance_scale", default=None,
-                        help="classifier-free guidance: one value, or one per stage (a,b,c); default: configs'")
+    parser.add_argument(
+        "--guidance_scale",
+        default=None,
+        help="classifier-free guidance: one value, or one per stage (a,b,c); default: configs'",
+    )
     parser.add_argument("--steps", default=None, help="sampler steps: one value, or one per stage (default: configs')")
     parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m: one, or one per stage (default ddpm)")
-    parser.add_argument("--sr_noise_level", type=float, default=None,
-                        help="augmentation time of SR inputs, in [0, 1] (default: each SR config's "
-                             "diffusion.sr_noise_level, 0.2 unless set)")
+    parser.add_argument(
+        "--sr_noise_level",
+        type=float,
+        default=None,
+        help="augmentation time of SR inputs, in [0, 1] (default: each SR config's "
+        "diffusion.sr_noise_level, 0.2 unless set)",
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="images sampled at once")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run in --out")
@@ -89,14 +99,31 @@ def main(argv: list[str]) -> int:
 
     def body() -> int:
         # Everything that can be checked is, before any model loads.
-        check_arguments(num_prompts=len(prompts), num_stages=len(stages), num_images=args.num_images, seed=args.seed,
-                        batch_size=args.batch_size, sr_noise_level=args.sr_noise_level, steps=steps,
-                        guidance_scales=scales, samplers=samplers)
+        check_arguments(
+            num_prompts=len(prompts),
+            num_stages=len(stages),
+            num_images=args.num_images,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            sr_noise_level=args.sr_noise_level,
+            steps=steps,
+            guidance_scales=scales,
+            samplers=samplers,
+        )
         check_writable(args.out, overwrite=args.overwrite)
-        written = sample_to_folder(stages, prompts, out=args.out, num_images=args.num_images, seed=args.seed,
-                                   steps=steps, guidance_scales=scales, samplers=samplers,
-                                   sr_noise_level=args.sr_noise_level, batch_size=args.batch_size,
-                                   overwrite=args.overwrite)
+        written = sample_to_folder(
+            stages,
+            prompts,
+            out=args.out,
+            num_images=args.num_images,
+            seed=args.seed,
+            steps=steps,
+            guidance_scales=scales,
+            samplers=samplers,
+            sr_noise_level=args.sr_noise_level,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+        )
         print(json.dumps({"out": args.out, "images": len(written)}))
         return 0
 

@@ -20,8 +20,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="configs/<stage>.py")
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and samples go here (local or gs://)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
@@ -42,9 +43,11 @@ def main(argv: list[str]) -> int:
             try:
                 jax.distributed.initialize()
             except (RuntimeError, ValueError) as e:
-                raise UsageError(f"--distributed: jax.distributed.initialize() found no cluster to join ({e}); run "
-                                 "it on every host of a TPU pod slice, or set JAX_COORDINATOR_ADDRESS, "
-                                 "JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
+                raise UsageError(
+                    f"--distributed: jax.distributed.initialize() found no cluster to join ({e}); run "
+                    "it on every host of a TPU pod slice, or set JAX_COORDINATOR_ADDRESS, "
+                    "JAX_NUM_PROCESSES and JAX_PROCESS_ID"
+                ) from None
         from imagen_jax.train.loop import run
 
         run(config, args.workdir)  # Returns normally after SIGTERM too: checkpoint written, exit status 0.

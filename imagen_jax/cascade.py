@@ -8,7 +8,7 @@ stage's images to the next.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -57,7 +57,7 @@ class Imagen:
         self.stages = stages
 
     @classmethod
-    def load(cls, workdirs: Sequence[str]) -> "Imagen":
+    def load(cls, workdirs: Sequence[str]) -> Imagen:
         if not workdirs:
             raise StageError("Imagen.load needs at least the base stage's workdir")
         specs = [StageSpec(workdir=w, config=stage_config(w)) for w in workdirs]
@@ -92,8 +92,17 @@ class Imagen:
         outputs: list[np.ndarray] = []
         for index, stage in enumerate(self.stages):
             report = None if progress is None else (lambda done, total, i=index: progress(i, done, total))
-            outputs.append(stage.sample(
-                text, mask, seeds, steps=steps[index], guidance_scale=guidance_scales[index], sampler=samplers[index],
-                lowres=outputs[-1] if outputs else None, sr_noise_level=sr_noise_level, progress=report,
-            ))
+            outputs.append(
+                stage.sample(
+                    text,
+                    mask,
+                    seeds,
+                    steps=steps[index],
+                    guidance_scale=guidance_scales[index],
+                    sampler=samplers[index],
+                    lowres=outputs[-1] if outputs else None,
+                    sr_noise_level=sr_noise_level,
+                    progress=report,
+                )
+            )
         return outputs

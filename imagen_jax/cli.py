@@ -10,7 +10,7 @@ config, a checkpoint, the data, an unwritable output). Nothing here imports JAX.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from imagen_jax.errors import ImagenError, UsageError, first_line
 

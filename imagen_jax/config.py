@@ -50,7 +50,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def _line_in(path: str, error: BaseException) -> str:
     """' line N' of the innermost frame of `error`'s traceback that lies in `path` ('' when none does)."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)
+    ]
     return f" line {frames[-1].lineno}" if frames else ""
 
 
@@ -121,8 +123,10 @@ def apply_overrides(config: ml_collections.ConfigDict, args: list[str]) -> ml_co
     while i < len(args):
         arg = args[i]
         if not arg.startswith(PREFIX):
-            raise ConfigError(f"unrecognised argument {arg!r} (config overrides look like --config.train.batch_size=64)")
-        body = arg[len(PREFIX):]
+            raise ConfigError(
+                f"unrecognised argument {arg!r} (config overrides look like --config.train.batch_size=64)"
+            )
+        body = arg[len(PREFIX) :]
         if "=" in body:
             key, text = body.split("=", 1)
         elif i + 1 < len(args):

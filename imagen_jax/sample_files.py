@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -56,18 +56,24 @@ def stage_settings(
         if values is not None and len(values) != count:
             raise UsageError(f"--{name} has {len(values)} values for {count} stages (give one, or one per stage)")
     steps_ = list(steps) if steps is not None else [int(c.train.sample_steps) for c in configs]
-    scales = (list(guidance_scales) if guidance_scales is not None
-              else [float(c.train.sample_guidance_scale) for c in configs])
+    scales = (
+        list(guidance_scales)
+        if guidance_scales is not None
+        else [float(c.train.sample_guidance_scale) for c in configs]
+    )
     samplers_ = list(samplers) if samplers is not None else ["ddpm"] * count
     if any(s < 1 for s in steps_):
         raise UsageError(f"--steps must be >= 1 for every stage, got {_shown(steps, steps_)}")
     if any(not (math.isfinite(g) and g >= 0) for g in scales):
-        raise UsageError(f"--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, "
-                         f"got {_shown(guidance_scales, scales)}")
+        raise UsageError(
+            f"--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, "
+            f"got {_shown(guidance_scales, scales)}"
+        )
     for name in samplers_:
         if name not in SAMPLERS:
-            raise UsageError(f"--sampler {','.join(samplers_)!r}: unknown sampler {name!r}; valid samplers: "
-                             f"{', '.join(SAMPLERS)}")
+            raise UsageError(
+                f"--sampler {','.join(samplers_)!r}: unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}"
+            )
     return steps_, scales, samplers_
 
 
@@ -136,8 +142,10 @@ def check_writable(out: str, *, overwrite: bool = False) -> None:
     except (OSError, tf.errors.OpError) as e:
         raise UsageError(f"--out {out!r} cannot be created or written: {_message(e)}") from None
     if previous and not overwrite:
-        raise UsageError(f"--out {out!r} already holds another run's images ({len(previous)} files, e.g. "
-                         f"{os.path.relpath(previous[0], out)}); pass --overwrite to replace them, or choose a new folder")
+        raise UsageError(
+            f"--out {out!r} already holds another run's images ({len(previous)} files, e.g. "
+            f"{os.path.relpath(previous[0], out)}); pass --overwrite to replace them, or choose a new folder"
+        )
 
 
 def sample_to_folder(
@@ -165,9 +173,17 @@ def sample_to_folder(
 
     from imagen_jax import images as images_lib
 
-    check_arguments(num_prompts=len(prompts), num_stages=len(workdirs), num_images=num_images, seed=seed,
-                    batch_size=batch_size, sr_noise_level=sr_noise_level, steps=steps,
-                    guidance_scales=guidance_scales, samplers=samplers)
+    check_arguments(
+        num_prompts=len(prompts),
+        num_stages=len(workdirs),
+        num_images=num_images,
+        seed=seed,
+        batch_size=batch_size,
+        sr_noise_level=sr_noise_level,
+        steps=steps,
+        guidance_scales=guidance_scales,
+        samplers=samplers,
+    )
     check_writable(out, overwrite=overwrite)
     imagen = Imagen.load(list(workdirs))
     stages = imagen.stages
@@ -175,18 +191,27 @@ def sample_to_folder(
     steps_, scales, samplers_ = stage_settings(n, steps, guidance_scales, samplers, [s.config for s in stages])
     jobs = [(p, prompt, j, seed + p * num_images + j) for p, prompt in enumerate(prompts) for j in range(num_images)]
     results: list[list[np.ndarray]] = [[] for _ in stages]
-    bars = [tqdm(total=len(jobs) * steps_[i], desc=f"stage {i + 1}/{n} ({stage.image_size}px)", unit="step", position=i)
-            for i, stage in enumerate(stages)]
+    bars = [
+        tqdm(total=len(jobs) * steps_[i], desc=f"stage {i + 1}/{n} ({stage.image_size}px)", unit="step", position=i)
+        for i, stage in enumerate(stages)
+    ]
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+        chunk = jobs[start : start + batch_size]
         done = {i: 0 for i in range(n)}
 
-        def progress(stage: int, finished: int, total: int) -> None:
-            bars[stage].update((finished - done[stage]) * len(chunk))
+        def progress(stage: int, finished: int, total: int, done: dict = done, images: int = len(chunk)) -> None:
+            bars[stage].update((finished - done[stage]) * images)
             done[stage] = finished
 
-        outputs = imagen([c[1] for c in chunk], [c[3] for c in chunk], steps=steps_, guidance_scales=scales,
-                         samplers=samplers_, sr_noise_level=sr_noise_level, progress=progress)
+        outputs = imagen(
+            [c[1] for c in chunk],
+            [c[3] for c in chunk],
+            steps=steps_,
+            guidance_scales=scales,
+            samplers=samplers_,
+            sr_noise_level=sr_noise_level,
+            progress=progress,
+        )
         for i, x in enumerate(outputs):
             results[i].extend(images_lib.to_uint8(x))
     for bar in bars:
@@ -203,11 +228,18 @@ def sample_to_folder(
                 stage_file = f"{stage.image_size}px/{name}"
                 files[stage_file] = results[i][k]
             level = stage.config.diffusion.sr_noise_level if sr_noise_level is None else sr_noise_level
-            entry["stages"].append({
-                "workdir": stage.workdir, "checkpoint_step": stage.step, "image_size": stage.image_size,
-                "steps": steps_[i], "guidance_scale": scales[i], "sampler": samplers_[i], "file": stage_file,
-                **({"sr_noise_level": level} if stage.lowres_size else {}),
-            })
+            entry["stages"].append(
+                {
+                    "workdir": stage.workdir,
+                    "checkpoint_step": stage.step,
+                    "image_size": stage.image_size,
+                    "steps": steps_[i],
+                    "guidance_scale": scales[i],
+                    "sampler": samplers_[i],
+                    "file": stage_file,
+                    **({"sr_noise_level": level} if stage.lowres_size else {}),
+                }
+            )
         index[name] = entry
     files[GRID_FILE] = images_lib.make_grid(np.stack(results[-1]), columns=num_images)
     write_folder(out, files, {"grid": GRID_FILE, "images": index})

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.train import optimizer as optimizer_lib
-from imagen_jax.stage.model import stage_model
-from imagen_jax.train import state as state_lib
 from imagen_jax.stage.checkpoint import Checkpointer
+from imagen_jax.stage.model import stage_model
+from imagen_jax.train import optimizer as optimizer_lib
+from imagen_jax.train import state as state_lib
 
 
 def latest_checkpoint(workdir, text_dim: int = 16) -> tuple[int, dict, dict]:

@@ -32,8 +32,9 @@ def write_records(path, records: list[dict | bytes]) -> str:
             if isinstance(record, bytes):
                 writer.write(record)
                 continue
-            example = tf.train.Example(features=tf.train.Features(
-                feature={name: feature(value) for name, value in record.items()}))
+            example = tf.train.Example(
+                features=tf.train.Features(feature={name: feature(value) for name, value in record.items()})
+            )
             writer.write(example.SerializeToString())
     return str(path)
 
@@ -43,8 +44,9 @@ def solid(color, height: int = 20, width: int = 20) -> np.ndarray:
 
 
 def data_config(shards, image_size: int = 16, **overrides) -> ml_collections.ConfigDict:
-    fields = dict(train_shards=shards, format="tfrecord", image_size=image_size, shuffle_buffer=64,
-                  num_parallel_calls=2)
+    fields = dict(
+        train_shards=shards, format="tfrecord", image_size=image_size, shuffle_buffer=64, num_parallel_calls=2
+    )
     return ml_collections.ConfigDict({**fields, **overrides})
 
 

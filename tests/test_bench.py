@@ -29,8 +29,7 @@ def test_bench_reports_throughput_and_flops():
 
 # ------------------------------------------------------------------------------------------ data mode
 def _records(paths):
-    return [tf.train.Example.FromString(r).features.feature
-            for r in tf.data.TFRecordDataset(paths).as_numpy_iterator()]
+    return [tf.train.Example.FromString(r).features.feature for r in tf.data.TFRecordDataset(paths).as_numpy_iterator()]
 
 
 def test_synthetic_shards_look_like_img2dataset_keep_ratio_output(tmp_path):
@@ -54,7 +53,7 @@ def test_synthetic_shards_look_like_img2dataset_keep_ratio_output(tmp_path):
         assert pixels.std() > 10  # not a flat colour, which would compress and decode unrealistically fast
         images.append(pixels[:20, :20].ravel())
     assert len(ratios) == 4  # 1:1, 4:3, 3:2, 16:9
-    assert min(np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1:]) > 5  # all distinct
+    assert min(np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1 :]) > 5  # all distinct
 
 
 def test_benchmark_data_gives_consistent_positive_rates_per_size_and_parallelism():
@@ -73,8 +72,21 @@ def test_benchmark_data_gives_consistent_positive_rates_per_size_and_parallelism
 def test_cli_prints_a_table_row_per_setting_for_given_shards(tmp_path, capsys):
     paths = write_synthetic_shards(str(tmp_path), size=24, num_images=8, num_shards=2)
     mean_bytes = np.mean([len(f["jpg"].bytes_list.value[0]) for f in _records(paths)])
-    main(["--data", "--sizes", "16,24", "--parallel", "2", "--seconds", "0.3", "--batch_size", "4",
-          "--shards", str(tmp_path / "*.tfrecord")])
+    main(
+        [
+            "--data",
+            "--sizes",
+            "16,24",
+            "--parallel",
+            "2",
+            "--seconds",
+            "0.3",
+            "--batch_size",
+            "4",
+            "--shards",
+            str(tmp_path / "*.tfrecord"),
+        ]
+    )
     out = capsys.readouterr().out
     rows = re.findall(r"^\s*(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+[\d.]+$", out, re.M)
     assert [(int(s), int(n)) for s, n, *_ in rows] == [(16, 2), (24, 2)]
@@ -83,14 +95,17 @@ def test_cli_prints_a_table_row_per_setting_for_given_shards(tmp_path, capsys):
     assert "os.cpu_count()=" in out and re.search(r"^\s*24 px: [\d.]+ img/s per call \(N=2\)$", out, re.M)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "--sizes", "abc"], "--sizes must be comma-separated positive integers, got 'abc'"),
-    (["--data", "--parallel", "0"], "--parallel must be comma-separated positive integers, got '0'"),
-    (["--data", "--seconds", "0"], "--seconds (0.0) > 0"),
-    (["--data", "--shards", "/nonexistent/*.tfrecord"], "no shard files match '/nonexistent/*.tfrecord'"),
-    (["--data", "--config.train.steps=1"], "unknown arguments for --data: --config.train.steps=1"),
-    ([], "give either --config FILE (model mode) or --data (data mode)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "--sizes", "abc"], "--sizes must be comma-separated positive integers, got 'abc'"),
+        (["--data", "--parallel", "0"], "--parallel must be comma-separated positive integers, got '0'"),
+        (["--data", "--seconds", "0"], "--seconds (0.0) > 0"),
+        (["--data", "--shards", "/nonexistent/*.tfrecord"], "no shard files match '/nonexistent/*.tfrecord'"),
+        (["--data", "--config.train.steps=1"], "unknown arguments for --data: --config.train.steps=1"),
+        ([], "give either --config FILE (model mode) or --data (data mode)"),
+    ],
+)
 def test_cli_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -101,11 +116,17 @@ def test_cli_shards_with_nothing_usable_are_a_one_line_error(tmp_path, capsys):
     """Every record undecodable: the benchmark says so instead of waiting forever for a batch."""
     with tf.io.TFRecordWriter(str(tmp_path / "bad.tfrecord")) as writer:
         for _ in range(4):
-            features = {"jpg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not a jpeg"])),
-                        "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a caption"]))}
+            features = {
+                "jpg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not a jpeg"])),
+                "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a caption"])),
+            }
             writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
-    assert main(["--data", "--sizes", "16", "--parallel", "1", "--seconds", "0.3", "--shards",
-                 str(tmp_path / "*.tfrecord")]) == 2
+    assert (
+        main(
+            ["--data", "--sizes", "16", "--parallel", "1", "--seconds", "0.3", "--shards", str(tmp_path / "*.tfrecord")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"bench: error: {tmp_path}/*.tfrecord: data: epoch 0 ")
     assert "delivered no example" in err and "skipped_undecodable=" in err

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from imagen_jax import config as config_lib
-from imagen_jax.data import demo
 from imagen_jax.cascade import check_cascade
+from imagen_jax.data import demo
 from imagen_jax.stage.stage import Stage
-from sample import per_stage
 from imagen_jax.text.tiny import make_tiny_t5
+from sample import per_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,12 +65,21 @@ def test_tiny_cascade_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "sr" / "samples" / "step_0000002.png")  # low-res | sample | target grid
 
     out = tmp_path / "out"
-    names = sample_to_folder([str(tmp_path / "base"), str(tmp_path / "sr")], ["a red circle on the left"], out=str(out),
-                             num_images=2, seed=3, steps=[3, 2], guidance_scales=[2.0, 1.0],
-                             samplers=["ddim", "dpmpp_2m"])
+    names = sample_to_folder(
+        [str(tmp_path / "base"), str(tmp_path / "sr")],
+        ["a red circle on the left"],
+        out=str(out),
+        num_images=2,
+        seed=3,
+        steps=[3, 2],
+        guidance_scales=[2.0, 1.0],
+        samplers=["ddim", "dpmpp_2m"],
+    )
     index = json.load(open(out / "samples.json"))["images"]
     entry = index[names[0]]
     assert [s["image_size"] for s in entry["stages"]] == [8, 16]
-    assert [s["sampler"] for s in entry["stages"]] == ["ddim", "dpmpp_2m"] and entry["stages"][1]["sr_noise_level"] == 0.2
+    assert [s["sampler"] for s in entry["stages"]] == ["ddim", "dpmpp_2m"] and entry["stages"][1][
+        "sr_noise_level"
+    ] == 0.2
     assert np.asarray(Image.open(out / names[0])).shape == (16, 16, 3)
     assert np.asarray(Image.open(out / entry["stages"][0]["file"])).shape == (8, 8, 3)

@@ -17,8 +17,8 @@ import pytest
 import imagen_jax  # noqa: F401  (flax settings)
 from imagen_jax import config as config_lib
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.stage.checkpoint import Checkpointer, CheckpointError, check_compatible, checkpoint_dir
 from imagen_jax.train import optimizer as optimizer_lib
-from imagen_jax.stage.checkpoint import CheckpointError, Checkpointer, check_compatible, checkpoint_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +33,13 @@ def make_state(config, seed, width=16):
     params = {"down": {0: {"w": jax.random.normal(k[0], (8, width))}}, "out": {"b": jax.random.normal(k[1], (width,))}}
     opt_state = optimizer_lib.make_optimizer(config.train).init(params)
     opt_state = jax.tree.map(lambda x: x + seed if jnp.issubdtype(x.dtype, jnp.floating) else x, opt_state)
-    return {"step": jnp.int32(seed), "rng": jax.random.key_data(k[2]), "params": params,
-            "ema": jax.tree.map(lambda x: 0.5 * x, params), "opt_state": opt_state}
+    return {
+        "step": jnp.int32(seed),
+        "rng": jax.random.key_data(k[2]),
+        "params": params,
+        "ema": jax.tree.map(lambda x: 0.5 * x, params),
+        "opt_state": opt_state,
+    }
 
 
 def abstract(config, width=16):
@@ -150,7 +155,8 @@ CRASHING_SAVE = textwrap.dedent("""
     config = config_lib.load_config_file(sys.argv[2])
     def state(step, rows):
         params = {"w": jnp.asarray(np.full((rows, 1024), float(step), np.float32))}
-        return {"step": jnp.int32(step), "rng": jnp.zeros((2,), jnp.uint32), "params": params, "ema": params, "opt_state": {}}
+        rng = jnp.zeros((2,), jnp.uint32)
+        return {"step": jnp.int32(step), "rng": rng, "params": params, "ema": params, "opt_state": {}}
     checkpointer = Checkpointer(sys.argv[1], every=1, keep=5, async_save=True)
     checkpointer.save(2, state(2, 4), config, {"batches": 2})
     checkpointer.wait()
@@ -162,17 +168,25 @@ CRASHING_SAVE = textwrap.dedent("""
 def test_a_process_killed_during_a_save_leaves_the_previous_step(tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, workdir, os.path.join(REPO, "configs/demo.py")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_SAVE, workdir, os.path.join(REPO, "configs/demo.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(os.listdir(checkpoint_dir(workdir))) == ["2", "4.orbax-checkpoint-tmp"]  # killed mid-write
 
     config = demo_config()
     replicated = mesh_lib.replicated(mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1]))
-    target = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-              "params": {"w": jax.ShapeDtypeStruct((4, 1024), jnp.float32, sharding=replicated)},
-              "ema": {"w": jax.ShapeDtypeStruct((4, 1024), jnp.float32, sharding=replicated)}, "opt_state": {}}
+    target = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+        "params": {"w": jax.ShapeDtypeStruct((4, 1024), jnp.float32, sharding=replicated)},
+        "ema": {"w": jax.ShapeDtypeStruct((4, 1024), jnp.float32, sharding=replicated)},
+        "opt_state": {},
+    }
     checkpointer = Checkpointer(workdir, every=1, keep=5, read_only=True)
     assert checkpointer.latest_step() == 2
     step, state, data = checkpointer.restore_latest(target, config)
@@ -187,10 +201,21 @@ def field_names(message):
 def test_check_compatible_lists_exactly_the_fields_that_change_the_state():
     saved = demo_config()
     current = demo_config()
-    for key, value in [("train.num_steps", 99), ("train.learning_rate", 0.5), ("train.warmup_steps", 0),
-                       ("train.checkpoint_every", 7), ("train.log_every", 3), ("train.sample_every", 0),
-                       ("train.weight_decay", 0.1), ("train.batch_size", 4), ("data.train_shards", "/x/*.tfrecord"),
-                       ("data.shuffle_buffer", 5), ("mesh.data", 2), ("mesh.fsdp", 4), ("text.max_length", 8)]:
+    for key, value in [
+        ("train.num_steps", 99),
+        ("train.learning_rate", 0.5),
+        ("train.warmup_steps", 0),
+        ("train.checkpoint_every", 7),
+        ("train.log_every", 3),
+        ("train.sample_every", 0),
+        ("train.weight_decay", 0.1),
+        ("train.batch_size", 4),
+        ("data.train_shards", "/x/*.tfrecord"),
+        ("data.shuffle_buffer", 5),
+        ("mesh.data", 2),
+        ("mesh.fsdp", 4),
+        ("text.max_length", 8),
+    ]:
         config_lib.apply_override(current, key, str(value))
     check_compatible(saved, current)
 
@@ -219,7 +244,10 @@ def test_adafactor_weight_decay_on_or_off_changes_the_state():
     check_compatible(saved, current)
     # The rule matches optax: the structures differ exactly when check_compatible says so.
     params = {"w": jnp.zeros((4, 6))}
-    structure = lambda c: jax.tree.structure(jax.eval_shape(optimizer_lib.make_optimizer(c.train).init, params))
+
+    def structure(c):
+        return jax.tree.structure(jax.eval_shape(optimizer_lib.make_optimizer(c.train).init, params))
+
     assert structure(saved) == structure(current)
     saved.train.weight_decay = 0.0
     assert structure(saved) != structure(current)

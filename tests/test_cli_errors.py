@@ -26,15 +26,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _save_stage(config, workdir):
     """A checkpoint as the trainer writes it, with random weights (compiling a train step takes a minute)."""
+    from imagen_jax.stage.checkpoint import Checkpointer
     from imagen_jax.train import optimizer as optimizer_lib
     from imagen_jax.train import state as state_lib
-    from imagen_jax.stage.checkpoint import Checkpointer
 
     tx = optimizer_lib.make_optimizer(config.train)
     abstract = jax.eval_shape(lambda: state_lib.fresh_state(config, 16, tx))
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype) if x.dtype == np.float32
-                         else np.zeros(x.shape, x.dtype), abstract)
+    state = jax.tree.map(
+        lambda x: rng.normal(size=x.shape).astype(x.dtype) if x.dtype == np.float32 else np.zeros(x.shape, x.dtype),
+        abstract,
+    )
     checkpointer = Checkpointer(workdir, every=1, keep=1, async_save=False)
     checkpointer.save(1, {**state, "step": np.int32(1)}, config, {"batches_consumed": 1})
     checkpointer.close()
@@ -90,10 +92,14 @@ SAMPLE_ARGUMENT_ERRORS = [
     (["--steps", "2.5"], "--steps '2.5': each value must be an int"),
     (["--sr_workdir", "sr", "--steps", "1,2,3"], "--steps has 3 values for 2 stages (give one, or one per stage)"),
     (["--guidance_scale", "strong"], "--guidance_scale 'strong': each value must be a float"),
-    (["--guidance_scale", "-1"],
-     "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got -1"),
-    (["--sr_workdir", "sr", "--guidance_scale", "3,nan"],
-     "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got 3,nan"),
+    (
+        ["--guidance_scale", "-1"],
+        "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got -1",
+    ),
+    (
+        ["--sr_workdir", "sr", "--guidance_scale", "3,nan"],
+        "--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, got 3,nan",
+    ),
     (["--sampler", "euler"], "--sampler 'euler': unknown sampler 'euler'; valid samplers: ddpm, ddim, dpmpp_2m"),
     (["--num_images", "0"], "--num_images must be >= 1, got 0"),
     (["--batch_size", "-2"], "--batch_size must be >= 1, got -2"),
@@ -101,16 +107,19 @@ SAMPLE_ARGUMENT_ERRORS = [
     (["--sr_noise_level", "-0.1"], "--sr_noise_level must be in [0, 1], got -0.1"),
     (["--sr_noise_level", "high"], "argument --sr_noise_level: invalid float value: 'high'"),
     (["--seed", "-1"], "--seed must be in [0, 4294967292] (image i uses seed + i, a uint32), got -1"),
-    (["--num_images", "2", "--seed", "4294967295"],
-     "--seed must be in [0, 4294967294] (image i uses seed + i, a uint32), got 4294967295"),
+    (
+        ["--num_images", "2", "--seed", "4294967295"],
+        "--seed must be in [0, 4294967294] (image i uses seed + i, a uint32), got 4294967295",
+    ),
 ]
 
 
 @pytest.mark.parametrize("args,message", SAMPLE_ARGUMENT_ERRORS, ids=[" ".join(a) for a, _ in SAMPLE_ARGUMENT_ERRORS])
 def test_sample_argument_errors(tmp_path, args, message):
     """Checked before any model loads: the workdirs here do not even exist."""
-    proc = _cli("sample.py", "--workdir", str(tmp_path / "base"), "--prompt", "a cat", "--out", str(tmp_path / "o"),
-                *args)
+    proc = _cli(
+        "sample.py", "--workdir", str(tmp_path / "base"), "--prompt", "a cat", "--out", str(tmp_path / "o"), *args
+    )
     _assert_one_line_error(proc, 2, f"sample.py: error: {message}")
     assert not (tmp_path / "o").exists()
 
@@ -123,16 +132,28 @@ def test_sample_prompts_file_and_out_errors(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "good.txt").write_text("a cat\n")
     cases = [
-        (["--prompts_file", str(missing)],
-         f"cannot read --prompts_file '{missing}': [Errno 2] No such file or directory: '{missing}'"),
-        (["--prompts_file", str(folder)], f"cannot read --prompts_file '{folder}': [Errno 21] Is a directory: '{folder}'"),
-        (["--prompts_file", str(tmp_path / "latin1.txt")],
-         f"cannot read --prompts_file '{tmp_path / 'latin1.txt'}': 'utf-8' codec can't decode byte 0xe9 in position 3: "
-         "invalid continuation byte"),
-        (["--prompt", "a cat", "--prompts_file", str(tmp_path / "blank.txt")],
-         f"--prompts_file '{tmp_path / 'blank.txt'}' has no prompts (every line is blank)"),
-        (["--prompts_file", str(tmp_path / "good.txt"), "--out", str(tmp_path / "file" / "samples")],
-         f"--out '{tmp_path / 'file' / 'samples'}' cannot be created or written: {tmp_path / 'file'} is not a directory"),
+        (
+            ["--prompts_file", str(missing)],
+            f"cannot read --prompts_file '{missing}': [Errno 2] No such file or directory: '{missing}'",
+        ),
+        (
+            ["--prompts_file", str(folder)],
+            f"cannot read --prompts_file '{folder}': [Errno 21] Is a directory: '{folder}'",
+        ),
+        (
+            ["--prompts_file", str(tmp_path / "latin1.txt")],
+            f"cannot read --prompts_file '{tmp_path / 'latin1.txt'}': 'utf-8' codec can't decode byte 0xe9 in "
+            "position 3: invalid continuation byte",
+        ),
+        (
+            ["--prompt", "a cat", "--prompts_file", str(tmp_path / "blank.txt")],
+            f"--prompts_file '{tmp_path / 'blank.txt'}' has no prompts (every line is blank)",
+        ),
+        (
+            ["--prompts_file", str(tmp_path / "good.txt"), "--out", str(tmp_path / "file" / "samples")],
+            f"--out '{tmp_path / 'file' / 'samples'}' cannot be created or written: "
+            f"{tmp_path / 'file'} is not a directory",
+        ),
     ]
     for args, message in cases:
         out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
@@ -143,30 +164,44 @@ def test_sample_prompts_file_and_out_errors(tmp_path):
 
 def test_wrong_stage_order_fails_before_loading(stages, tmp_path):
     base, sr, sr_export = stages["base"], stages["sr"], stages["sr_export"]
-    hint = "pass the base stage (making the 8x8 images it takes) first (sample.py --workdir), then the SR stages (--sr_workdir)"
+    hint = (
+        "pass the base stage (making the 8x8 images it takes) first (sample.py --workdir), "
+        "then the SR stages (--sr_workdir)"
+    )
     for first in (sr, sr_export):
         with pytest.raises(ValueError) as error:
             Imagen.load([first])
         assert str(error.value) == (
-            f"the first stage ({first}) is a super-resolution stage (efficient_unet, 8->16), not a base stage: {hint}")
+            f"the first stage ({first}) is a super-resolution stage (efficient_unet, 8->16), not a base stage: {hint}"
+        )
     with pytest.raises(ValueError) as error:
         Imagen.load([base, base])
     assert str(error.value) == (
         f"stage {base} is a base stage (unet, 8x8), not a super-resolution stage: only the first stage (sample.py "
-        f"--workdir) is a base stage; the cascade given: {base} (unet, 8x8) -> {base} (unet, 8x8)")
+        f"--workdir) is a base stage; the cascade given: {base} (unet, 8x8) -> {base} (unet, 8x8)"
+    )
     with pytest.raises(ValueError) as error:
         Imagen.load([base, sr, sr_export])
     assert str(error.value) == (
         f"stage {sr_export} takes 8x8 input, but the stage before it ({sr}) makes 16x16 images; the cascade given: "
-        f"{base} (unet, 8x8) -> {sr} (efficient_unet, 8->16) -> {sr_export} (efficient_unet, 8->16)")
+        f"{base} (unet, 8x8) -> {sr} (efficient_unet, 8->16) -> {sr_export} (efficient_unet, 8->16)"
+    )
 
     # Through the CLI: a runtime error (exit 1) in one line; nothing is written.
     proc = _cli("sample.py", "--workdir", sr, "--prompt", "a cat", "--out", str(tmp_path / "out"))
-    _assert_one_line_error(proc, 1, f"sample.py: error: the first stage ({sr}) is a super-resolution stage "
-                                    f"(efficient_unet, 8->16), not a base stage: {hint}")
-    proc = _cli("sample.py", "--workdir", base, "--sr_workdir", base, "--prompt", "a cat", "--out", str(tmp_path / "out"))
+    _assert_one_line_error(
+        proc,
+        1,
+        f"sample.py: error: the first stage ({sr}) is a super-resolution stage "
+        f"(efficient_unet, 8->16), not a base stage: {hint}",
+    )
+    proc = _cli(
+        "sample.py", "--workdir", base, "--sr_workdir", base, "--prompt", "a cat", "--out", str(tmp_path / "out")
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"sample.py: error: stage {base} is a base stage (unet, 8x8)")
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith(f"sample.py: error: stage {base} is a base stage (unet, 8x8)")
+    )
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -174,10 +209,10 @@ def test_unreadable_stage_configs_name_the_path(stages):
     from imagen_jax.tools.export import export_workdir
 
     expected = {
-        "no_config": "cannot read the stage config: Item \"config\" was not found in the checkpoint. "
-                     "Available items: ['ema', 'train', 'data']",
+        "no_config": 'cannot read the stage config: Item "config" was not found in the checkpoint. '
+        "Available items: ['ema', 'train', 'data']",
         "bad_config": "cannot read the stage config: Expecting property name enclosed in double quotes: "
-                      "line 1 column 2 (char 1)",
+        "line 1 column 2 (char 1)",
         "odd_config": "not a stage config (no data.image_size)",
     }
     for name, reason in expected.items():
@@ -196,17 +231,32 @@ def test_unreadable_stage_configs_name_the_path(stages):
 def test_export_cli_errors(stages, tmp_path):
     (tmp_path / "file").write_text("x")
     cases = [
-        (["--workdir", str(tmp_path / "empty"), "--out", str(tmp_path / "e")], 1,
-         f"no checkpoint in {tmp_path / 'empty' / 'checkpoints'} (train the stage first, or check --workdir)"),
-        (["--workdir", stages["base"], "--out", str(tmp_path / "file" / "e")], 1,
-         f"{tmp_path / 'file' / 'e'}: cannot be created, {tmp_path / 'file'} is a file"),
-        (["--workdir", stages["base"], "--out", str(tmp_path / "file"), "--overwrite"], 1,
-         f"{tmp_path / 'file'}: exists and is a file, not an export folder"),
-        (["--workdir", stages["bad_config"], "--out", str(tmp_path / "e")], 1,
-         f"{os.path.join(stages['bad_config'], 'checkpoints')}/1/config: cannot read the stage config: "
-         "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-        (["--workdir", stages["base"], "--out", str(tmp_path / "e"), "--text_dim", "0"], 2,
-         "--text_dim must be >= 1, got 0"),
+        (
+            ["--workdir", str(tmp_path / "empty"), "--out", str(tmp_path / "e")],
+            1,
+            f"no checkpoint in {tmp_path / 'empty' / 'checkpoints'} (train the stage first, or check --workdir)",
+        ),
+        (
+            ["--workdir", stages["base"], "--out", str(tmp_path / "file" / "e")],
+            1,
+            f"{tmp_path / 'file' / 'e'}: cannot be created, {tmp_path / 'file'} is a file",
+        ),
+        (
+            ["--workdir", stages["base"], "--out", str(tmp_path / "file"), "--overwrite"],
+            1,
+            f"{tmp_path / 'file'}: exists and is a file, not an export folder",
+        ),
+        (
+            ["--workdir", stages["bad_config"], "--out", str(tmp_path / "e")],
+            1,
+            f"{os.path.join(stages['bad_config'], 'checkpoints')}/1/config: cannot read the stage config: "
+            "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        (
+            ["--workdir", stages["base"], "--out", str(tmp_path / "e"), "--text_dim", "0"],
+            2,
+            "--text_dim must be >= 1, got 0",
+        ),
         (["--workdir", stages["base"], "--out", str(tmp_path / "e"), "--step", "-1"], 2, "--step must be >= 0, got -1"),
     ]
     for args, returncode, message in cases:
@@ -223,9 +273,14 @@ class FakeImagen:
         self.stages = []
         for workdir, (size, lowres) in zip(workdirs, sizes):
             model = {"kind": "efficient_unet", "lowres_size": lowres} if lowres else {"kind": "unet"}
-            config = ml_collections.ConfigDict({"data": {"image_size": size}, "model": model,
-                                                "diffusion": {"sr_noise_level": 0.2},
-                                                "train": {"sample_steps": 2, "sample_guidance_scale": 1.0}})
+            config = ml_collections.ConfigDict(
+                {
+                    "data": {"image_size": size},
+                    "model": model,
+                    "diffusion": {"sr_noise_level": 0.2},
+                    "train": {"sample_steps": 2, "sample_guidance_scale": 1.0},
+                }
+            )
             self.stages.append(Stage(workdir=workdir, config=config, params=None, apply_fn=None, step=7))
 
     @classmethod
@@ -238,13 +293,15 @@ class FakeImagen:
 
 
 def _sample(out, prompts=("a cat", "a dog"), overwrite=True):
-    return sample_files.sample_to_folder(["base", "sr"], list(prompts), out=str(out), num_images=2, seed=0,
-                                         batch_size=3, overwrite=overwrite)
+    return sample_files.sample_to_folder(
+        ["base", "sr"], list(prompts), out=str(out), num_images=2, seed=0, batch_size=3, overwrite=overwrite
+    )
 
 
 def _leftovers(out):
-    return sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files
-                  if ".partial-" in f)
+    return sorted(
+        os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files if ".partial-" in f
+    )
 
 
 def test_sample_folder_is_complete_or_has_no_index(tmp_path, monkeypatch):
@@ -252,8 +309,11 @@ def test_sample_folder_is_complete_or_has_no_index(tmp_path, monkeypatch):
     out = tmp_path / "out"
     written = []
     write_atomic = sample_files.write_atomically
-    monkeypatch.setattr(sample_files, "write_atomically",
-                        lambda path, data, **kw: (write_atomic(path, data, **kw), written.append(path)))
+    monkeypatch.setattr(
+        sample_files,
+        "write_atomically",
+        lambda path, data, **kw: (write_atomic(path, data, **kw), written.append(path)),
+    )
     names = _sample(out)
     assert names == ["000_00_a_cat.png", "000_01_a_cat.png", "001_00_a_dog.png", "001_01_a_dog.png"]
     rel = [os.path.relpath(p, out) for p in written]
@@ -316,7 +376,8 @@ def test_stage_loads_from_workdir_and_export_and_names_a_misfit(stages):
     message = str(error.value)
     assert "\n" not in message and message.startswith(
         f"{os.path.join(stages['sr'], 'checkpoints')}/1: cannot restore the EMA weights of the model its config "
-        "describes (text width 24): ")
+        "describes (text width 24): "
+    )
 
 
 def test_a_folder_with_another_runs_images_is_refused_unless_overwrite(tmp_path, monkeypatch):
@@ -325,14 +386,21 @@ def test_a_folder_with_another_runs_images_is_refused_unless_overwrite(tmp_path,
     out = tmp_path / "out"
     first = _sample(out, overwrite=False)
     (out / "notes.txt").write_text("mine")  # not an image: never touched
-    with pytest.raises(UsageError, match=r"already holds another run's images \(10 files, e.g. 000_00_a_cat.png\); "
-                                         r"pass --overwrite"):
+    with pytest.raises(
+        UsageError,
+        match=r"already holds another run's images \(10 files, e.g. 000_00_a_cat.png\); "
+        r"pass --overwrite",
+    ):
         _sample(out, prompts=["a bird"], overwrite=False)
     assert sorted(os.listdir(out)) == sorted(["4px", "grid.png", "samples.json", "notes.txt", *first])
     second = _sample(out, prompts=["a bird"])
     assert sorted(os.listdir(out)) == sorted(["4px", "grid.png", "samples.json", "notes.txt", *second])
     assert sorted(os.listdir(out / "4px")) == second and "a_bird" in second[0]
     proc = _cli("sample.py", "--workdir", "base", "--prompt", "a cat", "--out", str(out))
-    _assert_one_line_error(proc, 2, f"sample.py: error: --out {str(out)!r} already holds another run's images "
-                                    "(6 files, e.g. 000_00_a_bird.png); pass --overwrite to replace them, or choose a "
-                                    "new folder")
+    _assert_one_line_error(
+        proc,
+        2,
+        f"sample.py: error: --out {str(out)!r} already holds another run's images "
+        "(6 files, e.g. 000_00_a_bird.png); pass --overwrite to replace them, or choose a "
+        "new folder",
+    )

@@ -13,24 +13,35 @@ DEMO = "configs/demo.py"
 
 def test_overrides_parse_to_the_field_type():
     c = config_lib.load_config_file(DEMO)
-    config_lib.apply_overrides(c, [
-        "--config.train.batch_size=64", "--config.train.learning_rate=3", "--config.model.channel_mults=(1,2,4)",
-        "--config.text.encoder", "/models/t5", "--config.diffusion.objective=v", "--config.data.precomputed_text=true",
-    ])
+    config_lib.apply_overrides(
+        c,
+        [
+            "--config.train.batch_size=64",
+            "--config.train.learning_rate=3",
+            "--config.model.channel_mults=(1,2,4)",
+            "--config.text.encoder",
+            "/models/t5",
+            "--config.diffusion.objective=v",
+            "--config.data.precomputed_text=true",
+        ],
+    )
     assert c.train.batch_size == 64 and isinstance(c.train.learning_rate, float) and c.train.learning_rate == 3.0
     assert c.model.channel_mults == (1, 2, 4)
     assert c.text.encoder == "/models/t5" and c.diffusion.objective == "v" and c.data.precomputed_text is True
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("--config.train.batchsize=64", "unknown config key 'train.batchsize' (did you mean 'train.batch_size'?)"),
-    ("--config.trian.batch_size=64", "unknown config key 'trian'"),
-    ("--config.train.batch_size=abc", "config key 'train.batch_size' expects int, got 'abc'"),
-    ("--config.train.batch_size=1.5", "config key 'train.batch_size' expects int, got '1.5'"),
-    ("--config.data.precomputed_text=maybe", "expects a bool"),
-    ("--config.train=3", "is a section"),
-    ("--workdirr=x", "unrecognised argument '--workdirr=x'"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--config.train.batchsize=64", "unknown config key 'train.batchsize' (did you mean 'train.batch_size'?)"),
+        ("--config.trian.batch_size=64", "unknown config key 'trian'"),
+        ("--config.train.batch_size=abc", "config key 'train.batch_size' expects int, got 'abc'"),
+        ("--config.train.batch_size=1.5", "config key 'train.batch_size' expects int, got '1.5'"),
+        ("--config.data.precomputed_text=maybe", "expects a bool"),
+        ("--config.train=3", "is a section"),
+        ("--workdirr=x", "unrecognised argument '--workdirr=x'"),
+    ],
+)
 def test_bad_overrides_name_the_key_and_value(arg, message):
     c = config_lib.load_config_file(DEMO)
     with pytest.raises(config_lib.ConfigError) as e:
@@ -57,7 +68,9 @@ def test_json_round_trip_keeps_tuples():
 def test_train_cli_rejects_unknown_key_in_one_line():
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", DEMO, "--workdir", "/tmp/unused", "--config.train.nope=1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "train.py: error: unknown config key 'train.nope'"

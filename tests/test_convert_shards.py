@@ -16,9 +16,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from imagen_jax.data import convert_shards as cs
 from imagen_jax.data.pipeline import make_dataset
 from imagen_jax.data.records import example_from_sample, sample_from_example
-from imagen_jax.data import convert_shards as cs
 from imagen_jax.tools import convert_shards as convert_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +34,22 @@ def _image(fmt: str, seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
 
 def _meta(key: str, i: int) -> dict:
     """img2dataset-like metadata with every value type: int, float, str, bool, None, nested."""
-    return {"url": f"http://example.com/{i}.jpg", "key": key, "status": "success", "error_message": None,
-            "width": 12, "height": 10, "original_width": 640 + i, "original_height": 480, "score": 0.3125 + i,
-            "nsfw": False, "sha256": "ab" * 32, "caption": f"caption {i}", "tags": ["a", i, None],
-            "exif": {"Image Make": "Canon", "depth": [1, 2.5]}}
+    return {
+        "url": f"http://example.com/{i}.jpg",
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "width": 12,
+        "height": 10,
+        "original_width": 640 + i,
+        "original_height": 480,
+        "score": 0.3125 + i,
+        "nsfw": False,
+        "sha256": "ab" * 32,
+        "caption": f"caption {i}",
+        "tags": ["a", i, None],
+        "exif": {"Image Make": "Canon", "depth": [1, 2.5]},
+    }
 
 
 def _sample(i: int, fmt: str = "jpg", caption: bytes | None = b"", meta: bool = True) -> tuple[str, dict]:
@@ -107,10 +119,17 @@ def test_records_match_inputs_for_every_format_and_type(tmp_path):
         assert features["status"].bytes_list.value == [b"success"]
         assert features["score"].float_list.value == pytest.approx([meta["score"]])
         assert "error_message" not in features and ("txt" in features) == ("txt" in members)
-        parsed = tf.io.parse_single_example(example.SerializeToString(), {
-            fmt: tf.io.FixedLenFeature([], tf.string), "status": tf.io.FixedLenFeature([], tf.string),
-            **{n: tf.io.FixedLenFeature([], tf.int64) for n in ("width", "height", "original_width",
-                                                                  "original_height")}})
+        parsed = tf.io.parse_single_example(
+            example.SerializeToString(),
+            {
+                fmt: tf.io.FixedLenFeature([], tf.string),
+                "status": tf.io.FixedLenFeature([], tf.string),
+                **{
+                    n: tf.io.FixedLenFeature([], tf.int64)
+                    for n in ("width", "height", "original_width", "original_height")
+                },
+            },
+        )
         assert int(parsed["original_width"]) == meta["original_width"]
 
 
@@ -128,8 +147,14 @@ def test_explicit_sample_fields_win_over_metadata():
 def test_pipeline_reads_converted_shards(tmp_path):
     _write_tar(tmp_path / "00000.tar", [_sample(i, fmt) for i, fmt in enumerate(["jpg", "png", "webp", "jpg"])])
     cs.convert([str(tmp_path / "00000.tar")], str(tmp_path / "out"), workers=1)
-    config = ml_collections.ConfigDict({"train_shards": str(tmp_path / "out" / "*.tfrecord"), "image_size": 8,
-                                        "shuffle_buffer": 4, "num_parallel_calls": 1})
+    config = ml_collections.ConfigDict(
+        {
+            "train_shards": str(tmp_path / "out" / "*.tfrecord"),
+            "image_size": 8,
+            "shuffle_buffer": 4,
+            "num_parallel_calls": 1,
+        }
+    )
     ds, stats = make_dataset(config, batch_size=4, seed=0, repeat=False)
     (batch,) = list(ds.as_numpy_iterator())
     assert batch["image"].shape == (4, 8, 8, 3)
@@ -160,11 +185,14 @@ def _tar_with_offsets(path, n: int) -> tuple[str, list[tarfile.TarInfo]]:
         return str(path), tar.getmembers()
 
 
-@pytest.mark.parametrize("damage, kept", [
-    ("mid_member", 2),  # cut inside sample 2's image: samples 0 and 1 are complete
-    ("at_boundary", 1),  # cut right before sample 2's first header: sample 1 may have lost members, dropped
-    ("bad_header", 1),  # garbage in sample 2's first header
-])
+@pytest.mark.parametrize(
+    "damage, kept",
+    [
+        ("mid_member", 2),  # cut inside sample 2's image: samples 0 and 1 are complete
+        ("at_boundary", 1),  # cut right before sample 2's first header: sample 1 may have lost members, dropped
+        ("bad_header", 1),  # garbage in sample 2's first header
+    ],
+)
 def test_damaged_tar_keeps_earlier_samples_and_names_the_shard(tmp_path, capsys, damage, kept):
     path, infos = _tar_with_offsets(tmp_path / "00007.tar", 4)
     first_of_2 = next(i for i in infos if i.name.startswith("000000002."))
@@ -174,7 +202,7 @@ def test_damaged_tar_keeps_earlier_samples_and_names_the_shard(tmp_path, capsys,
     elif damage == "at_boundary":
         data = data[: first_of_2.offset]
     else:
-        data[first_of_2.offset: first_of_2.offset + 100] = b"x" * 100
+        data[first_of_2.offset : first_of_2.offset + 100] = b"x" * 100
     open(path, "wb").write(bytes(data))
 
     totals = cs.convert(path, str(tmp_path / "out"), workers=1)
@@ -194,8 +222,14 @@ def test_unreadable_shard_fails_without_output_and_others_go_on(tmp_path, capsys
     assert sorted(os.listdir(tmp_path / "out")) == ["00000.tfrecord"]
     assert "00001.tar" in capsys.readouterr().err
     # Exit status 1 only when every shard failed.
-    assert convert_cli.main(["--input", str(tmp_path / "00001.tar"), "--output", str(tmp_path / "out2"), "--workers", "1"]) == 1
-    assert convert_cli.main(["--input", str(tmp_path / "*.tar"), "--output", str(tmp_path / "out3"), "--workers", "1"]) == 0
+    assert (
+        convert_cli.main(["--input", str(tmp_path / "00001.tar"), "--output", str(tmp_path / "out2"), "--workers", "1"])
+        == 1
+    )
+    assert (
+        convert_cli.main(["--input", str(tmp_path / "*.tar"), "--output", str(tmp_path / "out3"), "--workers", "1"])
+        == 0
+    )
 
 
 class _OneWayReader(io.RawIOBase):
@@ -208,7 +242,7 @@ class _OneWayReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        chunk = self._data[self.read_bytes: self.read_bytes + len(buffer)]
+        chunk = self._data[self.read_bytes : self.read_bytes + len(buffer)]
         buffer[: len(chunk)] = chunk
         self.read_bytes += len(chunk)
         return len(chunk)
@@ -269,8 +303,13 @@ def test_output_appears_only_when_complete(tmp_path, monkeypatch):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagen_jax.tools.convert_shards", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "imagen_jax.tools.convert_shards", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_with_workers_prints_progress_and_summary(tmp_path):
@@ -281,7 +320,8 @@ def test_cli_with_workers_prints_progress_and_summary(tmp_path):
     lines = run.stdout.strip().splitlines()
     progress = sorted(lines[:-1], key=lambda line: line.split("] ")[1])
     assert [line.split("] ")[1] for line in progress] == [
-        f"0000{s}.tar -> 0000{s}.tfrecord: {s + 1} samples (0 skipped)" for s in range(3)]
+        f"0000{s}.tar -> 0000{s}.tfrecord: {s + 1} samples (0 skipped)" for s in range(3)
+    ]
     assert sorted(line.split("]")[0] for line in progress) == ["[1/3", "[2/3", "[3/3"]
     assert lines[-1].startswith("done: 3 shards (3 converted, 0 existing, 0 damaged, 0 failed); 6 samples")
     assert sorted(os.listdir(tmp_path / "out")) == [f"0000{s}.tfrecord" for s in range(3)]
@@ -290,8 +330,9 @@ def test_cli_with_workers_prints_progress_and_summary(tmp_path):
 def test_cli_input_matching_nothing_is_a_one_line_error(tmp_path):
     run = _cli("--input", str(tmp_path / "nothing_*.tar"), "--output", str(tmp_path / "out"))
     assert run.returncode != 0
-    assert run.stderr.strip().splitlines() == [f"convert_shards: error: no shard files match "
-                                               f"{str(tmp_path / 'nothing_*.tar')!r}"]
+    assert run.stderr.strip().splitlines() == [
+        f"convert_shards: error: no shard files match {str(tmp_path / 'nothing_*.tar')!r}"
+    ]
     assert not (tmp_path / "out").exists()
 
 

@@ -100,11 +100,14 @@ def test_batches_have_shape_range_and_matching_captions(demo_shards):
 def test_resize_short_side_then_center_crop(tmp_path):
     stripes = np.zeros((40, 120, 3), np.uint8)  # Red | green | blue, 40 px each; output keeps the middle.
     stripes[:, :40, 0] = stripes[:, 40:80, 1] = stripes[:, 80:, 2] = 255
-    shard = write_records(tmp_path / "s.tfrecord", [
-        {"png": encode_image(stripes, "PNG"), "txt": b"wide"},
-        {"png": encode_image(np.ascontiguousarray(stripes.transpose(1, 0, 2)), "PNG"), "txt": b"tall"},
-        {"png": encode_image(solid((10, 130, 250), 7, 13), "PNG"), "txt": b"small"},  # Upsampled.
-    ])
+    shard = write_records(
+        tmp_path / "s.tfrecord",
+        [
+            {"png": encode_image(stripes, "PNG"), "txt": b"wide"},
+            {"png": encode_image(np.ascontiguousarray(stripes.transpose(1, 0, 2)), "PNG"), "txt": b"tall"},
+            {"png": encode_image(solid((10, 130, 250), 7, 13), "PNG"), "txt": b"small"},  # Upsampled.
+        ],
+    )
     examples, _ = read_epoch(data_config(shard, image_size=10))
     by_caption = {e["caption"]: e["image"] for e in examples}
     green = np.array([-1.0, 1.0, -1.0])
@@ -116,21 +119,30 @@ def test_resize_short_side_then_center_crop(tmp_path):
 
 def test_image_formats_and_channel_conversion(tmp_path):
     gray, rgba = solid((100,)), solid((10, 20, 30, 128))
-    shard = write_records(tmp_path / "s.tfrecord", [
-        {"jpg": encode_image(solid((200, 40, 40)), "JPEG"), "txt": b"jpg"},
-        {"png": encode_image(solid((40, 200, 40)), "PNG"), "txt": b"png"},
-        {"webp": encode_image(solid((40, 40, 200)), "WEBP"), "txt": b"webp"},
-        {"png": encode_image(gray, "PNG"), "txt": b"gray png"},
-        {"jpg": encode_image(gray, "JPEG"), "txt": b"gray jpg"},
-        {"png": encode_image(rgba, "PNG"), "txt": b"rgba png"},
-    ])
+    shard = write_records(
+        tmp_path / "s.tfrecord",
+        [
+            {"jpg": encode_image(solid((200, 40, 40)), "JPEG"), "txt": b"jpg"},
+            {"png": encode_image(solid((40, 200, 40)), "PNG"), "txt": b"png"},
+            {"webp": encode_image(solid((40, 40, 200)), "WEBP"), "txt": b"webp"},
+            {"png": encode_image(gray, "PNG"), "txt": b"gray png"},
+            {"jpg": encode_image(gray, "JPEG"), "txt": b"gray jpg"},
+            {"png": encode_image(rgba, "PNG"), "txt": b"rgba png"},
+        ],
+    )
     examples, stats = read_epoch(data_config(shard, image_size=8))
     assert stats["skipped_undecodable"] == 0
     assert (stats["converted_grayscale"], stats["converted_alpha"]) == (2, 1)
     # Alpha is composited onto white: 128/255 of the colour, the rest white.
     on_white = tuple(c * 128 / 255 + 255 * (1 - 128 / 255) for c in (10, 20, 30))
-    expected = {"jpg": (200, 40, 40), "png": (40, 200, 40), "webp": (40, 40, 200), "gray png": (100,) * 3,
-                "gray jpg": (100,) * 3, "rgba png": on_white}
+    expected = {
+        "jpg": (200, 40, 40),
+        "png": (40, 200, 40),
+        "webp": (40, 40, 200),
+        "gray png": (100,) * 3,
+        "gray jpg": (100,) * 3,
+        "rgba png": on_white,
+    }
     assert sorted(e["caption"] for e in examples) == sorted(expected)
     for example in examples:
         want = np.broadcast_to(np.array(expected[example["caption"]]) / 127.5 - 1.0, (8, 8, 3))
@@ -140,12 +152,15 @@ def test_image_formats_and_channel_conversion(tmp_path):
 
 def test_caption_prefers_txt_then_caption_and_skips_empty(tmp_path):
     image = encode_image(solid((200, 40, 40)), "PNG")
-    shard = write_records(tmp_path / "s.tfrecord", [
-        {"png": image, "txt": b"from txt", "caption": b"not this"},
-        {"png": image, "caption": b"from caption"},
-        {"png": image, "txt": b"", "caption": b"empty txt falls back"},
-        {"png": image},
-    ])
+    shard = write_records(
+        tmp_path / "s.tfrecord",
+        [
+            {"png": image, "txt": b"from txt", "caption": b"not this"},
+            {"png": image, "caption": b"from caption"},
+            {"png": image, "txt": b"", "caption": b"empty txt falls back"},
+            {"png": image},
+        ],
+    )
     examples, stats = read_epoch(data_config(shard))
     assert sorted(e["caption"] for e in examples) == ["empty txt falls back", "from caption", "from txt"]
     assert (stats["records"], stats["delivered"], stats["skipped_caption_length"]) == (4, 3, 1)
@@ -167,8 +182,7 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path):
 def test_processes_read_disjoint_file_sets_covering_all(tmp_path):
     image = encode_image(solid((200, 40, 40)), "PNG")
     for f in range(5):
-        write_records(tmp_path / f"{f:05d}.tfrecord", [{"png": image, "txt": f"f{f} r{r}".encode()}
-                                                         for r in range(3)])
+        write_records(tmp_path / f"{f:05d}.tfrecord", [{"png": image, "txt": f"f{f} r{r}".encode()} for r in range(3)])
     cfg = data_config(str(tmp_path / "*.tfrecord"))
     files_of = []
     for index in range(2):
@@ -276,7 +290,7 @@ def test_random_crops_are_seeded_windows_of_the_resized_image(tmp_path):
         crop = example["image"]
         assert crop.shape == (8, 8, 3)
         y, x = round((crop[0, 0, 1] + 1) * 127.5 / 8), round((crop[0, 0, 0] + 1) * 127.5 / 8)
-        np.testing.assert_allclose(crop, reference[y:y + 8, x:x + 8], atol=1e-5)
+        np.testing.assert_allclose(crop, reference[y : y + 8, x : x + 8], atol=1e-5)
         offsets.add((y, x))
     assert len(offsets) > 3  # different windows per example
     np.testing.assert_array_equal(np.stack([e["image"] for e in crops]), np.stack([e["image"] for e in again]))

@@ -24,7 +24,9 @@ def test_truncated_last_record_keeps_the_rest_and_reports_the_shard(tmp_path, ca
     open(path, "wb").write(data[:-10])  # Cut inside the last record.
     other = write_records(tmp_path / "00001.tfrecord", _good(3, "other"))
     examples, stats = read_epoch(data_config([path, other]))
-    assert sorted(e["caption"] for e in examples) == sorted([f"good {i}" for i in range(4)] + [f"other {i}" for i in range(3)])
+    assert sorted(e["caption"] for e in examples) == sorted(
+        [f"good {i}" for i in range(4)] + [f"other {i}" for i in range(3)]
+    )
     assert (stats["shards_read"], stats["shards_damaged"], stats["delivered"]) == (2, 1, 7)
     out = capfd.readouterr().out
     assert "00000.tfrecord is truncated or has a corrupt record" in out and "00001" not in out
@@ -79,7 +81,9 @@ def test_cmyk_16_bit_palette_and_gray_alpha_images_are_converted(tmp_path):
     rgb = np.zeros((24, 24, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 180, 90, 30
     gray16 = np.full((24, 24), 40000, np.uint16)  # 16-bit PNG: 40000 / 65535 of full scale.
-    gray_alpha = Image.fromarray(np.stack([np.full((24, 24), 50, np.uint8), np.full((24, 24), 255, np.uint8)], -1), "LA")
+    gray_alpha = Image.fromarray(
+        np.stack([np.full((24, 24), 50, np.uint8), np.full((24, 24), 255, np.uint8)], -1), "LA"
+    )
     records = [
         {"jpg": encode_image(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=98), "txt": b"cmyk"},
         {"png": encode_image(Image.fromarray(gray16), "PNG"), "txt": b"gray16"},
@@ -123,12 +127,17 @@ def test_filters_status_size_aspect_and_caption_length(tmp_path):
         record(b"x" * 300),
         record(b""),
     ]
-    cfg = data_config(write_records(tmp_path / "s.tfrecord", records), min_image_size=128, max_aspect_ratio=2.0,
-                      max_caption_chars=200)
+    cfg = data_config(
+        write_records(tmp_path / "s.tfrecord", records), min_image_size=128, max_aspect_ratio=2.0, max_caption_chars=200
+    )
     examples, stats = read_epoch(cfg)
     assert [e["caption"] for e in examples] == ["kept"]
-    assert (stats["skipped_status"], stats["skipped_image_size"], stats["skipped_aspect_ratio"],
-            stats["skipped_caption_length"]) == (1, 3, 1, 2)
+    assert (
+        stats["skipped_status"],
+        stats["skipped_image_size"],
+        stats["skipped_aspect_ratio"],
+        stats["skipped_caption_length"],
+    ) == (1, 3, 1, 2)
     # Defaults: only the failed status and the empty caption go.
     examples, stats = read_epoch(data_config(cfg.train_shards))
     assert len(examples) == 6 and (stats["skipped_status"], stats["skipped_caption_length"]) == (1, 1)

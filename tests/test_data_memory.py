@@ -57,16 +57,21 @@ def _write_shards(folder, num_shards: int, records_per_shard: int, images: list[
     """Shards of incompressible JPEGs (~230 KB each, CC12M-like); returns their total bytes."""
     os.makedirs(folder)
     for s in range(num_shards):
-        write_records(os.path.join(folder, f"{s:05d}.tfrecord"),
-                      [{"jpg": images[(s + r) % len(images)], "txt": f"shard {s} record {r}".encode()}
-                       for r in range(records_per_shard)])
+        write_records(
+            os.path.join(folder, f"{s:05d}.tfrecord"),
+            [
+                {"jpg": images[(s + r) % len(images)], "txt": f"shard {s} record {r}".encode()}
+                for r in range(records_per_shard)
+            ],
+        )
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
 def _stream(folder) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", STREAM, str(folder)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", STREAM, str(folder)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

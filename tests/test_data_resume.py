@@ -21,8 +21,13 @@ def shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("resume")
     rng = np.random.default_rng(0)
     for f in range(NUM_FILES):
-        records = [{"png": encode_image(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), "PNG"),
-                    "txt": f"f{f} r{r}".encode()} for r in range(PER_FILE - 1)]
+        records = [
+            {
+                "png": encode_image(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), "PNG"),
+                "txt": f"f{f} r{r}".encode(),
+            }
+            for r in range(PER_FILE - 1)
+        ]
         records.insert(3, {"jpg": b"not an image", "txt": b"bad"})
         write_records(root / f"{f:05d}.tfrecord", records)
     return str(root / "*.tfrecord")

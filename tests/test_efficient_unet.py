@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.random_params import random_state
 from imagen_jax.config import load_config_file
 from imagen_jax.models import EfficientUNet, build_sr_unet, build_unet, upsample_lowres
+from tests.random_params import random_state
 
 TINY = dict(
     kind="efficient_unet",
@@ -33,16 +33,12 @@ VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", N
 
 def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) -> EfficientUNet:
     return nnx.eval_shape(
-        lambda: build_sr_unet(
-            cfg, image_size=image_size, text_dim=text_dim, rngs=nnx.Rngs(0), dtype=dtype
-        )
+        lambda: build_sr_unet(cfg, image_size=image_size, text_dim=text_dim, rngs=nnx.Rngs(0), dtype=dtype)
     )
 
 
 def _count(model) -> int:
     return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 
 
 def _apply_fn(graphdef):
@@ -167,9 +163,7 @@ def test_bfloat16_compute_close_to_float32(tiny):
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     assert rel < 0.1, rel
     convs = [
-        e
-        for e in jax.make_jaxpr(apply16)(state, *inputs).jaxpr.eqns
-        if e.primitive.name == "conv_general_dilated"
+        e for e in jax.make_jaxpr(apply16)(state, *inputs).jaxpr.eqns if e.primitive.name == "conv_general_dilated"
     ]
     assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
@@ -200,9 +194,7 @@ def test_real_init_zeroes_residual_branches_and_output():
     # Jitted init (one compile, rbg keys: both much cheaper on CPU than eager threefry init).
     rngs = lambda: nnx.Rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
     params = jax.jit(
-        lambda: nnx.state(
-            build_sr_unet(TINY, image_size=IMAGE, text_dim=TEXT_DIM, rngs=rngs()), nnx.Param
-        )
+        lambda: nnx.state(build_sr_unet(TINY, image_size=IMAGE, text_dim=TEXT_DIM, rngs=rngs()), nnx.Param)
     )()
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
     branch_outputs = ("conv2']['kernel", "out']['kernel", "fc2']['kernel", "out_conv")

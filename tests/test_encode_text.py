@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imagen_jax.data import demo, text_records
+from imagen_jax.data import demo, encode_text, text_records
 from imagen_jax.text import T5Encoder, make_tiny_t5
-from imagen_jax.data import encode_text
 from imagen_jax.tools import encode_text as encode_text_cli
 
 MAX_LENGTH = 8
@@ -24,9 +23,14 @@ def _bytes(value: bytes) -> tf.train.Feature:
 
 def _edge_records() -> list[tuple[bytes, str | None]]:
     """(serialized record, the caption the tool must encode; None: not an Example, must be skipped)."""
+
     def example(**features: bytes) -> bytes:
-        feats = {"key": _bytes(b"edge"), "jpg": _bytes(b"\xff\xd8 not really a jpeg"), "url": _bytes(b"x://y"),
-                 "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[7]))}
+        feats = {
+            "key": _bytes(b"edge"),
+            "jpg": _bytes(b"\xff\xd8 not really a jpeg"),
+            "url": _bytes(b"x://y"),
+            "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[7])),
+        }
         feats.update({k: _bytes(v) for k, v in features.items()})
         return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
@@ -49,10 +53,17 @@ def data(tmp_path_factory):
     with tf.io.TFRecordWriter(str(inputs / "00003.tfrecord")) as writer:
         for record, _ in _edge_records():
             writer.write(record)
-    summary = encode_text.encode_shards(t5, str(inputs / "*.tfrecord"), str(root / "out"), max_length=MAX_LENGTH,
-                                        batch_size=4, log=lambda line: None)
-    return {"root": root, "t5": t5, "inputs": inputs, "out": root / "out", "summary": summary,
-            "encoder": T5Encoder.from_pretrained(t5)}
+    summary = encode_text.encode_shards(
+        t5, str(inputs / "*.tfrecord"), str(root / "out"), max_length=MAX_LENGTH, batch_size=4, log=lambda line: None
+    )
+    return {
+        "root": root,
+        "t5": t5,
+        "inputs": inputs,
+        "out": root / "out",
+        "summary": summary,
+        "encoder": T5Encoder.from_pretrained(t5),
+    }
 
 
 def _examples(path) -> list[tf.train.Example | None]:
@@ -73,10 +84,12 @@ def _expected_captions(path) -> list[str]:
 
 def _decoded(path, dim: int, dtype: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Reads the embeddings back the way a training pipeline would: parse + decode_embedding in tf.data."""
+
     def decode(record):
         features = tf.io.parse_single_example(record, text_records.FEATURE_SPEC)
-        embedding, mask = text_records.decode_embedding(features[text_records.EMBEDDING_FEATURE],
-                                                        features[text_records.LENGTH_FEATURE], dim, dtype, max_length)
+        embedding, mask = text_records.decode_embedding(
+            features[text_records.EMBEDDING_FEATURE], features[text_records.LENGTH_FEATURE], dim, dtype, max_length
+        )
         assert embedding.dtype == {"bfloat16": tf.bfloat16, "float16": tf.float16}[dtype]
         return tf.cast(embedding, tf.float32), mask
 
@@ -128,8 +141,15 @@ def test_empty_caption_is_eos_alone(data):
 def test_metadata_and_summary(data):
     with open(data["out"] / text_records.METADATA_FILE) as f:
         metadata = json.load(f)
-    assert metadata == {"encoder": data["t5"], "dim": 16, "max_length": MAX_LENGTH, "dtype": "bfloat16",
-                        "compute_dtype": "float32", "num_shards": 4, "num_records": 20}
+    assert metadata == {
+        "encoder": data["t5"],
+        "dim": 16,
+        "max_length": MAX_LENGTH,
+        "dtype": "bfloat16",
+        "compute_dtype": "float32",
+        "num_shards": 4,
+        "num_records": 20,
+    }
     summary = data["summary"]
     assert (summary["written"], summary["existing"], summary["records"], summary["unparsable"]) == (4, 0, 20, 1)
     assert summary["damaged"] == [] and summary["metadata"] == metadata
@@ -141,8 +161,15 @@ def test_metadata_and_summary(data):
 
 def test_float16_and_shorter_reader_truncates(data, tmp_path):
     src = data["inputs"] / "00003.tfrecord"
-    summary = encode_text.encode_shards(data["t5"], str(src), str(tmp_path / "f16"), max_length=MAX_LENGTH,
-                                        dtype="float16", batch_size=2, log=lambda line: None)
+    summary = encode_text.encode_shards(
+        data["t5"],
+        str(src),
+        str(tmp_path / "f16"),
+        max_length=MAX_LENGTH,
+        dtype="float16",
+        batch_size=2,
+        log=lambda line: None,
+    )
     assert summary["metadata"]["dtype"] == "float16" and summary["metadata"]["num_records"] == 5
     reference, mask = (np.asarray(a) for a in data["encoder"].encode(_expected_captions(src), MAX_LENGTH))
     reference = np.where(mask[..., None], reference, 0)
@@ -215,8 +242,14 @@ def test_damaged_shard_is_reported_and_the_rest_encoded(data, tmp_path):
     whole = (inputs / "00000.tfrecord").read_bytes()
     (inputs / "00000.tfrecord").write_bytes(whole[: len(whole) // 2])  # cut inside the 3rd of 5 records
     lines = []
-    summary = encode_text.encode_shards(data["t5"], str(inputs / "*.tfrecord"), str(tmp_path / "out"),
-                                        max_length=MAX_LENGTH, batch_size=2, log=lines.append)
+    summary = encode_text.encode_shards(
+        data["t5"],
+        str(inputs / "*.tfrecord"),
+        str(tmp_path / "out"),
+        max_length=MAX_LENGTH,
+        batch_size=2,
+        log=lines.append,
+    )
     kept = len(_examples(tmp_path / "out" / "00000.tfrecord"))
     assert 0 < kept < 5 and len(_examples(tmp_path / "out" / "00001.tfrecord")) == 5
     assert [src for src, _ in summary["damaged"]] == [str(inputs / "00000.tfrecord")]
@@ -231,12 +264,24 @@ def test_damaged_shard_is_reported_and_the_rest_encoded(data, tmp_path):
 
 @pytest.mark.parametrize("case", ["encoder", "input", "output", "max_length"])
 def test_cli_errors_are_one_line(data, tmp_path, capsys, case):
-    argv = {"encoder": str(data["t5"]), "input": str(data["inputs"] / "*.tfrecord"), "output": str(tmp_path / "o"),
-            "max_length": "8"}
-    bad = {"encoder": str(tmp_path / "missing_t5"), "input": str(tmp_path / "nothing*.tfrecord"),
-           "output": str(data["inputs"]), "max_length": "0"}
-    expected = {"encoder": "missing_t5/config.json: T5 config.json not found", "input": "no shard files match",
-                "output": "is the folder of input shard", "max_length": "--max_length must be >= 1, got 0"}
+    argv = {
+        "encoder": str(data["t5"]),
+        "input": str(data["inputs"] / "*.tfrecord"),
+        "output": str(tmp_path / "o"),
+        "max_length": "8",
+    }
+    bad = {
+        "encoder": str(tmp_path / "missing_t5"),
+        "input": str(tmp_path / "nothing*.tfrecord"),
+        "output": str(data["inputs"]),
+        "max_length": "0",
+    }
+    expected = {
+        "encoder": "missing_t5/config.json: T5 config.json not found",
+        "input": "no shard files match",
+        "output": "is the folder of input shard",
+        "max_length": "--max_length must be >= 1, got 0",
+    }
     argv[case] = bad[case]
     status = encode_text_cli.main([arg for key, value in argv.items() for arg in (f"--{key}", value)])
     assert status == (2 if case in ("output", "max_length") else 1)  # bad arguments exit 2, as sample.py's
@@ -248,11 +293,27 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys, case):
 def test_processes_split_the_files_and_only_process_0_writes_metadata(data, tmp_path):
     out = tmp_path / "out"
     spec = str(data["inputs"] / "*.tfrecord")
-    second = encode_text.encode_shards(data["t5"], spec, str(out), max_length=MAX_LENGTH, batch_size=4,
-                                       process_index=1, process_count=2, log=lambda line: None)
+    second = encode_text.encode_shards(
+        data["t5"],
+        spec,
+        str(out),
+        max_length=MAX_LENGTH,
+        batch_size=4,
+        process_index=1,
+        process_count=2,
+        log=lambda line: None,
+    )
     assert sorted(os.listdir(out)) == ["00001.tfrecord", "00003.tfrecord"] and second["metadata"] is None
-    first = encode_text.encode_shards(data["t5"], spec, str(out), max_length=MAX_LENGTH, batch_size=4,
-                                      process_index=0, process_count=2, log=lambda line: None)
+    first = encode_text.encode_shards(
+        data["t5"],
+        spec,
+        str(out),
+        max_length=MAX_LENGTH,
+        batch_size=4,
+        process_index=0,
+        process_count=2,
+        log=lambda line: None,
+    )
     assert [os.path.basename(f) for f in first["shards"]] == ["00000.tfrecord", "00002.tfrecord"]
     assert first["metadata"]["num_shards"] == 4 and "num_records" not in first["metadata"]
     for name in ("00000.tfrecord", "00003.tfrecord"):

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from imagen_jax import config as config_lib
+from imagen_jax.data import demo
 from imagen_jax.errors import OutputError
 from imagen_jax.stage import export as export_lib
-from imagen_jax.data import demo
 from imagen_jax.text.tiny import make_tiny_t5
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,9 +47,9 @@ def trained(tmp_path_factory):
     """A workdir with checkpoints at steps 1 and 2 written as the trainer writes them (Checkpointer.save of
     the full train state), holding random weights: compiling a real train step takes a minute on this CPU,
     so real training is in the slow end-to-end test below. Returns (workdir, config)."""
+    from imagen_jax.stage.checkpoint import Checkpointer
     from imagen_jax.train import optimizer as optimizer_lib
     from imagen_jax.train import state as state_lib
-    from imagen_jax.stage.checkpoint import Checkpointer
 
     root = tmp_path_factory.mktemp("export")
     (root / "t5").mkdir()  # the exporter reads only the T5 width from config.json
@@ -59,8 +59,10 @@ def trained(tmp_path_factory):
     tx = optimizer_lib.make_optimizer(config.train)
     abstract = jax.eval_shape(lambda: state_lib.fresh_state(config, 16, tx))
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype) if x.dtype == np.float32
-                         else np.zeros(x.shape, x.dtype), abstract)
+    state = jax.tree.map(
+        lambda x: rng.normal(size=x.shape).astype(x.dtype) if x.dtype == np.float32 else np.zeros(x.shape, x.dtype),
+        abstract,
+    )
     workdir = str(root / "run")
     checkpointer = Checkpointer(workdir, every=1, keep=2, async_save=False)
     for step in (1, 2):
@@ -156,8 +158,14 @@ def test_export_of_an_earlier_step(trained, tmp_path):
 
 def _cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "imagen_jax.tools.export", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "imagen_jax.tools.export", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_cli_overwrite_and_one_line_errors(trained, tmp_path):
@@ -167,8 +175,9 @@ def test_cli_overwrite_and_one_line_errors(trained, tmp_path):
     (out / "notes.txt").write_text("keep me")
     proc = _cli("--workdir", workdir, "--out", str(out))
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [f"export: error: {out}: already exists and is not empty "
-                                                "(--overwrite / overwrite=True replaces it)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"export: error: {out}: already exists and is not empty (--overwrite / overwrite=True replaces it)"
+    ]
     assert os.listdir(out) == ["notes.txt"]
 
     proc = _cli("--workdir", workdir, "--out", str(out), "--overwrite")
@@ -181,14 +190,17 @@ def test_cli_overwrite_and_one_line_errors(trained, tmp_path):
     assert proc.returncode == 1
     checkpoints = tmp_path / "missing" / "checkpoints"
     assert proc.stderr.strip().splitlines() == [
-        f"export: error: no checkpoint in {checkpoints} (train the stage first, or check --workdir)"]
+        f"export: error: no checkpoint in {checkpoints} (train the stage first, or check --workdir)"
+    ]
     assert not (tmp_path / "o2").exists()
 
 
 def _tiny_params():
     rng = np.random.default_rng(1)
-    return {"blocks": {0: {"w": rng.normal(size=(2, 3)).astype(np.float32)}, 1: {"w": np.zeros((3,), np.float32)}},
-            "out": {"kernel": rng.normal(size=(3, 1, 2)).astype(np.float32)}}
+    return {
+        "blocks": {0: {"w": rng.normal(size=(2, 3)).astype(np.float32)}, 1: {"w": np.zeros((3,), np.float32)}},
+        "out": {"kernel": rng.normal(size=(3, 1, 2)).astype(np.float32)},
+    }
 
 
 def test_killed_export_leaves_no_export(tmp_path):
@@ -206,7 +218,10 @@ def test_killed_export_leaves_no_export(tmp_path):
     assert not out.exists() and not export_lib.is_export(str(out))
     (partial,) = os.listdir(tmp_path)
     assert partial.startswith(".stage.partial-") and sorted(os.listdir(tmp_path / partial)) == [
-        "config.json", "ema.safetensors", "export.json"]
+        "config.json",
+        "ema.safetensors",
+        "export.json",
+    ]
 
     # A folder an in-place writer would have left (no export.json yet) is not an export either.
     os.remove(tmp_path / partial / "export.json")
@@ -233,9 +248,11 @@ def test_round_trip_keys_and_read_errors(tmp_path):
     with pytest.raises(OutputError, match="already exists and is not empty"):
         export_lib.write_export(folder, config, params, step=6, text_dim=4, source="src")
 
-    for bad, match in [({"a/b": np.ones(1, np.float32)}, "key 'a/b' under '<root>' cannot round-trip"),
-                       ({"x": {"0": np.ones(1, np.float32)}}, "key '0' under 'x' cannot round-trip"),
-                       ({"i": np.ones(2, np.int32)}, "'i' has dtype int32, expected floating point")]:
+    for bad, match in [
+        ({"a/b": np.ones(1, np.float32)}, "key 'a/b' under '<root>' cannot round-trip"),
+        ({"x": {"0": np.ones(1, np.float32)}}, "key '0' under 'x' cannot round-trip"),
+        ({"i": np.ones(2, np.int32)}, "'i' has dtype int32, expected floating point"),
+    ]:
         with pytest.raises(ValueError, match=match):
             export_lib.write_export(str(tmp_path / "bad"), config, bad, step=0, text_dim=4, source="src")
         assert not os.path.exists(tmp_path / "bad")
@@ -252,12 +269,24 @@ def test_round_trip_keys_and_read_errors(tmp_path):
     open(weights, "wb").write(data[:-4])
     with pytest.raises(ValueError, match=rf"^{weights}: not a readable safetensors file"):
         export_lib.read_export(folder)
-    save_file({"blocks/0/w": np.ones(2, np.float16), "blocks/1/w": np.ones(2, np.float32),
-               "out/kernel": np.ones(1, np.float32)}, weights)
+    save_file(
+        {
+            "blocks/0/w": np.ones(2, np.float16),
+            "blocks/1/w": np.ones(2, np.float32),
+            "out/kernel": np.ones(1, np.float32),
+        },
+        weights,
+    )
     with pytest.raises(ValueError, match=rf"^{weights}: tensor 'blocks/0/w' is float16, expected float32$"):
         export_lib.read_export(folder)
-    save_file({"blocks/0": np.ones(2, np.float32), "blocks/0/w": np.ones(2, np.float32),
-               "out/kernel": np.ones(1, np.float32)}, weights)
+    save_file(
+        {
+            "blocks/0": np.ones(2, np.float32),
+            "blocks/0/w": np.ones(2, np.float32),
+            "out/kernel": np.ones(1, np.float32),
+        },
+        weights,
+    )
     with pytest.raises(ValueError, match=rf"^{weights}: tensor 'blocks/0(/w)?' (lies under|is also a prefix)"):
         export_lib.read_export(folder)
 

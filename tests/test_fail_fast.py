@@ -45,12 +45,23 @@ CASES = [
     (["--config.model.kind=unet2"], 1, "config.model.kind='unet2' is not one of ['efficient_unet', 'unet']"),
     (["--config.train.compute_dtype=fp16"], 1, "config.train.compute_dtype='fp16' is not one of float32, bfloat16"),
     (["--config.train.batch_size=0"], 1, "config.train.batch_size must be >= 1, got 0"),
-    (["--config.data.image_size=64"], 1,
-     "config.model.attn_resolutions [4] are not feature-map sizes of this U-Net [64, 32, 16] (data.image_size=64)"),
-    (["--config.data.format=webdataset"], 1, "config.data.format='webdataset' is not supported; use one of tfrecord "
-     "(convert webdataset .tar shards with python -m imagen_jax.tools.convert_shards)"),
-    (["--config.data.train_shards="], 1, "config.data.train_shards is empty: set it to your shard files (a glob, "
-     "brace pattern, list or .txt list file; local or gs://)"),
+    (
+        ["--config.data.image_size=64"],
+        1,
+        "config.model.attn_resolutions [4] are not feature-map sizes of this U-Net [64, 32, 16] (data.image_size=64)",
+    ),
+    (
+        ["--config.data.format=webdataset"],
+        1,
+        "config.data.format='webdataset' is not supported; use one of tfrecord "
+        "(convert webdataset .tar shards with python -m imagen_jax.tools.convert_shards)",
+    ),
+    (
+        ["--config.data.train_shards="],
+        1,
+        "config.data.train_shards is empty: set it to your shard files (a glob, "
+        "brace pattern, list or .txt list file; local or gs://)",
+    ),
 ]
 
 
@@ -67,18 +78,39 @@ def test_bad_files_and_workdirs_are_one_line_and_leave_nothing(assets, tmp_path,
     good = [f"--config.text.encoder={assets / 't5'}", f"--config.data.train_shards={assets / 'data' / '*.tfrecord'}"]
     workdir = tmp_path / "w"
     cases = [
-        (["--config", str(assets / "syntax.py"), "--workdir", str(workdir)], 2,
-         f"config file '{assets / 'syntax.py'}' line 1: SyntaxError: invalid syntax"),
-        (["--config", "configs/demo.py", "--workdir", str(workdir), *good,
-          f"--config.text.encoder={assets / 'bad_t5'}"], 1,
-         f"{assets / 'bad_t5' / 'config.json'}: T5 config.json cannot be read as JSON: Expecting property name "
-         "enclosed in double quotes: line 1 column 2 (char 1)"),
-        (["--config", "configs/demo.py", "--workdir", str(assets / "a_file"), *good], 1,
-         f"--workdir '{assets / 'a_file'}' exists and is a file, not a folder"),
-        (["--config", "configs/demo.py", "--workdir", str(assets / "a_file" / "run"), *good], 1,
-         f"--workdir '{assets / 'a_file' / 'run'}' cannot be created: {assets / 'a_file'} is a file"),
-        (["--config", "configs/demo.py", "--workdir", "/proc/imagen_jax_test/run", *good], 1,
-         "--workdir '/proc/imagen_jax_test/run' cannot be created: "),
+        (
+            ["--config", str(assets / "syntax.py"), "--workdir", str(workdir)],
+            2,
+            f"config file '{assets / 'syntax.py'}' line 1: SyntaxError: invalid syntax",
+        ),
+        (
+            [
+                "--config",
+                "configs/demo.py",
+                "--workdir",
+                str(workdir),
+                *good,
+                f"--config.text.encoder={assets / 'bad_t5'}",
+            ],
+            1,
+            f"{assets / 'bad_t5' / 'config.json'}: T5 config.json cannot be read as JSON: Expecting property name "
+            "enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        (
+            ["--config", "configs/demo.py", "--workdir", str(assets / "a_file"), *good],
+            1,
+            f"--workdir '{assets / 'a_file'}' exists and is a file, not a folder",
+        ),
+        (
+            ["--config", "configs/demo.py", "--workdir", str(assets / "a_file" / "run"), *good],
+            1,
+            f"--workdir '{assets / 'a_file' / 'run'}' cannot be created: {assets / 'a_file'} is a file",
+        ),
+        (
+            ["--config", "configs/demo.py", "--workdir", "/proc/imagen_jax_test/run", *good],
+            1,
+            "--workdir '/proc/imagen_jax_test/run' cannot be created: ",
+        ),
     ]
     for args, status, line in cases:
         got_status, got_line = _train(capsys, *args)
@@ -90,11 +122,20 @@ def test_distributed_without_a_cluster_is_one_line(assets, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
-                           "--distributed"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"), "--distributed"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "train.py: error: --distributed: jax.distributed.initialize() found no cluster to join")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("train.py: error: --distributed: jax.distributed.initialize() found no cluster to join")
+    )
     assert not (tmp_path / "w").exists()
 
 
@@ -124,8 +165,10 @@ def test_tool_errors_share_the_cli_prefix_and_exit_codes(tmp_path, capsys):
     assert eval_demo.main(["--workdir", str(tmp_path / "nowhere")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         f"eval_demo: error: no checkpoint in {tmp_path / 'nowhere' / 'checkpoints'} (train the stage first, or check "
-        "--workdir)"]
+        "--workdir)"
+    ]
     assert demo_tool.main(["--workdir", str(tmp_path / "demo"), "--base_config", str(tmp_path / "missing.py")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"demo: error: config file '{tmp_path / 'missing.py'}' does not exist"]
+        f"demo: error: config file '{tmp_path / 'missing.py'}' does not exist"
+    ]
     assert not (tmp_path / "demo").exists()

@@ -75,8 +75,11 @@ def test_the_check_finds_an_upward_import(tmp_path):
     (package / "cascade.py").write_text("def load():\n    from imagen_jax.train.step import make_apply_fn\n")
     (package / "models" / "unet.py").write_text("from ..tools import demo\n")
     assert upward_imports(str(tmp_path)) == [
-        "imagen_jax.cascade imports imagen_jax.train.step", "imagen_jax.cascade imports imagen_jax.train.step.make_apply_fn",
-        "imagen_jax.models.unet imports imagen_jax.tools", "imagen_jax.models.unet imports imagen_jax.tools.demo"]
+        "imagen_jax.cascade imports imagen_jax.train.step",
+        "imagen_jax.cascade imports imagen_jax.train.step.make_apply_fn",
+        "imagen_jax.models.unet imports imagen_jax.tools",
+        "imagen_jax.models.unet imports imagen_jax.tools.demo",
+    ]
 
 
 @pytest.mark.parametrize("name", ["cascade.py", "pipeline.py"])

@@ -24,8 +24,14 @@ def test_legacy_stage_samples_the_same_images(name, reference):
     stage = Stage.load(os.path.join(LEGACY, name), text_dim=MADE["text_dim"])
     assert stage.step == 2
     kind = name.split("_")[0]
-    x = stage.sample(reference["text"], reference["mask"], MADE["seeds"], steps=MADE["steps"],
-                     guidance_scale=MADE["guidance_scale"], lowres=reference["lowres"] if kind == "sr" else None)
+    x = stage.sample(
+        reference["text"],
+        reference["mask"],
+        MADE["seeds"],
+        steps=MADE["steps"],
+        guidance_scale=MADE["guidance_scale"],
+        lowres=reference["lowres"] if kind == "sr" else None,
+    )
     np.testing.assert_allclose(x, reference[kind], rtol=0, atol=1e-5)
     if kind == "sr":  # the noise level is no longer a constant: an old config reads as the 0.2 it sampled with
         assert stage.config.diffusion.sr_noise_level == MADE["sr_noise_level"]
@@ -41,8 +47,9 @@ def test_legacy_checkpoint_resumes_training(tmp_path, capsys):
     workdir = tmp_path / "base"
     shutil.copytree(os.path.join(LEGACY, "base"), workdir)
     demo.write_demo_shards(str(tmp_path / "data"), num_examples=16, image_size=8, num_shards=1, seed=0)
-    make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=MADE["text_dim"], num_layers=1, num_heads=2,
-                 d_kv=8, d_ff=32)
+    make_tiny_t5(
+        str(tmp_path / "t5"), demo.all_captions(), d_model=MADE["text_dim"], num_layers=1, num_heads=2, d_kv=8, d_ff=32
+    )
     config = stage_config(str(workdir))  # as saved then, completed with today's defaults
     config.text.encoder, config.data.train_shards = str(tmp_path / "t5"), str(tmp_path / "data" / "*.tfrecord")
     config.train.num_steps = 3

@@ -52,9 +52,27 @@ def _run(assets, workdir, processes: int, num_steps: int) -> tuple[dict, str]:
     (read here, in one process: orbax restores are collectives), and process 0's stdout."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), str(processes), str(port), str(assets),
-                               str(workdir), str(num_steps)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SCRIPT,
+                str(i),
+                str(processes),
+                str(port),
+                str(assets),
+                str(workdir),
+                str(num_steps),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -82,7 +100,10 @@ def test_two_processes_checkpoint_both_positions_and_resume_exactly(tmp_path):
     # One process resuming the two-process run: files are reassigned, a fresh epoch starts, the log says so.
     _, log = _run(tmp_path, tmp_path / "resumed", processes=1, num_steps=8)
     next_epoch = max(e for e, _ in resumed["data"]["positions"]) + 1
-    assert f"written by 2 processes and this run has 1; shard files are reassigned, so every process starts epoch {next_epoch}" in log
+    assert (
+        f"written by 2 processes and this run has 1; shard files are reassigned, so every process starts "
+        f"epoch {next_epoch}" in log
+    )
 
 
 @pytest.mark.slow
@@ -92,9 +113,17 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
     port, workdir = _free_port(), tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), "2", str(port), str(tmp_path), str(workdir),
-                               "100000"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, str(i), "2", str(port), str(tmp_path), str(workdir), "100000"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for line in procs[0].stdout:  # Process 0 logs; wait until both are stepping.
         if line.startswith("step 3:"):
             break

@@ -24,7 +24,9 @@ class FakeMesh:
 
 def test_spec_for_maps_names_and_replicates_what_does_not_divide():
     rules = mesh_lib.rules_dict((("channels_out", "fsdp"), ("channels_in", "fsdp"), ("conv_h", None)))
-    assert mesh_lib.spec_for(("conv_h", "conv_w", "channels_in", "channels_out"), (3, 3, 64, 128), FakeMesh, rules) == P(None, None, "fsdp", None)
+    assert mesh_lib.spec_for(
+        ("conv_h", "conv_w", "channels_in", "channels_out"), (3, 3, 64, 128), FakeMesh, rules
+    ) == P(None, None, "fsdp", None)
     assert mesh_lib.spec_for(("channels_in", "channels_out"), (6, 128), FakeMesh, rules) == P(None, "fsdp")
     assert mesh_lib.spec_for(("channels_out",), (6,), FakeMesh, rules) == P(None)
     assert mesh_lib.spec_for(None, (6,), FakeMesh, rules) == P()
@@ -46,8 +48,8 @@ def test_bad_rules_and_mesh_sizes_are_clear_errors():
 def test_adafactor_state_gets_shardings_that_fit_its_factored_moments():
     """Adafactor keeps rank-reduced row/column statistics: their shardings cannot be their parameters'."""
     from imagen_jax import config as config_lib
-    from imagen_jax.train import optimizer as optimizer_lib
     from imagen_jax.stage.model import stage_model
+    from imagen_jax.train import optimizer as optimizer_lib
     from imagen_jax.train import state as state_lib
 
     c = config_lib.load_config_file(os.path.join(REPO, "configs/demo.py"))
@@ -95,13 +97,23 @@ SCRIPT = textwrap.dedent("""
 
 
 def _train(assets, workdir, devices, data, fsdp):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(assets), str(workdir), str(data), str(fsdp)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(assets), str(workdir), str(data), str(fsdp)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
 
 
 def test_eight_devices_fsdp_train_like_one(tmp_path):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from imagen_jax.data import demo
+from imagen_jax.data.encode_text import encode_shards
 from imagen_jax.data.pipeline import make_dataset
 from imagen_jax.text import T5Encoder, make_tiny_t5
-from imagen_jax.data.encode_text import encode_shards
 from tests.shard_helpers import data_config
 
 MAX_LENGTH = 12
@@ -23,8 +23,14 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("precomputed")
     demo.write_demo_shards(str(root / "raw"), num_examples=40, image_size=8, num_shards=3, seed=0)
     t5 = make_tiny_t5(str(root / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
-    encode_shards(t5, str(root / "raw" / "*.tfrecord"), str(root / "t5_shards"), max_length=MAX_LENGTH,
-                  batch_size=8, log=lambda _: None)
+    encode_shards(
+        t5,
+        str(root / "raw" / "*.tfrecord"),
+        str(root / "t5_shards"),
+        max_length=MAX_LENGTH,
+        batch_size=8,
+        log=lambda _: None,
+    )
     return root
 
 
@@ -41,7 +47,7 @@ def test_precomputed_batches_match_on_the_fly_encoding(assets):
         reference = np.asarray(encoder(jnp.asarray(ids), jnp.asarray(mask)))
         np.testing.assert_array_equal(b["mask"], mask)  # ... and the same text, up to bfloat16 storage.
         text = np.asarray(b["text"], np.float32)
-        np.testing.assert_allclose(text[mask], reference[mask], rtol=2 ** -7, atol=1e-6)
+        np.testing.assert_allclose(text[mask], reference[mask], rtol=2**-7, atol=1e-6)
         assert not text[~mask].any()
 
 

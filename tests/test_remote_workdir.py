@@ -27,8 +27,12 @@ def test_event_files_go_to_a_url_workdir():
     writer.image(3, "samples", np.zeros((4, 4, 3), np.uint8))
     writer.close()
     (events,) = tf.io.gfile.glob("ram://bucket/run/tensorboard/events.out.tfevents.*")
-    tags = {(e.step, v.tag) for r in tf.data.TFRecordDataset(events).as_numpy_iterator()
-            for e in [tf.compat.v1.Event.FromString(r)] for v in e.summary.value}
+    tags = {
+        (e.step, v.tag)
+        for r in tf.data.TFRecordDataset(events).as_numpy_iterator()
+        for e in [tf.compat.v1.Event.FromString(r)]
+        for v in e.summary.value
+    }
     assert tags == {(3, "loss"), (3, "samples")}
 
 
@@ -53,9 +57,9 @@ def test_a_url_workdir_trains_resumes_and_samples(assets, tmp_path, monkeypatch,
     """train -> resume -> sample with `--workdir` a URL: config.json, event files and sample grids live in the
     stand-in bucket (ram://); the orbax checkpoints, which reach gs:// through tensorstore, go to a local
     folder that stands in for `<workdir>/checkpoints`, so the loop's own handling of a URL workdir is what runs."""
-    from imagen_jax.stage import stage as stage_lib
     from imagen_jax.sample_files import sample_to_folder
     from imagen_jax.stage import checkpoint as checkpoint_lib
+    from imagen_jax.stage import stage as stage_lib
     from imagen_jax.train.loop import run
 
     workdir = f"ram://bucket/{tmp_path.name}/run"
@@ -75,10 +79,20 @@ def test_a_url_workdir_trains_resumes_and_samples(assets, tmp_path, monkeypatch,
     assert sorted(os.listdir(tmp_path / "bucket_checkpoints")) == ["2", "3"]
     with tf.io.gfile.GFile(f"{workdir}/config.json") as f:
         assert json.load(f)["train"]["num_steps"] == 3
-    assert tf.io.gfile.exists(f"{workdir}/samples/step_0000002.png") and tf.io.gfile.exists(f"{workdir}/samples/step_0000003.png")
+    assert tf.io.gfile.exists(f"{workdir}/samples/step_0000002.png") and tf.io.gfile.exists(
+        f"{workdir}/samples/step_0000003.png"
+    )
     assert len(tf.io.gfile.glob(f"{workdir}/tensorboard/events.out.tfevents.*")) == 2  # one per run
 
-    names = sample_to_folder([workdir], ["a red circle on the left"], out=str(tmp_path / "samples"), num_images=1,
-                             seed=0, steps=[2], guidance_scales=[1.0], batch_size=1)
+    names = sample_to_folder(
+        [workdir],
+        ["a red circle on the left"],
+        out=str(tmp_path / "samples"),
+        num_images=1,
+        seed=0,
+        steps=[2],
+        guidance_scales=[1.0],
+        batch_size=1,
+    )
     with open(tmp_path / "samples" / "samples.json") as f:
         assert json.load(f)["images"][names[0]]["stages"][0]["checkpoint_step"] == 3

@@ -170,8 +170,10 @@ def _correlated_denoiser():
     def apply_fn(params, x_t, t, text, text_mask, drop_text):
         mu, cov = params
         alpha, sigma = diffusion.alpha_sigma(diffusion.log_snr(t, "cosine"))
-        gain = alpha[:, None, None] * cov @ jnp.linalg.inv(
-            alpha[:, None, None] ** 2 * cov + sigma[:, None, None] ** 2 * jnp.eye(2)
+        gain = (
+            alpha[:, None, None]
+            * cov
+            @ jnp.linalg.inv(alpha[:, None, None] ** 2 * cov + sigma[:, None, None] ** 2 * jnp.eye(2))
         )
         x0 = mu + jnp.einsum("bij,bhwj->bhwi", gain, x_t - alpha[:, None, None, None] * mu)
         return diffusion.x0_to_pred(x0, x_t, alpha[:, None, None, None], sigma[:, None, None, None], "eps")

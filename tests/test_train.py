@@ -73,8 +73,16 @@ def test_train_resume_and_sample(assets, tmp_path, capsys):
     assert json.load(open(os.path.join(workdir, "config.json")))["model"]["dim"] == 16  # ...and keeps config.json.
 
     sample_dir = str(tmp_path / "samples")
-    names = sample_to_folder([workdir], ["a red circle on the left", "a green square at the top"], out=sample_dir,
-                             num_images=2, seed=7, steps=[3], guidance_scales=[2.0], batch_size=3)
+    names = sample_to_folder(
+        [workdir],
+        ["a red circle on the left", "a green square at the top"],
+        out=sample_dir,
+        num_images=2,
+        seed=7,
+        steps=[3],
+        guidance_scales=[2.0],
+        batch_size=3,
+    )
     index = json.load(open(os.path.join(sample_dir, "samples.json")))
     assert sorted(index["images"]) == sorted(names) and len(names) == 4
     seeds = sorted(v["seed"] for v in index["images"].values())
@@ -87,8 +95,16 @@ def test_train_resume_and_sample(assets, tmp_path, capsys):
 
     # Same seed, same images, whatever the batch split; the per-image seed is what matters.
     again = str(tmp_path / "again")
-    sample_to_folder([workdir], ["a red circle on the left", "a green square at the top"], out=again,
-                     num_images=2, seed=7, steps=[3], guidance_scales=[2.0], batch_size=4)
+    sample_to_folder(
+        [workdir],
+        ["a red circle on the left", "a green square at the top"],
+        out=again,
+        num_images=2,
+        seed=7,
+        steps=[3],
+        guidance_scales=[2.0],
+        batch_size=4,
+    )
     for name in names:
         a = np.asarray(Image.open(os.path.join(sample_dir, name)))
         b = np.asarray(Image.open(os.path.join(again, name)))
@@ -103,8 +119,15 @@ def test_resumed_run_sees_the_same_data_and_reaches_the_same_parameters(assets, 
     from imagen_jax.train.loop import run
 
     def config(num_steps):  # Constant learning rate, so stopping at 4 does not change the schedule.
-        c = tiny_config(assets, num_steps=num_steps, checkpoint_every=2, log_every=1, sample_every=0, warmup_steps=0,
-                        end_lr_fraction=1.0)
+        c = tiny_config(
+            assets,
+            num_steps=num_steps,
+            checkpoint_every=2,
+            log_every=1,
+            sample_every=0,
+            warmup_steps=0,
+            end_lr_fraction=1.0,
+        )
         c.data.crop_size = 6  # Random crops must replay too.
         return c
 
@@ -115,9 +138,13 @@ def test_resumed_run_sees_the_same_data_and_reaches_the_same_parameters(assets, 
     resumed_log = capsys.readouterr().out
     assert "data: resuming at epoch 0, record 3" in resumed_log  # 4 batches of 8 from 2 shards of 48 + markers.
     for step in (5, 6):
-        line = next(l for l in straight_log.splitlines() if l.startswith(f"step {step}:"))
-        assert line.split("images_per_sec")[0] == next(
-            l for l in resumed_log.splitlines() if l.startswith(f"step {step}:")).split("images_per_sec")[0]
+        line = next(out for out in straight_log.splitlines() if out.startswith(f"step {step}:"))
+        assert (
+            line.split("images_per_sec")[0]
+            == next(out for out in resumed_log.splitlines() if out.startswith(f"step {step}:")).split("images_per_sec")[
+                0
+            ]
+        )
     params = []
     for name in ("straight", "resumed"):
         checkpointer = Checkpointer(str(tmp_path / name), every=1, keep=1, read_only=True)
@@ -148,17 +175,37 @@ def test_sample_cli_errors(tmp_path):
 def test_killed_run_resumes_from_its_last_checkpoint(assets, tmp_path):
     """SIGKILL mid-run, then the same command: training continues from the newest checkpoint."""
     workdir = tmp_path / "killed"
-    args = ["train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
-            f"--config.data.train_shards={assets / 'data' / '*.tfrecord'}", f"--config.text.encoder={assets / 't5'}",
-            "--config.data.image_size=8", "--config.model.dim=16", "--config.model.channel_mults=(1,2)",
-            "--config.model.attn_resolutions=(4,)", "--config.model.head_dim=8", "--config.train.batch_size=8",
-            "--config.train.checkpoint_every=3", "--config.train.log_every=1", "--config.train.sample_every=0"]
+    args = [
+        "train.py",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.train_shards={assets / 'data' / '*.tfrecord'}",
+        f"--config.text.encoder={assets / 't5'}",
+        "--config.data.image_size=8",
+        "--config.model.dim=16",
+        "--config.model.channel_mults=(1,2)",
+        "--config.model.attn_resolutions=(4,)",
+        "--config.model.head_dim=8",
+        "--config.train.batch_size=8",
+        "--config.train.checkpoint_every=3",
+        "--config.train.log_every=1",
+        "--config.train.sample_every=0",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, *args, "--config.train.num_steps=100000"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--config.train.num_steps=100000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = workdir / "checkpoints"
     deadline = time.time() + 240
-    while time.time() < deadline and not (checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 6 for p in checkpoints.iterdir())):
+    while time.time() < deadline and not (
+        checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 6 for p in checkpoints.iterdir())
+    ):
         time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -174,21 +221,36 @@ def test_train_cli_bad_paths_are_one_line_errors(assets, tmp_path):
     base = ["train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w")]
     proc = _cli(*base, f"--config.text.encoder={tmp_path / 'no_t5'}", f"--config.data.train_shards={tmp_path}/*.rec")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == f"train.py: error: {tmp_path / 'no_t5' / 'config.json'}: T5 config.json not found"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"train.py: error: {tmp_path / 'no_t5' / 'config.json'}: T5 config.json not found"
+    )
     proc = _cli(*base, f"--config.text.encoder={assets / 't5'}", f"--config.data.train_shards={tmp_path}/*.rec")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"train.py: error: no shard files match '{tmp_path}/*.rec'"
     proc = _cli(*base, "--config.train.num_steps=0")
     assert proc.stderr.strip().splitlines()[-1] == "train.py: error: config.train.num_steps must be >= 1, got 0"
     # Filters that reject every record: one line naming the counters, instead of waiting forever for a batch.
-    proc = _cli(*base, f"--config.text.encoder={assets / 't5'}", f"--config.data.train_shards={assets / 'data' / '*.tfrecord'}",
-                "--config.data.image_size=8", "--config.model.dim=16", "--config.model.channel_mults=(1,2)",
-                "--config.model.attn_resolutions=(4,)", "--config.model.head_dim=8", "--config.train.batch_size=8",
-                "--config.data.min_caption_chars=1000")
+    proc = _cli(
+        *base,
+        f"--config.text.encoder={assets / 't5'}",
+        f"--config.data.train_shards={assets / 'data' / '*.tfrecord'}",
+        "--config.data.image_size=8",
+        "--config.model.dim=16",
+        "--config.model.channel_mults=(1,2)",
+        "--config.model.attn_resolutions=(4,)",
+        "--config.model.head_dim=8",
+        "--config.train.batch_size=8",
+        "--config.data.min_caption_chars=1000",
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("train.py: error: data: epoch 0 of this process (2 shard files) delivered no example "
-                           "(counters: records=") and "skipped_caption_length=" in last, proc.stderr[-2000:]
+    assert (
+        last.startswith(
+            "train.py: error: data: epoch 0 of this process (2 shard files) delivered no example (counters: records="
+        )
+        and "skipped_caption_length=" in last
+    ), proc.stderr[-2000:]
 
 
 def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
@@ -227,13 +289,23 @@ def test_a_diverging_run_stops_with_a_checkpoint_of_the_last_good_state(assets, 
     from imagen_jax.stage.checkpoint import Checkpointer
     from imagen_jax.train.loop import TrainingDiverged, run
 
-    config = tiny_config(assets, num_steps=50, learning_rate=1e30, warmup_steps=0, end_lr_fraction=1.0,
-                         max_consecutive_nonfinite=3, checkpoint_every=100, sample_every=0, log_every=1)
+    config = tiny_config(
+        assets,
+        num_steps=50,
+        learning_rate=1e30,
+        warmup_steps=0,
+        end_lr_fraction=1.0,
+        max_consecutive_nonfinite=3,
+        checkpoint_every=100,
+        sample_every=0,
+        log_every=1,
+    )
     with pytest.raises(TrainingDiverged, match="stopped at step 3: 3 consecutive steps .* parameters of step 0"):
         run(config, str(tmp_path / "run"))
     checkpointer = Checkpointer(str(tmp_path / "run"), every=1, keep=1, read_only=True)
     assert checkpointer.latest_step() == 3
-    restored = checkpointer.manager.restore(3, args=ocp.args.Composite(train=ocp.args.StandardRestore(),
-                                                                       ema=ocp.args.StandardRestore()))
+    restored = checkpointer.manager.restore(
+        3, args=ocp.args.Composite(train=ocp.args.StandardRestore(), ema=ocp.args.StandardRestore())
+    )
     for params, ema in zip(jax.tree.leaves(restored["train"]["params"]), jax.tree.leaves(restored["ema"])):
         np.testing.assert_array_equal(params, ema)  # Never updated: EMA and params are still the init.

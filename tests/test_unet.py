@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.random_params import random_state
 from imagen_jax.config import load_config_file
-from imagen_jax.models import UNet, build_unet
-from imagen_jax.models import layers
+from imagen_jax.models import UNet, build_unet, layers
+from tests.random_params import random_state
 
 TINY = dict(
     dim=16,
@@ -32,12 +31,8 @@ VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", N
 
 def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) -> UNet:
     return nnx.eval_shape(
-        lambda: build_unet(
-            cfg, image_size=image_size, text_dim=text_dim, rngs=nnx.Rngs(0), dtype=dtype
-        )
+        lambda: build_unet(cfg, image_size=image_size, text_dim=text_dim, rngs=nnx.Rngs(0), dtype=dtype)
     )
-
-
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +97,7 @@ def test_masked_tokens_do_not_matter_and_empty_mask_is_finite(tiny):
     _, state, apply = tiny
     x, t, text, mask = _inputs()
     changed = jnp.where(mask[:, :, None], text, 100.0 * jnp.ones_like(text))
-    np.testing.assert_allclose(
-        apply(state, x, t, text, mask), apply(state, x, t, changed, mask), atol=1e-6
-    )
+    np.testing.assert_allclose(apply(state, x, t, text, mask), apply(state, x, t, changed, mask), atol=1e-6)
     empty = apply(state, x, t, text, jnp.zeros_like(mask))
     assert bool(jnp.all(jnp.isfinite(empty)))
 
@@ -148,11 +141,7 @@ def test_real_init_zeroes_residual_branches_and_output():
     blocks, zero output), the rest is random."""
     # Jitted init (one compile, rbg keys: both much cheaper on CPU than eager threefry init).
     rngs = lambda: nnx.Rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
-    params = jax.jit(
-        lambda: nnx.state(
-            build_unet(TINY, image_size=IMAGE, text_dim=TEXT_DIM, rngs=rngs()), nnx.Param
-        )
-    )()
+    params = jax.jit(lambda: nnx.state(build_unet(TINY, image_size=IMAGE, text_dim=TEXT_DIM, rngs=rngs()), nnx.Param))()
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
     zero = [k for k in flat if "conv2']['kernel" in k or "out']['kernel" in k or "out_conv" in k]
     zero = [k for k in zero if "text_pool" not in k]  # the pool's output projection is not residual

@@ -19,9 +19,9 @@ from typing import IO, Any  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 
-from imagen_jax.errors import UsageError  # noqa: E402
 from imagen_jax.data.records import IMAGE_FORMATS, example_from_sample  # noqa: E402
 from imagen_jax.data.shards import list_shards  # noqa: E402
+from imagen_jax.errors import UsageError  # noqa: E402
 
 SKIP_REASONS = ("no_image", "incomplete")
 SHARD_STATUSES = ("converted", "existing", "damaged", "failed")
@@ -121,8 +121,17 @@ def output_name(path: str) -> str:
 
 
 def _new_result(src: str, dst: str) -> dict[str, Any]:
-    return {"input": src, "output": dst, "status": "converted", "error": None, "samples": 0,
-            "no_image": 0, "incomplete": 0, "bad_meta": 0, "ignored_members": 0}
+    return {
+        "input": src,
+        "output": dst,
+        "status": "converted",
+        "error": None,
+        "samples": 0,
+        "no_image": 0,
+        "incomplete": 0,
+        "bad_meta": 0,
+        "ignored_members": 0,
+    }
 
 
 def _remove_quietly(path: str) -> None:
@@ -192,13 +201,16 @@ def summary_line(totals: dict[str, Any]) -> str:
     """One line with every counter of `convert`'s totals."""
     shards = ", ".join(f"{totals[s]} {s}" for s in SHARD_STATUSES)
     skipped = ", ".join(f"{reason}: {n}" for reason, n in totals["skipped"].items())
-    return (f"done: {totals['shards']} shards ({shards}); {totals['samples']} samples written, "
-            f"{sum(totals['skipped'].values())} skipped ({skipped}), {totals['bad_meta']} without metadata "
-            f"(bad_meta), {totals['ignored_members']} ignored_members")
+    return (
+        f"done: {totals['shards']} shards ({shards}); {totals['samples']} samples written, "
+        f"{sum(totals['skipped'].values())} skipped ({skipped}), {totals['bad_meta']} without metadata "
+        f"(bad_meta), {totals['ignored_members']} ignored_members"
+    )
 
 
-def convert(inputs: str | Sequence[str], output_dir: str, workers: int = min(8, os.cpu_count() or 1),
-            overwrite: bool = False) -> dict[str, Any]:
+def convert(
+    inputs: str | Sequence[str], output_dir: str, workers: int = min(8, os.cpu_count() or 1), overwrite: bool = False
+) -> dict[str, Any]:
     """Converts the tar shards that `inputs` names (patterns as `list_shards` takes them) into `output_dir`.
 
     Prints one progress line per finished shard and a summary line to stdout, a warning per damaged or failed
@@ -211,13 +223,22 @@ def convert(inputs: str | Sequence[str], output_dir: str, workers: int = min(8, 
     files = list_shards(inputs)
     _check_inputs(files)
     tf.io.gfile.makedirs(output_dir)
-    totals: dict[str, Any] = {"shards": len(files), **{s: 0 for s in SHARD_STATUSES}, "samples": 0,
-                              "skipped": {r: 0 for r in SKIP_REASONS}, "bad_meta": 0, "ignored_members": 0}
+    totals: dict[str, Any] = {
+        "shards": len(files),
+        **{s: 0 for s in SHARD_STATUSES},
+        "samples": 0,
+        "skipped": {r: 0 for r in SKIP_REASONS},
+        "bad_meta": 0,
+        "ignored_members": 0,
+    }
     todo = [f for f in files if overwrite or not tf.io.gfile.exists(os.path.join(output_dir, output_name(f)))]
     totals["existing"] = len(files) - len(todo)
     if totals["existing"]:
-        print(f"skipping {totals['existing']} of {len(files)} shards whose output already exists in "
-              f"{output_dir} (--overwrite to redo them)", flush=True)
+        print(
+            f"skipping {totals['existing']} of {len(files)} shards whose output already exists in "
+            f"{output_dir} (--overwrite to redo them)",
+            flush=True,
+        )
     tasks = [(f, output_dir, overwrite) for f in todo]
     pool = None
     if workers > 1 and len(tasks) > 1:

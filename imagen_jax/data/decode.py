@@ -20,8 +20,15 @@ IMAGE_FEATURES = ("jpg", "png", "webp")
 CAPTION_FEATURES = ("txt", "caption")
 # Why a stream element was not delivered; index 0 is "delivered", the last is a shard's end marker.
 REASONS = (
-    "delivered", "unparsable", "undecodable", "status", "caption_length", "image_size", "aspect_ratio",
-    "no_text_embedding", "shard_end",
+    "delivered",
+    "unparsable",
+    "undecodable",
+    "status",
+    "caption_length",
+    "image_size",
+    "aspect_ratio",
+    "no_text_embedding",
+    "shard_end",
 )
 _R = {name: i for i, name in enumerate(REASONS)}
 CONVERSIONS = ("grayscale", "alpha", "high_bit_depth", "caption_not_utf8")
@@ -30,7 +37,8 @@ _STRING = tf.io.FixedLenFeature([], tf.string, default_value="")
 _INT = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
 _FEATURE_SPEC = {
     **{name: _STRING for name in IMAGE_FEATURES + CAPTION_FEATURES + ("status",)},
-    "original_width": _INT, "original_height": _INT,
+    "original_width": _INT,
+    "original_height": _INT,
 }
 # Precomputed text, with defaults so a record without it is counted as such rather than as unparsable.
 _TEXT_SPEC = {
@@ -93,9 +101,14 @@ class Decoder:
 
     def placeholder(self, element: dict, reason: int | tf.Tensor) -> dict:
         example = {
-            "image": tf.zeros([self.size, self.size, 3]), "caption": tf.constant(""),
-            "reason": tf.cast(reason, tf.int64), "kind": element["kind"], "epoch": element["epoch"],
-            "index": element["index"], "conversions": tf.zeros([len(CONVERSIONS)], tf.int64), "features": self._empty_features(),
+            "image": tf.zeros([self.size, self.size, 3]),
+            "caption": tf.constant(""),
+            "reason": tf.cast(reason, tf.int64),
+            "kind": element["kind"],
+            "epoch": element["epoch"],
+            "index": element["index"],
+            "conversions": tf.zeros([len(CONVERSIONS)], tf.int64),
+            "features": self._empty_features(),
         }
         if self.text:
             example["text"] = tf.zeros([self.text["max_length"], self.text["dim"]], self.text["tf_dtype"])
@@ -145,8 +158,12 @@ class Decoder:
         out["conversions"] = example["conversions"] + tf.concat([conversions, tf.zeros([1], tf.int64)], 0)
         if self.text:
             out["text"], out["mask"] = text_records.decode_embedding(
-                features[text_records.EMBEDDING_FEATURE], features[text_records.LENGTH_FEATURE],
-                self.text["dim"], self.text["dtype"], self.text["max_length"])
+                features[text_records.EMBEDDING_FEATURE],
+                features[text_records.LENGTH_FEATURE],
+                self.text["dim"],
+                self.text["dtype"],
+                self.text["max_length"],
+            )
         return out
 
     def __call__(self, element: dict) -> tf.data.Dataset:
@@ -158,8 +175,11 @@ class Decoder:
         single = tf.data.Dataset.from_tensors
 
         def parse(element: dict) -> dict:
-            return tf.cond(element["kind"] == RECORD, lambda: self.parse(element),
-                           lambda: self.placeholder(element, _R["shard_end"]))
+            return tf.cond(
+                element["kind"] == RECORD,
+                lambda: self.parse(element),
+                lambda: self.placeholder(element, _R["shard_end"]),
+            )
 
         def decode(example: dict) -> dict:
             return tf.cond(example["reason"] == 0, lambda: self.decode(example), lambda: example)

@@ -33,16 +33,20 @@ POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")
 BACKGROUND = (40, 40, 40)
 # Shape centre as (x, y) fractions of the image.
 _CENTERS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "middle": (0.5, 0.5)}
-_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-            "middle": "in the middle"}
+_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "middle": "in the middle",
+}
 _SUPERSAMPLE = 4
 # A pixel is foreground when it is this far (RGB Euclidean) from the background estimate.
 _FOREGROUND_DISTANCE = 60.0
 
 
 def _check(color: str, shape: str, position: str) -> None:
-    for name, value, allowed in (("color", color, COLORS), ("shape", shape, SHAPES),
-                                 ("position", position, POSITIONS)):
+    for name, value, allowed in (("color", color, COLORS), ("shape", shape, SHAPES), ("position", position, POSITIONS)):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(allowed)}")
 
@@ -125,8 +129,7 @@ def _encode_jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_demo_shards(out_dir: str, *, num_examples: int, image_size: int, num_shards: int,
-                      seed: int = 0) -> list[str]:
+def write_demo_shards(out_dir: str, *, num_examples: int, image_size: int, num_shards: int, seed: int = 0) -> list[str]:
     """Writes img2dataset-format TFRecord shards `00000.tfrecord`, ... into out_dir; returns their paths.
 
     Examples cycle through every (colour, shape, position) combination in a fresh random order each cycle,
@@ -135,8 +138,10 @@ def write_demo_shards(out_dir: str, *, num_examples: int, image_size: int, num_s
     import tensorflow as tf  # Deferred: only writing needs TF; classifiers are used by light-weight eval code.
 
     if num_examples < 1 or image_size < 8 or not 1 <= num_shards <= num_examples:
-        raise ValueError(f"need num_examples >= 1, image_size >= 8 and 1 <= num_shards <= num_examples; got "
-                         f"num_examples={num_examples}, image_size={image_size}, num_shards={num_shards}")
+        raise ValueError(
+            f"need num_examples >= 1, image_size >= 8 and 1 <= num_shards <= num_examples; got "
+            f"num_examples={num_examples}, image_size={image_size}, num_shards={num_shards}"
+        )
     rng = np.random.default_rng(seed)
     combos = list(itertools.product(COLORS, SHAPES, POSITIONS))
     order = [combos[i] for _ in range(-(-num_examples // len(combos))) for i in rng.permutation(len(combos))]
@@ -155,17 +160,21 @@ def write_demo_shards(out_dir: str, *, num_examples: int, image_size: int, num_s
             for index in range(start, stop):
                 color, shape, position = order[index]
                 key = f"{shard:05d}{index - start:04d}"
-                example = tf.train.Example(features=tf.train.Features(feature={
-                    "jpg": feature(_encode_jpeg(render(color, shape, position, image_size, rng))),
-                    "txt": feature(caption(color, shape, position).encode()),
-                    "key": feature(key.encode()),
-                    "url": feature(f"synthetic://shapes/{key}".encode()),
-                    "status": feature(b"success"),
-                    "width": feature(image_size),
-                    "height": feature(image_size),
-                    "original_width": feature(image_size),
-                    "original_height": feature(image_size),
-                }))
+                example = tf.train.Example(
+                    features=tf.train.Features(
+                        feature={
+                            "jpg": feature(_encode_jpeg(render(color, shape, position, image_size, rng))),
+                            "txt": feature(caption(color, shape, position).encode()),
+                            "key": feature(key.encode()),
+                            "url": feature(f"synthetic://shapes/{key}".encode()),
+                            "status": feature(b"success"),
+                            "width": feature(image_size),
+                            "height": feature(image_size),
+                            "original_width": feature(image_size),
+                            "original_height": feature(image_size),
+                        }
+                    )
+                )
                 writer.write(example.SerializeToString())
         paths.append(path)
     return paths
@@ -182,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     # TensorFlow is imported later, by the writer: keep its start-up banners out of the CLI's output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    paths = write_demo_shards(args.out, num_examples=args.num_examples, image_size=args.image_size,
-                              num_shards=args.num_shards, seed=args.seed)
+    paths = write_demo_shards(
+        args.out, num_examples=args.num_examples, image_size=args.image_size, num_shards=args.num_shards, seed=args.seed
+    )
     print(f"wrote {args.num_examples} examples of {args.image_size}x{args.image_size} in {len(paths)} shards:")
     for path in paths:
         print(f"  {path}")

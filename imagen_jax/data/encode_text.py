@@ -26,9 +26,9 @@ from google.protobuf.message import DecodeError
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax.data import text_records
-from imagen_jax.errors import DataError, UsageError
 from imagen_jax.data.decode import CAPTION_FEATURES
 from imagen_jax.data.shards import list_shards
+from imagen_jax.errors import DataError, UsageError
 from imagen_jax.text import T5Config, T5Encoder
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -103,7 +103,8 @@ class _BatchEncoder:
         # Cast on device: halves (float32 compute) the bytes that come back to the host.
         self.forward = jax.jit(
             lambda state, ids, mask: encoder.apply(state, ids, mask).astype(storage),
-            in_shardings=(replicated, batched, batched), out_shardings=batched,
+            in_shardings=(replicated, batched, batched),
+            out_shardings=batched,
         )
 
     def __call__(self, captions: list[str]) -> tuple[jax.Array, np.ndarray]:
@@ -119,7 +120,8 @@ def _with_embeddings(example: tf.train.Example, embedding: np.ndarray, length: i
         if name in features:
             del features[name]
     features[text_records.EMBEDDING_FEATURE].bytes_list.value.append(
-        text_records.encode_embedding(embedding[:length], dtype))
+        text_records.encode_embedding(embedding[:length], dtype)
+    )
     features[text_records.LENGTH_FEATURE].int64_list.value.append(length)
     return example.SerializeToString()
 
@@ -180,8 +182,10 @@ def _check_previous_run(output: str, wanted: dict) -> None:
         if key == "encoder":
             old, value = (os.path.basename(str(v).rstrip("/")) for v in (old, value))
         if old != value:
-            raise DataError(f"{path} says {key} {old!r} but this run has {value!r}: pass --overwrite to "
-                             f"re-encode every shard, or choose another --output")
+            raise DataError(
+                f"{path} says {key} {old!r} but this run has {value!r}: pass --overwrite to "
+                f"re-encode every shard, or choose another --output"
+            )
 
 
 def _write_metadata(output: str, metadata: dict) -> None:
@@ -229,8 +233,10 @@ def encode_shards(
             raise UsageError(f"--output {output} is the folder of input shard {path}: it would be overwritten")
         name = os.path.basename(path)
         if name in by_name:
-            raise UsageError(f"input shards {by_name[name]} and {path} share the name {name}; "
-                             f"encode each folder into its own --output")
+            raise UsageError(
+                f"input shards {by_name[name]} and {path} share the name {name}; "
+                f"encode each folder into its own --output"
+            )
         by_name[name] = path
     T5Config.from_json(os.path.join(encoder, "config.json"))  # a bad --encoder fails before any work
     wanted = {"encoder": encoder, "max_length": max_length, "dtype": dtype, "compute_dtype": compute_dtype}
@@ -242,8 +248,15 @@ def encode_shards(
     tf.io.gfile.makedirs(output)
     mine = files[process_index::process_count]
     count_existing = process_count == 1
-    summary = {"shards": mine, "written": 0, "existing": 0, "records": 0, "unparsable": 0, "damaged": [],
-               "metadata": None}
+    summary = {
+        "shards": mine,
+        "written": 0,
+        "existing": 0,
+        "records": 0,
+        "unparsable": 0,
+        "damaged": [],
+        "metadata": None,
+    }
     total_records = 0
     started = time.perf_counter()
     for src in mine:
@@ -265,22 +278,34 @@ def encode_shards(
         summary["unparsable"] += result["unparsable"]
         total_records += result["records"]
         extra = f", {result['unparsable']} unparsable records skipped" if result["unparsable"] else ""
-        log(f"{dst}: {result['records']} records in {seconds:.1f}s ({result['records'] / max(seconds, 1e-9):.0f} "
-            f"records/s){extra}")
+        log(
+            f"{dst}: {result['records']} records in {seconds:.1f}s ({result['records'] / max(seconds, 1e-9):.0f} "
+            f"records/s){extra}"
+        )
         if result["damage"]:
             summary["damaged"].append((src, result["damage"]))
-            log(f"{src}: damaged after record {result['records'] + result['unparsable']} ({result['damage']}); "
-                f"kept the records before it")
+            log(
+                f"{src}: damaged after record {result['records'] + result['unparsable']} ({result['damage']}); "
+                f"kept the records before it"
+            )
     if process_index == 0:
-        metadata = {"encoder": encoder, "dim": t5.dim, "max_length": max_length, "dtype": dtype,
-                    "compute_dtype": compute_dtype, "num_shards": len(files)}
+        metadata = {
+            "encoder": encoder,
+            "dim": t5.dim,
+            "max_length": max_length,
+            "dtype": dtype,
+            "compute_dtype": compute_dtype,
+            "num_shards": len(files),
+        }
         if count_existing:
             metadata["num_records"] = total_records
         _write_metadata(output, metadata)
         summary["metadata"] = metadata
     seconds = time.perf_counter() - started
-    log(f"done: {summary['written']} shards encoded ({summary['records']} records, "
+    log(
+        f"done: {summary['written']} shards encoded ({summary['records']} records, "
         f"{summary['records'] / max(seconds, 1e-9):.0f} records/s), {summary['existing']} already there, "
         f"{summary['unparsable']} unparsable records skipped, {len(summary['damaged'])} damaged shards"
-        + (f"; metadata: {os.path.join(output, text_records.METADATA_FILE)}" if process_index == 0 else ""))
+        + (f"; metadata: {os.path.join(output, text_records.METADATA_FILE)}" if process_index == 0 else "")
+    )
     return summary

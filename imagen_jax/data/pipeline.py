@@ -43,11 +43,11 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from imagen_jax.errors import DataError
 from imagen_jax.data import text_records
 from imagen_jax.data.decode import CONVERSIONS, REASONS, Decoder
 from imagen_jax.data.reader import RECORD, SHARD_DAMAGED, SHARD_UNREADABLE, epoch_stream, mix_seed, process_files
 from imagen_jax.data.shards import list_shards
+from imagen_jax.errors import DataError
 
 SUPPORTED_FORMATS = ("tfrecord",)
 
@@ -69,8 +69,15 @@ class DatasetStats:
     read/damaged/unreadable and conversions. One variable, one add per stream element, so a read never
     sees an element half counted."""
 
-    NAMES = ("records", "delivered", *(f"skipped_{r}" for r in REASONS[1:-1]),
-             "shards_read", "shards_damaged", "shards_unreadable", *(f"converted_{c}" for c in CONVERSIONS))
+    NAMES = (
+        "records",
+        "delivered",
+        *(f"skipped_{r}" for r in REASONS[1:-1]),
+        "shards_read",
+        "shards_damaged",
+        "shards_unreadable",
+        *(f"converted_{c}" for c in CONVERSIONS),
+    )
 
     def __init__(self) -> None:
         self.counts = tf.Variable(tf.zeros([len(self.NAMES)], tf.int64), trainable=False, name="data_counts")
@@ -110,9 +117,16 @@ def _empty_epoch_guard(num_files: int, start: Position):
         ended = (example["epoch"] != previous) & (previous >= 0)
         partial = (previous == start.epoch) & (start.index > 0)
         empty = ended & (delivered == 0) & ~partial
-        message = tf.strings.join([
-            "data: epoch ", tf.strings.as_string(previous), " of this process (", str(num_files),
-            " shard files) ", _EMPTY_EPOCH])
+        message = tf.strings.join(
+            [
+                "data: epoch ",
+                tf.strings.as_string(previous),
+                " of this process (",
+                str(num_files),
+                " shard files) ",
+                _EMPTY_EPOCH,
+            ]
+        )
         delivered = tf.where(example["epoch"] == previous, delivered, 0) + tf.cast(example["reason"] == 0, tf.int64)
         with tf.control_dependencies([tf.debugging.Assert(~empty, [message], name="empty_epoch")]):
             return (example["epoch"], delivered), tf.nest.map_structure(tf.identity, example)
@@ -134,8 +148,10 @@ def numpy_batches(ds: tf.data.Dataset, stats: DatasetStats) -> Iterator[dict]:
             if not match:
                 raise
             counts = ", ".join(f"{k}={v}" for k, v in stats.read().items() if v)
-            raise NoExamplesError(f"{match.group(1)} (counters: {counts}); check data.train_shards and the "
-                                  f"data filters (configs/common.py)") from None
+            raise NoExamplesError(
+                f"{match.group(1)} (counters: {counts}); check data.train_shards and the "
+                f"data filters (configs/common.py)"
+            ) from None
         yield batch
 
 
@@ -168,7 +184,8 @@ def make_dataset(
     if fmt not in SUPPORTED_FORMATS:
         raise DataError(
             f"data.format {fmt!r} is not supported; use one of {SUPPORTED_FORMATS} (convert webdataset .tar "
-            f"shards with python -m imagen_jax.tools.convert_shards)")
+            f"shards with python -m imagen_jax.tools.convert_shards)"
+        )
     if "train_shards" not in data_cfg or "image_size" not in data_cfg:
         raise DataError("data config needs both 'train_shards' and 'image_size'")
     size = int(data_cfg.image_size)
@@ -191,7 +208,8 @@ def make_dataset(
         if text_max_length is not None and text["max_length"] != text_max_length:
             raise DataError(
                 f"precomputed text embeddings were stored with max_length {text['max_length']} but "
-                f"config.text.max_length is {text_max_length}; set them equal or re-run encode_text")
+                f"config.text.max_length is {text_max_length}; set them equal or re-run encode_text"
+            )
         text["tf_dtype"] = {"bfloat16": tf.bfloat16, "float16": tf.float16}[text["dtype"]]
     # Distinct per-process seeds, so processes do not mirror each other's shuffle pattern.
     process_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1, np.uint64)[0] >> 2)

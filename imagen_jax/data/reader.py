@@ -34,7 +34,10 @@ def _readable_size(path: tf.Tensor) -> np.int64:
             f.read(1)
         return np.int64(tf.io.gfile.stat(name).length)
     except (tf.errors.OpError, OSError) as e:
-        print(f"data: warning: cannot read shard {name} ({type(e).__name__}: {str(e).splitlines()[0]}); skipped", flush=True)
+        print(
+            f"data: warning: cannot read shard {name} ({type(e).__name__}: {str(e).splitlines()[0]}); skipped",
+            flush=True,
+        )
         return np.int64(-1)
 
 
@@ -51,13 +54,23 @@ def shard_records(path: tf.Tensor) -> tf.data.Dataset:
     marker = tf.data.Dataset.from_tensors({"record": path, "kind": tf.constant(SHARD_OK, tf.int64)})
 
     def check(total: tf.Tensor, element: dict) -> tuple[tf.Tensor, dict]:
-        total += tf.cast(tf.strings.length(element["record"]) + _RECORD_OVERHEAD, tf.int64) * tf.cast(element["kind"] == RECORD, tf.int64)
+        total += tf.cast(tf.strings.length(element["record"]) + _RECORD_OVERHEAD, tf.int64) * tf.cast(
+            element["kind"] == RECORD, tf.int64
+        )
         kind = element["kind"]
         kind = tf.where((kind == SHARD_OK) & (size < 0), tf.constant(SHARD_UNREADABLE, tf.int64), kind)
         kind = tf.where((kind == SHARD_OK) & (total != size), tf.constant(SHARD_DAMAGED, tf.int64), kind)
-        message = tf.strings.join([
-            "data: warning: shard ", path, " is truncated or has a corrupt record after ", tf.strings.as_string(total),
-            " of ", tf.strings.as_string(size), " bytes; the records before the damage were read"])
+        message = tf.strings.join(
+            [
+                "data: warning: shard ",
+                path,
+                " is truncated or has a corrupt record after ",
+                tf.strings.as_string(total),
+                " of ",
+                tf.strings.as_string(size),
+                " bytes; the records before the damage were read",
+            ]
+        )
         tf.cond(kind == SHARD_DAMAGED, lambda: tf.print(message, output_stream=sys.stdout), tf.no_op)
         return total, {"record": element["record"], "kind": kind}
 
@@ -72,15 +85,20 @@ def mix_seed(*values: int | tf.Tensor) -> tf.Tensor:
     return tf.math.floormod(seed, 2**62)
 
 
-def epoch_stream(files: list[str], process_seed: int, epoch: tf.Tensor, shuffle_buffer: int, parallel: int) -> tf.data.Dataset:
+def epoch_stream(
+    files: list[str], process_seed: int, epoch: tf.Tensor, shuffle_buffer: int, parallel: int
+) -> tf.data.Dataset:
     """Epoch `epoch` of this process: its files in a seeded order, records interleaved and shuffled, as
     undecoded bytes numbered by their position in the epoch."""
     order = tf.random.experimental.stateless_shuffle(
-        tf.constant(files), seed=tf.stack([tf.constant(process_seed, tf.int64), epoch]))
+        tf.constant(files), seed=tf.stack([tf.constant(process_seed, tf.int64), epoch])
+    )
     open_files = min(len(files), CYCLE_FILES)
     ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-        shard_records, cycle_length=open_files,
-        num_parallel_calls=min(parallel, open_files) if parallel > 0 else tf.data.AUTOTUNE, deterministic=True,
+        shard_records,
+        cycle_length=open_files,
+        num_parallel_calls=min(parallel, open_files) if parallel > 0 else tf.data.AUTOTUNE,
+        deterministic=True,
     )
     ds = ds.shuffle(shuffle_buffer, seed=mix_seed(process_seed, epoch))
     return ds.enumerate().map(lambda index, e: {**e, "epoch": epoch, "index": index})

@@ -48,8 +48,9 @@ def meta_feature(name: str, value: Any) -> tf.train.Feature | None:
         raise ValueError(f"metadata field {name!r} = {value!r:.80} cannot be stored in a record: {e}") from None
 
 
-def example_from_sample(key: str, image: bytes, image_format: str, caption: bytes | None,
-                        meta: dict[str, Any]) -> tf.train.Example:
+def example_from_sample(
+    key: str, image: bytes, image_format: str, caption: bytes | None, meta: dict[str, Any]
+) -> tf.train.Example:
     """Builds the record of one sample. `caption=None` (captions off) writes no `txt` feature.
 
     Raises ValueError naming the problem for an unknown `image_format` or a metadata value that no feature
@@ -96,11 +97,17 @@ def sample_from_example(example: tf.train.Example) -> dict[str, Any]:
     features = example.features.feature
     formats = [f for f in IMAGE_FORMATS if f in features and features[f].bytes_list.value]
     if not formats:
-        raise ValueError(f"record {_value(features['key']) if 'key' in features else '?'!r} holds no image "
-                         f"(none of {IMAGE_FORMATS})")
+        raise ValueError(
+            f"record {_value(features['key']) if 'key' in features else '?'!r} holds no image (none of {IMAGE_FORMATS})"
+        )
     image_format = formats[0]
     key = features["key"].bytes_list.value[0].decode("utf-8") if "key" in features else ""
     caption = features["txt"].bytes_list.value[0] if "txt" in features else None
     meta = {name: _value(feature) for name, feature in features.items() if name not in RESERVED}
-    return {"key": key, "image_format": image_format, "image": features[image_format].bytes_list.value[0],
-            "caption": caption, "meta": meta}
+    return {
+        "key": key,
+        "image_format": image_format,
+        "image": features[image_format].bytes_list.value[0],
+        "caption": caption,
+        "meta": meta,
+    }

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from imagen_jax.errors import DataError
 from imagen_jax.data.pipeline import Position
+from imagen_jax.errors import DataError
 
 
 def gather_positions(position: Position) -> dict:
@@ -31,8 +31,10 @@ def start_position(saved: dict | None, process_index: int, process_count: int) -
     if not saved:
         return Position(0, 0), "data: starting at epoch 0"
     if "positions" not in saved or "process_count" not in saved:
-        raise DataError(f"checkpoint data item {saved!r} lacks 'positions'/'process_count'; it was written by an "
-                         f"older imagen-jax whose data position cannot be restored")
+        raise DataError(
+            f"checkpoint data item {saved!r} lacks 'positions'/'process_count'; it was written by an "
+            f"older imagen-jax whose data position cannot be restored"
+        )
     positions = [Position(int(e), int(i)) for e, i in saved["positions"]]
     if len(positions) != int(saved["process_count"]):
         raise DataError(f"checkpoint data item has {len(positions)} positions for {saved['process_count']} processes")
@@ -43,4 +45,5 @@ def start_position(saved: dict | None, process_index: int, process_count: int) -
     return fresh, (
         f"data: the checkpoint was written by {saved['process_count']} processes and this run has {process_count}; "
         f"shard files are reassigned, so every process starts epoch {fresh.epoch} afresh (the unread rest of the "
-        f"interrupted epoch is skipped)")
+        f"interrupted epoch is skipped)"
+    )

@@ -21,10 +21,29 @@ STORED_SCALE = 1.25  # stored short side / output size: img2dataset keep_ratio a
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)
 SYNTHETIC_SHARDS = 8
 
-_SUBJECTS = ("a dog", "two cyclists", "an old lighthouse", "a bowl of ramen", "a city street", "a red barn",
-             "a child with a kite", "a mountain lake", "a vintage car", "a cat on a sofa", "a wedding cake")
-_SCENES = ("at sunset", "in the rain", "on a sunny beach", "in a snowy forest", "under neon lights",
-           "in a busy market", "seen from above", "in soft morning light")
+_SUBJECTS = (
+    "a dog",
+    "two cyclists",
+    "an old lighthouse",
+    "a bowl of ramen",
+    "a city street",
+    "a red barn",
+    "a child with a kite",
+    "a mountain lake",
+    "a vintage car",
+    "a cat on a sofa",
+    "a wedding cake",
+)
+_SCENES = (
+    "at sunset",
+    "in the rain",
+    "on a sunny beach",
+    "in a snowy forest",
+    "under neon lights",
+    "in a busy market",
+    "seen from above",
+    "in soft morning light",
+)
 _STYLES = ("a photograph of", "a close-up photo of", "an illustration of", "stock photo:", "a painting of")
 
 
@@ -57,8 +76,9 @@ def _caption(rng: np.random.Generator) -> str:
     return f"{rng.choice(_STYLES)} {rng.choice(_SUBJECTS)} {rng.choice(_SCENES)}"
 
 
-def write_synthetic_shards(out_dir: str, *, size: int, num_images: int, num_shards: int = SYNTHETIC_SHARDS,
-                           seed: int = 0) -> list[str]:
+def write_synthetic_shards(
+    out_dir: str, *, size: int, num_images: int, num_shards: int = SYNTHETIC_SHARDS, seed: int = 0
+) -> list[str]:
     """Writes `num_images` img2dataset-like records for output size `size` into `num_shards` TFRecord files.
 
     Images are JPEG quality 90 with short side round(STORED_SCALE * size) and an aspect ratio from ASPECTS
@@ -68,8 +88,10 @@ def write_synthetic_shards(out_dir: str, *, size: int, num_images: int, num_shar
     import tensorflow as tf  # Deferred (here and below): TF takes seconds to import; model mode needs none.
 
     if size < 1 or num_images < 1 or not 1 <= num_shards <= num_images:
-        raise DataError(f"need size >= 1, num_images >= 1 and 1 <= num_shards <= num_images; got size={size}, "
-                         f"num_images={num_images}, num_shards={num_shards}")
+        raise DataError(
+            f"need size >= 1, num_images >= 1 and 1 <= num_shards <= num_images; got size={size}, "
+            f"num_images={num_images}, num_shards={num_shards}"
+        )
 
     def feature(value: bytes | int) -> tf.train.Feature:
         if isinstance(value, int):
@@ -89,12 +111,20 @@ def write_synthetic_shards(out_dir: str, *, size: int, num_images: int, num_shar
                 height, width = (short, long) if rng.random() < 0.75 else (long, short)
                 buffer = io.BytesIO()
                 Image.fromarray(_natural_image(rng, height, width)).save(buffer, format="JPEG", quality=90)
-                example = tf.train.Example(features=tf.train.Features(feature={
-                    "jpg": feature(buffer.getvalue()), "txt": feature(_caption(rng).encode()),
-                    "key": feature(f"{shard:05d}{index - first:04d}".encode()), "status": feature(b"success"),
-                    "width": feature(width), "height": feature(height),
-                    "original_width": feature(2 * width), "original_height": feature(2 * height),
-                }))
+                example = tf.train.Example(
+                    features=tf.train.Features(
+                        feature={
+                            "jpg": feature(buffer.getvalue()),
+                            "txt": feature(_caption(rng).encode()),
+                            "key": feature(f"{shard:05d}{index - first:04d}".encode()),
+                            "status": feature(b"success"),
+                            "width": feature(width),
+                            "height": feature(height),
+                            "original_width": feature(2 * width),
+                            "original_height": feature(2 * height),
+                        }
+                    )
+                )
                 writer.write(example.SerializeToString())
         paths.append(path)
     return paths

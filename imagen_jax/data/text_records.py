@@ -77,8 +77,10 @@ def encode_embedding(array: np.ndarray, dtype: str) -> bytes:
     with np.errstate(over="ignore"):  # overflow is checked just below, with a clearer message
         stored = np.ascontiguousarray(array.astype(_NUMPY_DTYPES[dtype]))
     if not np.isfinite(stored.astype(np.float32)).all():
-        raise ValueError(f"embedding has values that are not finite in {dtype} (float16 overflows beyond "
-                         f"65504: store as bfloat16 instead)")
+        raise ValueError(
+            f"embedding has values that are not finite in {dtype} (float16 overflows beyond "
+            f"65504: store as bfloat16 instead)"
+        )
     return stored.tobytes()
 
 
@@ -95,7 +97,8 @@ def decode_embedding(
     values = tf.io.decode_raw(raw, _TF_DTYPES[dtype], little_endian=True)
     length = tf.cast(length, tf.int32)
     tf.debugging.assert_equal(
-        tf.size(values), length * dim,
+        tf.size(values),
+        length * dim,
         message=f"{EMBEDDING_FEATURE} size does not match {LENGTH_FEATURE} x dim ({dim})",
     )
     kept = tf.minimum(length, max_length)

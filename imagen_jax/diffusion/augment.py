@@ -47,7 +47,9 @@ def training_augmentation(lowres: jax.Array, key: jax.Array, schedule: str) -> t
     return augment_lowres(lowres, aug_t, noise_key, schedule), aug_t
 
 
-def sampling_augmentation(lowres: jax.Array, level: float, key: jax.Array, schedule: str) -> tuple[jax.Array, jax.Array]:
+def sampling_augmentation(
+    lowres: jax.Array, level: float, key: jax.Array, schedule: str
+) -> tuple[jax.Array, jax.Array]:
     """Fixed-level augmentation at sampling: returns (augmented lowres, aug_t = level for every example)."""
     check_noise_level(level)
     aug_t = jnp.full((lowres.shape[0],), level, jnp.float32)

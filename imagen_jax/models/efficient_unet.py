@@ -117,9 +117,7 @@ def upsample_lowres(lowres: Array, size: int | Sequence[int]) -> Array:
     """
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     b, _, _, c = lowres.shape
-    return jax.image.resize(
-        lowres.astype(jnp.float32), (b, height, width, c), method=LOWRES_RESIZE_METHOD
-    )
+    return jax.image.resize(lowres.astype(jnp.float32), (b, height, width, c), method=LOWRES_RESIZE_METHOD)
 
 
 class SRBlock(nnx.Module):
@@ -141,13 +139,9 @@ class SRBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
     ):
-        self.res = ResBlock(
-            in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype
-        )
+        self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
         self.self_attn = (
-            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype)
-            if self_attention
-            else None
+            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype) if self_attention else None
         )
         self.cross_attn = (
             CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
@@ -156,9 +150,7 @@ class SRBlock(nnx.Module):
         )
         self.ffn = FeedForward(out_channels, ffn_mult, rngs=rngs, dtype=dtype) if ffn_mult else None
 
-    def __call__(
-        self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None
-    ) -> Array:
+    def __call__(self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None) -> Array:
         x = self.res(x, emb, dropout_key)
         if self.self_attn is not None:
             x = self.self_attn(x)
@@ -255,8 +247,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
     def _check_inputs(self, x: Array, lowres: Array) -> None:
         if x.shape[-1] != self.in_channels or lowres.shape[-1] != self.in_channels:
             raise ValueError(
-                f"x {x.shape} and lowres {lowres.shape} must both have in_channels="
-                f"{self.in_channels} channels"
+                f"x {x.shape} and lowres {lowres.shape} must both have in_channels={self.in_channels} channels"
             )
         ratio = (self.image_size, self.lowres_size)
         for axis in (1, 2):
@@ -288,11 +279,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
         """
         self._check_inputs(x, lowres)
         context, mask = self.text_context(text, text_mask, drop_text)
-        emb = (
-            self.time_embed(t)
-            + self.lowres_time_embed(lowres_t)
-            + self.text_pool(context, mask)
-        )
+        emb = self.time_embed(t) + self.lowres_time_embed(lowres_t) + self.text_pool(context, mask)
 
         cond = upsample_lowres(lowres, x.shape[1:3])
         h = self.input_conv(jnp.concatenate([x.astype(jnp.float32), cond], -1).astype(self.dtype))
@@ -392,9 +379,7 @@ def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) 
     unknown = sorted(set(fields) - set(MODEL_FIELDS))
     missing = sorted(set(MODEL_FIELDS) - set(fields))
     if unknown:
-        raise ValueError(
-            f"unknown config.model field(s) {unknown} for {KIND}; allowed: {list(MODEL_FIELDS)}"
-        )
+        raise ValueError(f"unknown config.model field(s) {unknown} for {KIND}; allowed: {list(MODEL_FIELDS)}")
     if missing:
         raise ValueError(f"missing config.model field(s) {missing} for {KIND}")
     return dict(
@@ -416,8 +401,15 @@ def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) 
 def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, image_size: int) -> None:
     """Raises ValueError naming the first `config.model` field that build_sr_unet would refuse, without building."""
     a = _constructor_args(model_cfg)
-    _validate(image_size, a["lowres_size"], a["channel_mults"], a["num_res_blocks"], a["ffn_mult"], a["dropout"],
-              a["full_res_first_level"])
+    _validate(
+        image_size,
+        a["lowres_size"],
+        a["channel_mults"],
+        a["num_res_blocks"],
+        a["ffn_mult"],
+        a["dropout"],
+        a["full_res_first_level"],
+    )
 
 
 def build_sr_unet(
@@ -430,5 +422,6 @@ def build_sr_unet(
 ) -> EfficientUNet:
     """Builds the Efficient U-Net from ``config.model`` (fields in the module docstring) for the
     stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32."""
-    return EfficientUNet(image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype,
-                         **_constructor_args(model_cfg))
+    return EfficientUNet(
+        image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, **_constructor_args(model_cfg)
+    )

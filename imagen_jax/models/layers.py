@@ -181,9 +181,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def drop_to_null_text(
-    context: Array, mask: Array, null_token: Array, drop_text: Array | None
-) -> tuple[Array, Array]:
+def drop_to_null_text(context: Array, mask: Array, null_token: Array, drop_text: Array | None) -> tuple[Array, Array]:
     """Classifier-free guidance: rows where ``drop_text`` [B] is True get the learned
     ``null_token`` [1, C] as their only valid token (position 0; the mask keeps one valid key so
     attention stays well defined); other rows, and all rows when ``drop_text`` is None, pass."""
@@ -391,16 +389,12 @@ class TextConditioning:
     def init_text_conditioning(
         self, text_dim: int, dim: int, emb_dim: int, *, head_dim: int, rngs: nnx.Rngs, dtype: jnp.dtype
     ) -> None:
-        self.text_proj = dense(
-            text_dim, dim, rngs=rngs, dtype=dtype, kernel_names=("text_embed", "channels_out")
-        )
+        self.text_proj = dense(text_dim, dim, rngs=rngs, dtype=dtype, kernel_names=("text_embed", "channels_out"))
         self.text_norm = LayerNorm(dim, rngs=rngs, dtype=dtype)
         self.null_text = param(rngs, nnx.initializers.normal(1.0), (1, dim), (None, "channels_out"))
         self.text_pool = AttentionPool(dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
 
-    def text_context(
-        self, text: Array, text_mask: Array, drop_text: Array | None
-    ) -> tuple[Array, Array]:
+    def text_context(self, text: Array, text_mask: Array, drop_text: Array | None) -> tuple[Array, Array]:
         """Projected, normalised text tokens and their mask; dropped rows get the null token."""
         context = self.text_norm(self.text_proj(text.astype(self.dtype)))
         return drop_to_null_text(context, text_mask.astype(bool), self.null_text[...], drop_text)

@@ -92,21 +92,13 @@ class UNetBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
     ):
-        self.res = ResBlock(
-            in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype
-        )
-        self.self_attn = (
-            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype) if attn else None
-        )
+        self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
+        self.self_attn = SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype) if attn else None
         self.cross_attn = (
-            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
-            if attn
-            else None
+            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype) if attn else None
         )
 
-    def __call__(
-        self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None
-    ) -> Array:
+    def __call__(self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None) -> Array:
         x = self.res(x, emb, dropout_key)
         if self.self_attn is not None:
             x = self.cross_attn(self.self_attn(x), context, mask)
@@ -248,10 +240,7 @@ def _validate(
         raise ValueError(f"config.model.num_res_blocks must be >= 1, got {num_res_blocks}")
     unknown = sorted(set(attn_resolutions) - set(sizes))
     if unknown:
-        raise ValueError(
-            f"config.model.attn_resolutions {unknown} are not feature-map sizes of this U-Net "
-            f"{sizes}"
-        )
+        raise ValueError(f"config.model.attn_resolutions {unknown} are not feature-map sizes of this U-Net {sizes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"config.model.dropout must be in [0, 1), got {dropout}")
 
@@ -298,8 +287,9 @@ def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, im
     """Raises ValueError naming the first `config.model` field that build_unet would refuse, without building."""
     args = _constructor_args(model_cfg)
     sizes = [image_size // 2**i for i in range(len(args["channel_mults"]))]
-    _validate(image_size, args["channel_mults"], args["num_res_blocks"], args["attn_resolutions"], args["dropout"],
-              sizes)
+    _validate(
+        image_size, args["channel_mults"], args["num_res_blocks"], args["attn_resolutions"], args["dropout"], sizes
+    )
 
 
 def build_unet(

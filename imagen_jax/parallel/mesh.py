@@ -8,13 +8,15 @@ divide is replicated instead, so small layers of a big model never fail to shard
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from imagen_jax.errors import ConfigError
 
@@ -35,7 +37,9 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]
             raise ConfigError(f"mesh: {len(devices)} devices are not divisible by {dict(zip(AXES, sizes))}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ConfigError(f"mesh: axis sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, have {len(devices)}")
+        raise ConfigError(
+            f"mesh: axis sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, have {len(devices)}"
+        )
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 

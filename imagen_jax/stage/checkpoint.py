@@ -21,7 +21,8 @@ optimizer is not a reason to fall back (every older step has the same problem): 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -82,8 +83,13 @@ def _show(value: Any) -> str:
     return "<missing>" if value is _MISSING else repr(value)
 
 
-def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict, *,
-                     source: str = "the checkpoint", workdir: str | None = None) -> None:
+def check_compatible(
+    saved: ml_collections.ConfigDict,
+    current: ml_collections.ConfigDict,
+    *,
+    source: str = "the checkpoint",
+    workdir: str | None = None,
+) -> None:
     """Raises ConfigError listing every field that makes `current` build a different train state than `saved`
     (the config the checkpoint was written with): all model.* fields, train.optimizer, and for Adafactor
     whether train.weight_decay is zero (optax adds a weight-decay state only when it is not). Everything else
@@ -97,13 +103,16 @@ def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.C
     if old["train.optimizer"] == new["train.optimizer"] == "adafactor":
         old_decay, new_decay = saved.train.get("weight_decay", 0.0), current.train.get("weight_decay", 0.0)
         if bool(old_decay) != bool(new_decay):
-            differences.append(f"train.weight_decay: checkpoint {old_decay!r}, config {new_decay!r} "
-                               f"(adafactor keeps a weight-decay state only when it is non-zero)")
+            differences.append(
+                f"train.weight_decay: checkpoint {old_decay!r}, config {new_decay!r} "
+                f"(adafactor keeps a weight-decay state only when it is non-zero)"
+            )
     if differences:
         saved_at = f" ({workdir.rstrip('/')}/config.json)" if workdir else ""
         raise ConfigError(
             f"{source} was saved with a different model or optimizer: {'; '.join(differences)}; resume with the "
-            f"config it was saved with{saved_at} or use a new workdir")
+            f"config it was saved with{saved_at} or use a new workdir"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -139,7 +148,9 @@ class Checkpointer:
             path = epath.Path(self.directory)
             if path.exists() and not path.is_dir():  # orbax would quietly report "no checkpoints"
                 raise NotADirectoryError("exists but is not a directory")
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS, item_handlers=handlers)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=ITEMS, item_handlers=handlers
+            )
         except Exception as e:  # noqa: BLE001 - any I/O failure here means the directory is unusable
             raise CheckpointError(f"checkpoint directory {self.directory} cannot be used ({_reason(e)})") from None
 
@@ -151,7 +162,9 @@ class Checkpointer:
         """Whether `save(step, ...)` would save without `force` (so callers gather its inputs only then)."""
         return self.manager.should_save(step)
 
-    def save(self, step: int, state: dict, config: ml_collections.ConfigDict, data: dict, *, force: bool = False) -> bool:
+    def save(
+        self, step: int, state: dict, config: ml_collections.ConfigDict, data: dict, *, force: bool = False
+    ) -> bool:
         """Saves if `step` is due (or `force`); returns whether a save started."""
         train = {k: v for k, v in state.items() if k != "ema"}
         return self.manager.save(
@@ -178,8 +191,9 @@ class Checkpointer:
         )
         return {**restored["train"], "ema": restored["ema"]}, dict(restored["data"])
 
-    def restore_latest(self, abstract_state: dict, config: ml_collections.ConfigDict,
-                       log: Callable[[str], None] = print) -> tuple[int, dict, dict] | None:
+    def restore_latest(
+        self, abstract_state: dict, config: ml_collections.ConfigDict, log: Callable[[str], None] = print
+    ) -> tuple[int, dict, dict] | None:
         """(step, state, data) of the newest step that can be restored, falling back to older ones (one log
         line each); None when there is no checkpoint. Raises ConfigError when the checkpoint was saved for a
         different model or optimizer than `config` builds, CheckpointError when its arrays do not fit
@@ -196,8 +210,10 @@ class Checkpointer:
             except _Unrestorable as e:
                 failures.append(f"step {step} ({e})")
                 if i + 1 < len(steps):
-                    log(f"checkpoint: step {step} in {self.directory} cannot be restored ({e}); "
-                        f"falling back to step {steps[i + 1]}")
+                    log(
+                        f"checkpoint: step {step} in {self.directory} cannot be restored ({e}); "
+                        f"falling back to step {steps[i + 1]}"
+                    )
                 continue
             self._agree_across_processes(step)
             self._set_aside(steps[:i], log)
@@ -221,10 +237,14 @@ class Checkpointer:
         differences = shape_differences(saved, abstract_state, "checkpoint")
         if differences:
             listed = "; ".join(differences[:_MAX_LISTED_ARRAYS])
-            more = f"; and {len(differences) - _MAX_LISTED_ARRAYS} more" if len(differences) > _MAX_LISTED_ARRAYS else ""
+            more = (
+                f"; and {len(differences) - _MAX_LISTED_ARRAYS} more" if len(differences) > _MAX_LISTED_ARRAYS else ""
+            )
             raise CheckpointError(
-                f"{where} does not fit the model this config builds ({len(differences)} arrays differ: {listed}{more}); "
-                f"was it trained with a text encoder of another width or a different data.image_size?")
+                f"{where} does not fit the model this config builds ({len(differences)} arrays differ: "
+                f"{listed}{more}); "
+                f"was it trained with a text encoder of another width or a different data.image_size?"
+            )
         try:
             return self.restore(step, abstract_state)
         except Exception as e:  # noqa: BLE001

@@ -28,7 +28,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.text.dtype = "bfloat16"  # T5 compute dtype: float32 | bfloat16
 
     c.data = ml_collections.ConfigDict()
-    c.data.train_shards = ""  # glob, brace pattern ({00000..01242}.tfrecord), list, comma list or .txt list file; local or gs://
+    c.data.train_shards = (
+        ""  # glob, brace pattern ({00000..01242}.tfrecord), list, comma list or .txt list file; local or gs://
+    )
     c.data.format = "tfrecord"  # img2dataset TFRecord shards (webdataset .tar: convert with tools.convert_shards)
     c.data.image_size = 64  # the stage's output resolution (short side resized to it, centre crop)
     c.data.crop_size = 0  # SR stages trained on random crops (0 = no crop)
@@ -165,6 +167,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if crop > config.data.image_size:
             raise ConfigError(f"config.data.crop_size={crop} is larger than data.image_size={config.data.image_size}")
         if kind.super_resolution and (crop * config.model.lowres_size) % config.data.image_size:
-            raise ConfigError(f"config.data.crop_size={crop} has no whole low-res crop: crop_size * "
-                              f"model.lowres_size ({config.model.lowres_size}) must be divisible by data.image_size "
-                              f"({config.data.image_size})")
+            raise ConfigError(
+                f"config.data.crop_size={crop} has no whole low-res crop: crop_size * "
+                f"model.lowres_size ({config.model.lowres_size}) must be divisible by data.image_size "
+                f"({config.data.image_size})"
+            )

@@ -108,7 +108,7 @@ def write_export(
         "num_params": int(sum(a.size for a in flat.values())),
         "num_tensors": len(flat),
         "text_dim": int(text_dim),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     parent, name = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)

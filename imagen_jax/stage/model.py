@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ class ModelKind:
 
 MODEL_KINDS = {
     "unet": ModelKind(unet.build_unet, unet.default_config, unet.check_config, super_resolution=False),
-    "efficient_unet": ModelKind(efficient_unet.build_sr_unet, efficient_unet.default_config,
-                                efficient_unet.check_config, super_resolution=True),
+    "efficient_unet": ModelKind(
+        efficient_unet.build_sr_unet, efficient_unet.default_config, efficient_unet.check_config, super_resolution=True
+    ),
 }
 
 
@@ -121,8 +123,9 @@ def stage_model(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) ->
         raise ValueError(f"the U-Net has non-parameter state, which the train state does not carry: {rest}")
     rules = mesh_lib.rules_dict(config.mesh.rules)
     shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh, rules))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nnx.to_pure_dict(abstract), shardings)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract), shardings
+    )
     return StageModel(graphdef, abstract, shardings)
 
 

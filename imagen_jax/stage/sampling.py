@@ -7,7 +7,8 @@ noise-augmentation level of their input from `config.diffusion.sr_noise_level` u
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +58,20 @@ def sample(
         z, aug_t = augment.sampling_augmentation(jnp.asarray(lowres), level, augment_keys, config.diffusion.schedule)
         model_kwargs = {"lowres": z, "lowres_t": aug_t}
     return diffusion_sample(
-        apply_fn, params, text, text_mask, keys,
-        shape=(len(seeds), size, size, 3), steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-        schedule=config.diffusion.schedule, objective=config.diffusion.objective,
-        thresholding=config.diffusion.thresholding, percentile=config.diffusion.dynamic_threshold_percentile,
-        progress=progress, chunk_size=None if progress is None else max(1, steps // 10), model_kwargs=model_kwargs,
+        apply_fn,
+        params,
+        text,
+        text_mask,
+        keys,
+        shape=(len(seeds), size, size, 3),
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        schedule=config.diffusion.schedule,
+        objective=config.diffusion.objective,
+        thresholding=config.diffusion.thresholding,
+        percentile=config.diffusion.dynamic_threshold_percentile,
+        progress=progress,
+        chunk_size=None if progress is None else max(1, steps // 10),
+        model_kwargs=model_kwargs,
     )

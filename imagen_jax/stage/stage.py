@@ -8,7 +8,8 @@ weights, placed on this host's devices, and samples through `stage.sampling.samp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -55,20 +56,25 @@ class Stage(StageSpec):
     step: int
 
     @classmethod
-    def load(cls, workdir: str, *, text_dim: int) -> "Stage":
+    def load(cls, workdir: str, *, text_dim: int) -> Stage:
         """A workdir's latest checkpoint, or an export folder; `text_dim`: the stage's T5 width."""
         if export_lib.is_export(workdir):
             config, params, metadata = export_lib.read_export(workdir)
             config = checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", config)
             if metadata["text_dim"] != text_dim:
-                raise StageError(f"{workdir}: exported for a T5 of width {metadata['text_dim']}, the encoder has {text_dim}")
+                raise StageError(
+                    f"{workdir}: exported for a T5 of width {metadata['text_dim']}, the encoder has {text_dim}"
+                )
             model = stage_model(config, text_dim, local_mesh())
             differences = shape_differences(params, model.abstract_params, "export")
             if differences:
-                raise StageError(f"{workdir}: weights do not fit the model its config describes (first: "
-                                 f"{differences[0]})")
+                raise StageError(
+                    f"{workdir}: weights do not fit the model its config describes (first: {differences[0]})"
+                )
             params = jax.device_put(params, model.param_shardings)
-            return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=int(metadata["step"]))
+            return cls(
+                workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=int(metadata["step"])
+            )
         checkpointer, step = _open(workdir)
         try:
             config = checkpoint_config(checkpointer, workdir, step)
@@ -78,13 +84,34 @@ class Stage(StageSpec):
             checkpointer.close()
         return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step)
 
-    def sample(self, text: jax.Array, text_mask: jax.Array, seeds: Sequence[int], *, steps: int,
-               guidance_scale: float, sampler: str = "ddpm", lowres: np.ndarray | None = None,
-               sr_noise_level: float | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def sample(
+        self,
+        text: jax.Array,
+        text_mask: jax.Array,
+        seeds: Sequence[int],
+        *,
+        steps: int,
+        guidance_scale: float,
+        sampler: str = "ddpm",
+        lowres: np.ndarray | None = None,
+        sr_noise_level: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
         """Images in [-1,1], [B,S,S,3] (see `stage.sampling.sample`; the SR noise level defaults to the config's)."""
-        x = sampling.sample(self.config, self.apply_fn, self.params, text, text_mask, seeds, steps=steps,
-                            guidance_scale=guidance_scale, sampler=sampler, lowres=lowres,
-                            sr_noise_level=sr_noise_level, progress=progress)
+        x = sampling.sample(
+            self.config,
+            self.apply_fn,
+            self.params,
+            text,
+            text_mask,
+            seeds,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            lowres=lowres,
+            sr_noise_level=sr_noise_level,
+            progress=progress,
+        )
         return np.asarray(jax.device_get(x))
 
 
@@ -94,8 +121,10 @@ def restore_ema(checkpointer: Checkpointer, workdir: str, step: int, abstract_pa
     try:
         return checkpointer.restore_ema(step, abstract_params)
     except (KeyError, ValueError, OSError) as e:  # orbax: a missing item, shapes, unreadable files
-        raise StageError(f"{checkpoint_dir(workdir)}/{step}: cannot restore the EMA weights of the model "
-                         f"its config describes (text width {text_dim}): {first_line(e)}") from e
+        raise StageError(
+            f"{checkpoint_dir(workdir)}/{step}: cannot restore the EMA weights of the model "
+            f"its config describes (text width {text_dim}): {first_line(e)}"
+        ) from e
 
 
 def _open(workdir: str) -> tuple[Checkpointer, int]:

@@ -85,7 +85,8 @@ def _activation_name(feed_forward_proj: str) -> str:
     name = feed_forward_proj.removeprefix("gated-")
     if name not in _ACTIVATIONS:
         raise ValueError(
-            f"unsupported feed_forward_proj '{feed_forward_proj}' (expected ACT or gated-ACT, ACT in {sorted(_ACTIVATIONS)})"
+            f"unsupported feed_forward_proj '{feed_forward_proj}' "
+            f"(expected ACT or gated-ACT, ACT in {sorted(_ACTIVATIONS)})"
         )
     return name
 
@@ -275,7 +276,9 @@ def _load_params(folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLi
             if transpose:
                 array = array.T
             if array.shape != variable.shape:
-                raise WeightsError(f"{reader.source}: tensor '{key}' has shape {array.shape}, expected {variable.shape}")
+                raise WeightsError(
+                    f"{reader.source}: tensor '{key}' has shape {array.shape}, expected {variable.shape}"
+                )
             yield path, variable.replace(jnp.asarray(array, dtype=dtype))
 
 

@@ -19,10 +19,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="model mode: the config whose train step is timed")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step; 0 = FLOPs only (allocates nothing)")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps after one warm-up step; 0 = FLOPs only (allocates nothing)"
+    )
     parser.add_argument("--text_dim", type=int, default=64, help="width of the stand-in T5 (4096 = T5-XXL)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak, for MFU (e.g. 989 H100 bf16)")
     parser.add_argument("--data", action="store_true", help="data mode: time the input pipeline instead")
@@ -54,14 +57,20 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         from imagen_jax.tools.bench_step import benchmark
 
-        print(json.dumps(benchmark(config, steps=args.steps, text_dim=args.text_dim, peak_tflops=args.peak_tflops),
-                         indent=2))
+        print(
+            json.dumps(
+                benchmark(config, steps=args.steps, text_dim=args.text_dim, peak_tflops=args.peak_tflops), indent=2
+            )
+        )
         return 0
 
     def data_mode() -> int:
         from imagen_jax.tools import bench_data
 
-        sizes, parallel = bench_data.positive_ints(args.sizes, "--sizes"), bench_data.positive_ints(args.parallel, "--parallel")
+        sizes, parallel = (
+            bench_data.positive_ints(args.sizes, "--sizes"),
+            bench_data.positive_ints(args.parallel, "--parallel"),
+        )
         bench_data.check_data_args(sizes, parallel, args.batch_size, args.seconds, args.num_images)
         if args.shards is not None:  # shards that match nothing, or hold nothing usable: a bad argument
             try:
@@ -69,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             except ImagenError as e:
                 raise UsageError(str(e)) from None
         try:
-            results = bench_data.benchmark_data(sizes, parallel, args.batch_size, args.seconds, args.shards,
-                                                num_images=args.num_images)
+            results = bench_data.benchmark_data(
+                sizes, parallel, args.batch_size, args.seconds, args.shards, num_images=args.num_images
+            )
         except DataError as e:
             raise UsageError(f"{args.shards}: {e}") if args.shards else e from None
         print(bench_data.format_data_report(results, synthetic=args.shards is None))

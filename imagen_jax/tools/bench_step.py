@@ -33,8 +33,15 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, text_dim: int, p
     mesh = mesh_lib.make_mesh(config.mesh)
     with tempfile.TemporaryDirectory() as tmp:
         if not config.text.encoder:
-            config.text.encoder = make_tiny_t5(os.path.join(tmp, "t5"), CAPTIONS, d_model=text_dim, num_layers=1,
-                                               num_heads=max(1, text_dim // 64), d_kv=min(64, text_dim), d_ff=2 * text_dim)
+            config.text.encoder = make_tiny_t5(
+                os.path.join(tmp, "t5"),
+                CAPTIONS,
+                d_model=text_dim,
+                num_layers=1,
+                num_heads=max(1, text_dim // 64),
+                d_kv=min(64, text_dim),
+                d_ff=2 * text_dim,
+            )
         config.data.precomputed_text = False
         text = setup_lib.load_text(config, mesh)
     trainer = setup_lib.setup(config, mesh, text)
@@ -46,8 +53,13 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, text_dim: int, p
     if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
         cost = trainer.train_step.lower(trainer.abstract_state(), text.params, batch).cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
-        return {"unet_params_M": round(num_params / 1e6, 2), "image_size": size, "global_batch": batch_size,
-                "gflop_per_step": round(flops / 1e9, 1), "gflop_per_image": round(flops / 1e9 / batch_size, 1)}
+        return {
+            "unet_params_M": round(num_params / 1e6, 2),
+            "image_size": size,
+            "global_batch": batch_size,
+            "gflop_per_step": round(flops / 1e9, 1),
+            "gflop_per_image": round(flops / 1e9 / batch_size, 1),
+        }
     state = trainer.init_state()
 
     start = time.perf_counter()

@@ -65,13 +65,21 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="convert_shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True,
-                        help="the .tar shards: glob, brace pattern ({00000..00331}), comma-separated; local or gs://")
+    parser = argparse.ArgumentParser(
+        prog="convert_shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="the .tar shards: glob, brace pattern ({00000..00331}), comma-separated; local or gs://",
+    )
     parser.add_argument("--output", required=True, help="folder for the .tfrecord shards (local or gs://)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="shards converted in parallel (default: min(8, CPU count))")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="shards converted in parallel (default: min(8, CPU count))",
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo shards whose output already exists")
     args = parser.parse_args(argv)
     from imagen_jax.cli import main_guard

@@ -20,8 +20,14 @@ import sys
 import time
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-PROMPTS = ("a red circle on the left", "a blue square at the top", "a yellow triangle on the right",
-           "a green circle at the bottom", "a purple square in the middle", "a cyan triangle on the left")
+PROMPTS = (
+    "a red circle on the left",
+    "a blue square at the top",
+    "a yellow triangle on the right",
+    "a green circle at the bottom",
+    "a purple square in the middle",
+    "a cyan triangle on the left",
+)
 
 
 def prepare(workdir: str, *, num_examples: int, image_size: int, seed: int) -> tuple[str, str]:
@@ -33,8 +39,9 @@ def prepare(workdir: str, *, num_examples: int, image_size: int, seed: int) -> t
 
     data_dir, t5_dir = os.path.join(workdir, "data"), os.path.join(workdir, "t5")
     if not tf.io.gfile.glob(os.path.join(data_dir, "*.tfrecord")):
-        paths = demo_data.write_demo_shards(data_dir, num_examples=num_examples, image_size=image_size,
-                                            num_shards=4, seed=seed)
+        paths = demo_data.write_demo_shards(
+            data_dir, num_examples=num_examples, image_size=image_size, num_shards=4, seed=seed
+        )
         print(f"wrote {num_examples} demo examples in {len(paths)} shards to {data_dir}", flush=True)
     if not os.path.exists(os.path.join(t5_dir, "model.safetensors")):
         make_tiny_t5(t5_dir, demo_data.all_captions(), seed=seed)
@@ -43,8 +50,9 @@ def prepare(workdir: str, *, num_examples: int, image_size: int, seed: int) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--num_examples", type=int, default=4000, help="demo dataset size")
     parser.add_argument("--base_config", default=os.path.join(CONFIGS, "demo.py"))
@@ -83,9 +91,17 @@ def run_demo(workdir: str, base, sr, *, num_examples: int) -> dict:
         run(config, stage_dir)
     trained = time.perf_counter()
     guidance, steps = base.train.sample_guidance_scale, base.train.sample_steps
-    sample_to_folder([train_dir, sr_dir], list(PROMPTS), out=os.path.join(workdir, "samples"), num_images=4,
-                     seed=0, steps=[steps, sr.train.sample_steps], guidance_scales=[guidance, 1.0], batch_size=32,
-                     overwrite=True)
+    sample_to_folder(
+        [train_dir, sr_dir],
+        list(PROMPTS),
+        out=os.path.join(workdir, "samples"),
+        num_images=4,
+        seed=0,
+        steps=[steps, sr.train.sample_steps],
+        guidance_scales=[guidance, 1.0],
+        batch_size=32,
+        overwrite=True,
+    )
     results = eval_demo.evaluate(train_dir, guidance_scale=guidance, steps=steps, out=os.path.join(workdir, "eval"))
     results["super_resolution"] = eval_demo.evaluate_sr(train_dir, sr_dir, steps=sr.train.sample_steps)
     results["train_minutes"] = (trained - start) / 60
@@ -93,7 +109,9 @@ def run_demo(workdir: str, base, sr, *, num_examples: int) -> dict:
     with open(os.path.join(workdir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
-    print(f"samples: {os.path.join(workdir, 'samples', 'grid.png')}; scores: {os.path.join(workdir, 'demo_results.json')}")
+    print(
+        f"samples: {os.path.join(workdir, 'samples', 'grid.png')}; scores: {os.path.join(workdir, 'demo_results.json')}"
+    )
     return results
 
 

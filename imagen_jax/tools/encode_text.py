@@ -36,10 +36,13 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="encode_text", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="encode_text", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--encoder", required=True, help="Hugging Face T5 folder (config.json, spiece.model, weights)")
-    parser.add_argument("--input", required=True, help="input shards: glob, brace pattern or comma list; local or gs://")
+    parser.add_argument(
+        "--input", required=True, help="input shards: glob, brace pattern or comma list; local or gs://"
+    )
     parser.add_argument("--output", required=True, help="output folder (not the input folder); local or gs://")
     parser.add_argument("--max_length", type=int, default=128, help="tokens per caption; = config text.max_length")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="storage dtype")
@@ -58,10 +61,19 @@ def main(argv: list[str]) -> int:
         from imagen_jax.errors import DataError
 
         try:
-            encode_shards(args.encoder, args.input, args.output, max_length=args.max_length, dtype=args.dtype,
-                          compute_dtype=args.compute_dtype, batch_size=args.batch_size, overwrite=args.overwrite,
-                          process_index=args.process_index, process_count=args.process_count,
-                          log=lambda line: print(line, flush=True))
+            encode_shards(
+                args.encoder,
+                args.input,
+                args.output,
+                max_length=args.max_length,
+                dtype=args.dtype,
+                compute_dtype=args.compute_dtype,
+                batch_size=args.batch_size,
+                overwrite=args.overwrite,
+                process_index=args.process_index,
+                process_count=args.process_count,
+                log=lambda line: print(line, flush=True),
+            )
         except tf.errors.OpError as e:  # an unreadable input or unwritable output, named by TensorFlow
             raise DataError(op_error_text(e)) from None
         return 0

@@ -25,8 +25,17 @@ if TYPE_CHECKING:
 
 
 def evaluate(
-    workdir: str, *, guidance_scale: float, steps: int, per_prompt: int = 1, seed: int = 0, batch_size: int = 96,
-    baseline: bool = True, out: str | None = None, sampler: str = "ddpm", imagen: Imagen | None = None,
+    workdir: str,
+    *,
+    guidance_scale: float,
+    steps: int,
+    per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 96,
+    baseline: bool = True,
+    out: str | None = None,
+    sampler: str = "ddpm",
+    imagen: Imagen | None = None,
 ) -> dict:
     """Colour and position accuracy of samples for every demo caption; writes a grid under `out`."""
     from imagen_jax import images as images_lib
@@ -36,13 +45,18 @@ def evaluate(
     imagen = imagen or Imagen.load([workdir])
     triples = [t for t in itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS) for _ in range(per_prompt)]
     prompts = [demo.caption(*t) for t in triples]
-    results = {"workdir": workdir, "checkpoint_step": imagen.stages[0].step, "sampler": sampler, "steps": steps,
-               "num_images": len(prompts)}
+    results = {
+        "workdir": workdir,
+        "checkpoint_step": imagen.stages[0].step,
+        "sampler": sampler,
+        "steps": steps,
+        "num_images": len(prompts),
+    }
     scales = [guidance_scale] + ([1.0] if baseline and guidance_scale != 1.0 else [])
     for scale in scales:
         samples = []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+            chunk = prompts[start : start + batch_size]
             seeds = list(range(seed + start, seed + start + len(chunk)))
             (x,) = imagen(chunk, seeds, steps=[steps], guidance_scales=[scale], samplers=[sampler])
             samples.append(images_lib.to_uint8(x))
@@ -53,14 +67,17 @@ def evaluate(
         results[key] = {"color_accuracy": float(np.mean(color_ok)), "position_accuracy": float(np.mean(position_ok))}
         if out:
             os.makedirs(out, exist_ok=True)
-            images_lib.save_png(images_lib.make_grid(samples, columns=len(demo.POSITIONS) * per_prompt),
-                                os.path.join(out, f"eval_{key}.png"))
+            images_lib.save_png(
+                images_lib.make_grid(samples, columns=len(demo.POSITIONS) * per_prompt),
+                os.path.join(out, f"eval_{key}.png"),
+            )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eval_demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="eval_demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=64)
@@ -75,25 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     from imagen_jax.cli import main_guard
 
     def body() -> int:
-        results = evaluate(args.workdir, guidance_scale=args.guidance_scale, steps=args.steps,
-                           per_prompt=args.per_prompt, seed=args.seed, baseline=not args.no_baseline,
-                           out=os.path.join(args.workdir, "eval"))
+        results = evaluate(
+            args.workdir,
+            guidance_scale=args.guidance_scale,
+            steps=args.steps,
+            per_prompt=args.per_prompt,
+            seed=args.seed,
+            baseline=not args.no_baseline,
+            out=os.path.join(args.workdir, "eval"),
+        )
         if args.sr_workdir:
-            results["super_resolution"] = evaluate_sr(args.workdir, args.sr_workdir, steps=args.sr_steps,
-                                                      seed=args.seed)
+            results["super_resolution"] = evaluate_sr(
+                args.workdir, args.sr_workdir, steps=args.sr_steps, seed=args.seed
+            )
         print(json.dumps(results, indent=2))
         return 0
 
     return main_guard("eval_demo", body)
 
 
-
-
 def high_frequency_energy(images: np.ndarray) -> float:
     """Mean squared discrete Laplacian: the energy of the finest details (higher = sharper)."""
     x = np.asarray(images, np.float64)
     lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
-    return float(np.mean(lap ** 2))
+    return float(np.mean(lap**2))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -102,8 +124,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(4.0 / max(mse, 1e-12)))
 
 
-def evaluate_sr(base_workdir: str, sr_workdir: str, *, steps: int, sampler: str = "ddpm", count: int = 60,
-                sr_noise_level: float = 0.2, seed: int = 0) -> dict:
+def evaluate_sr(
+    base_workdir: str,
+    sr_workdir: str,
+    *,
+    steps: int,
+    sampler: str = "ddpm",
+    count: int = 60,
+    sr_noise_level: float = 0.2,
+    seed: int = 0,
+) -> dict:
     """SR fidelity on fresh renders: the SR output, downsampled back, against its input (PSNR), and its
     sharpness against bicubic upsampling of the same input (high-frequency energy ratio)."""
     import jax
@@ -121,16 +151,32 @@ def evaluate_sr(base_workdir: str, sr_workdir: str, *, steps: int, sampler: str 
     targets = np.stack([demo.render(*t, sr.image_size, rng) for t in picks]).astype(np.float32) / 127.5 - 1.0
     lowres = np.asarray(augment.downsample(jnp.asarray(targets), sr.lowres_size))
     text, mask = imagen.encode([demo.caption(*t) for t in picks])
-    out = sr.sample(text, mask, list(range(seed, seed + count)), steps=steps, guidance_scale=1.0, sampler=sampler,
-                    lowres=lowres, sr_noise_level=sr_noise_level)
+    out = sr.sample(
+        text,
+        mask,
+        list(range(seed, seed + count)),
+        steps=steps,
+        guidance_scale=1.0,
+        sampler=sampler,
+        lowres=lowres,
+        sr_noise_level=sr_noise_level,
+    )
     bicubic = np.asarray(jax.image.resize(jnp.asarray(lowres), targets.shape, method="cubic")).clip(-1, 1)
     back = np.asarray(augment.downsample(jnp.asarray(out), sr.lowres_size))
     return {
-        "sr_workdir": sr_workdir, "images": count, "steps": steps, "sampler": sampler, "sr_noise_level": sr_noise_level,
+        "sr_workdir": sr_workdir,
+        "images": count,
+        "steps": steps,
+        "sampler": sampler,
+        "sr_noise_level": sr_noise_level,
         "psnr_downsampled_output_vs_input_db": round(psnr(back, lowres), 2),
-        "psnr_downsampled_bicubic_vs_input_db": round(psnr(np.asarray(augment.downsample(jnp.asarray(bicubic), sr.lowres_size)), lowres), 2),
+        "psnr_downsampled_bicubic_vs_input_db": round(
+            psnr(np.asarray(augment.downsample(jnp.asarray(bicubic), sr.lowres_size)), lowres), 2
+        ),
         "high_frequency_ratio_sr_vs_bicubic": round(high_frequency_energy(out) / high_frequency_energy(bicubic), 3),
-        "high_frequency_ratio_target_vs_bicubic": round(high_frequency_energy(targets) / high_frequency_energy(bicubic), 3),
+        "high_frequency_ratio_target_vs_bicubic": round(
+            high_frequency_energy(targets) / high_frequency_energy(bicubic), 3
+        ),
         "psnr_output_vs_target_db": round(psnr(out, targets), 2),
         "psnr_bicubic_vs_target_db": round(psnr(bicubic, targets), 2),
     }

@@ -23,8 +23,9 @@ def t5_dim(folder: str) -> int:
     return T5Config.from_json(os.path.join(folder, "config.json")).d_model
 
 
-def export_workdir(workdir: str, out: str, *, step: int | None = None, text_dim: int | None = None,
-                   overwrite: bool = False) -> dict:
+def export_workdir(
+    workdir: str, out: str, *, step: int | None = None, text_dim: int | None = None, overwrite: bool = False
+) -> dict:
     """Exports checkpoint `step` (default: latest) of `workdir` to `out`; returns the export's metadata."""
     import jax
 
@@ -39,7 +40,9 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, text_dim:
     try:
         steps = list(checkpointer.manager.all_steps())
         if not steps:
-            raise MissingError(f"no checkpoint in {checkpoint_dir(workdir)} (train the stage first, or check --workdir)")
+            raise MissingError(
+                f"no checkpoint in {checkpoint_dir(workdir)} (train the stage first, or check --workdir)"
+            )
         if step is None:
             step = max(steps)
         elif step not in steps:
@@ -50,18 +53,27 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, text_dim:
                 text_dim = t5_dim(config.text.encoder)
             except FileNotFoundError as e:
                 raise MissingError(f"{e} (the stage's T5 folder; pass --text_dim to export without it)") from None
-        params = restore_ema(checkpointer, workdir, step, stage_model(config, text_dim, local_mesh()).abstract_params,
-                             text_dim)
+        params = restore_ema(
+            checkpointer, workdir, step, stage_model(config, text_dim, local_mesh()).abstract_params, text_dim
+        )
     finally:
         checkpointer.close()
-    export_lib.write_export(out, config, jax.device_get(params), step=step, text_dim=text_dim,
-                            source=workdir if "://" in workdir else os.path.abspath(workdir), overwrite=overwrite)
+    export_lib.write_export(
+        out,
+        config,
+        jax.device_get(params),
+        step=step,
+        text_dim=text_dim,
+        source=workdir if "://" in workdir else os.path.abspath(workdir),
+        overwrite=overwrite,
+    )
     return export_lib.read_metadata(out)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", required=True, help="the stage's training workdir")
     parser.add_argument("--out", required=True, help="export folder to create")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -75,8 +87,9 @@ def main(argv: list[str]) -> int:
     from imagen_jax.cli import main_guard
 
     def body() -> int:
-        metadata = export_workdir(args.workdir, args.out, step=args.step, text_dim=args.text_dim,
-                                  overwrite=args.overwrite)
+        metadata = export_workdir(
+            args.workdir, args.out, step=args.step, text_dim=args.text_dim, overwrite=args.overwrite
+        )
         print(json.dumps({"out": os.path.abspath(args.out), **metadata}))
         return 0
 

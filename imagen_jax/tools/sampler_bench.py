@@ -13,7 +13,6 @@ import json
 import sys
 import time
 
-
 DEFAULT_RUNS = "ddpm:64,ddpm:16,ddim:16,dpmpp_2m:16,dpmpp_2m:8"
 
 
@@ -43,15 +42,22 @@ def benchmark(workdir: str, runs: list[tuple[str, int]], *, guidance_scale: floa
         result = eval_demo.evaluate(workdir, **kwargs)
         seconds = time.perf_counter() - start
         scores = result[f"guidance_{guidance_scale:g}"]
-        rows.append({"sampler": sampler, "steps": steps, "seconds_per_image": round(seconds / result["num_images"], 4),
-                     **scores})
+        rows.append(
+            {
+                "sampler": sampler,
+                "steps": steps,
+                "seconds_per_image": round(seconds / result["num_images"], 4),
+                **scores,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sampler_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sampler_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", required=True, help="a demo base stage's workdir or export folder")
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated SAMPLER:STEPS pairs")
     parser.add_argument("--guidance_scale", type=float, default=3.0)

@@ -9,7 +9,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tensorflow as tf
 
 from imagen_jax import config as config_lib
@@ -46,10 +45,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % replicas:
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} "
-                          "data-parallel devices")
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} "
+            "data-parallel devices"
+        )
     prepare_workdir(workdir)
-    log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, mesh: {dict(mesh.shape)}")
+    log(
+        f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, "
+        f"mesh: {dict(mesh.shape)}"
+    )
     checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
     # Watched from here on: a SIGTERM while T5 loads, the state restores or the step compiles is answered
     # after the first step, like one during training. Every jit gets explicit NamedShardings, so no ambient
@@ -58,8 +62,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return _train(config, workdir, mesh, checkpointer, preemption)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, checkpointer: Checkpointer,
-           preemption: PreemptionWatch) -> dict:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    checkpointer: Checkpointer,
+    preemption: PreemptionWatch,
+) -> dict:
 
     # ----------------------------------------------------------------------------------------------
     # Frozen T5 text encoder (parameters replicated, never in the optimizer), or none at all when the
@@ -92,8 +101,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     position, message = start_position(saved_data, jax.process_index(), jax.process_count())
     log(message)
     dataset, data_stats = make_dataset(
-        config.data, batch_size=local_batch, seed=config.seed, start=position,
-        process_index=jax.process_index(), process_count=jax.process_count(), text_max_length=config.text.max_length,
+        config.data,
+        batch_size=local_batch,
+        seed=config.seed,
+        start=position,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        text_max_length=config.text.max_length,
     )
     batches = numpy_batches(dataset, data_stats)  # An epoch that delivers nothing is an error, not a hang.
 
@@ -105,7 +119,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         if encoder is None:
             local = {"image": raw["image"], "text": raw["text"], "mask": raw["mask"]}
         else:
-            ids, mask = encoder.tokenizer([c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length)
+            ids, mask = encoder.tokenizer(
+                [c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length
+            )
             local = {"image": raw["image"], "ids": ids, "mask": mask}
         return mesh_lib.global_batch(local, mesh), position_after(raw), list(raw["caption"])
 
@@ -133,10 +149,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
             target = jax.device_get(batch["image"])[:n]
             lowres = augment.downsample(target, low)
             text_n, mask_n = batch_text(batch, n)
-            x = sampling.sample(config, apply_fn, state["ema"], text_n, mask_n, seeds[:n], lowres=lowres,
-                                size=target.shape[1], **settings)
+            x = sampling.sample(
+                config,
+                apply_fn,
+                state["ema"],
+                text_n,
+                mask_n,
+                seeds[:n],
+                lowres=lowres,
+                size=target.shape[1],
+                **settings,
+            )
             shown = jnp.concatenate([upsample_lowres(lowres, target.shape[1]), x, target])
-            grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(shown)), columns=n), "low-res | sample | target"
+            grid, caption = (
+                images_lib.make_grid(images_lib.to_uint8(jax.device_get(shown)), columns=n),
+                "low-res | sample | target",
+            )
         elif prompts or encoder is None:
             n = len(prompts) or min(4, local_batch)
             text_n, mask_n = sample_text if prompts else batch_text(batch, n)
@@ -169,7 +197,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         bad = int(jax.device_get(metrics["nonfinite"]))
         bad_streak, bad_total = (bad_streak + 1) * bad, bad_total + bad
         if bad:
-            log(f"step {done}: non-finite loss or gradients; update skipped ({bad_streak} in a row, {bad_total} in total)")
+            log(
+                f"step {done}: non-finite loss or gradients; update skipped ({bad_streak} in a row, "
+                f"{bad_total} in total)"
+            )
         if done % config.train.log_every == 0 or done == num_steps:
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - t_log
@@ -190,7 +221,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         if preempted:
             checkpointer.close()
             writer.close()
-            log(f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command to resume")
+            log(
+                f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command to resume"
+            )
             return last_metrics
         if diverged:
             checkpointer.close()
@@ -198,7 +231,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
             raise TrainingDiverged(
                 f"stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss, gradient or update "
                 f"(train.max_consecutive_nonfinite={max_bad}); the checkpoint at step {done} holds the parameters of "
-                f"step {done - bad_streak}, the last finite one; lower train.learning_rate or check the data")
+                f"step {done - bad_streak}, the last finite one; lower train.learning_rate or check the data"
+            )
     checkpointer.close()
     writer.close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")
@@ -218,8 +252,10 @@ def prepare_workdir(workdir: str) -> None:
         if not os.path.isdir(parent):
             raise ConfigError(f"--workdir {workdir!r} cannot be created: {parent} is a file")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"--workdir {workdir!r} cannot be {'written' if parent == path else 'created'}: "
-                              f"{parent} is not writable")
+            raise ConfigError(
+                f"--workdir {workdir!r} cannot be {'written' if parent == path else 'created'}: "
+                f"{parent} is not writable"
+            )
     try:
         tf.io.gfile.makedirs(workdir)
     except (OSError, tf.errors.OpError) as e:

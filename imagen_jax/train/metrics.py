@@ -11,8 +11,7 @@ import os
 import jax
 import numpy as np
 import tensorflow as tf
-from tensorboardX import SummaryWriter
-from tensorboardX import record_writer
+from tensorboardX import SummaryWriter, record_writer
 
 
 class _GFileWriterFactory:

@@ -23,7 +23,9 @@ def learning_rate_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedu
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(train_cfg)
     if train_cfg.optimizer == "adamw":
-        opt = optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=1e-8, weight_decay=train_cfg.weight_decay)
+        opt = optax.adamw(
+            schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=1e-8, weight_decay=train_cfg.weight_decay
+        )
     elif train_cfg.optimizer == "adafactor":
         opt = optax.adafactor(schedule, weight_decay_rate=train_cfg.weight_decay or None)
     else:

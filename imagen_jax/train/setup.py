@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -44,12 +45,23 @@ def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
         from imagen_jax.data.pipeline import precomputed_text_metadata  # TensorFlow, only for this case
 
         stored = precomputed_text_metadata(config.data)
-        return Text(None, {}, {}, int(stored["dim"]), f"text: precomputed T5 embeddings from {stored['encoder']} "
-                    f"(dim {stored['dim']}, {stored['dtype']}); no encoder built")
+        return Text(
+            None,
+            {},
+            {},
+            int(stored["dim"]),
+            f"text: precomputed T5 embeddings from {stored['encoder']} "
+            f"(dim {stored['dim']}, {stored['dtype']}); no encoder built",
+        )
     encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=compute_dtype(config.text.dtype))
     shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
-    return Text(encoder, jax.device_put(encoder.state, shardings), shardings, encoder.dim,
-                f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})")
+    return Text(
+        encoder,
+        jax.device_put(encoder.state, shardings),
+        shardings,
+        encoder.dim,
+        f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +93,16 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, text: Text) -> TrainSet
     tx = optimizer_lib.make_optimizer(config.train)
     schedule = optimizer_lib.learning_rate_schedule(config.train)
     shardings = state_lib.state_shardings(model, tx, mesh)
-    step = make_train_step(config, model.graphdef, None if text.encoder is None else text.encoder.apply, tx, schedule,
-                           mesh, shardings, text.shardings)
+    step = make_train_step(
+        config,
+        model.graphdef,
+        None if text.encoder is None else text.encoder.apply,
+        tx,
+        schedule,
+        mesh,
+        shardings,
+        text.shardings,
+    )
     return TrainSetup(config, mesh, text, model, tx, schedule, shardings, step)
 
 
@@ -99,21 +119,33 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     folder's config.json. Reads file listings and one small JSON file; builds nothing."""
     stage_config.validate(config)
     if config.train.optimizer not in optimizer_lib.OPTIMIZERS:
-        raise ConfigError(f"config.train.optimizer={config.train.optimizer!r} is not one of "
-                          f"{', '.join(optimizer_lib.OPTIMIZERS)}")
-    for key, minimum in (("train.batch_size", 1), ("train.num_steps", 1), ("train.log_every", 1),
-                         ("train.checkpoint_every", 1), ("train.keep_checkpoints", 1), ("train.warmup_steps", 0),
-                         ("train.sample_every", 0), ("train.sample_steps", 1), ("train.max_consecutive_nonfinite", 0)):
+        raise ConfigError(
+            f"config.train.optimizer={config.train.optimizer!r} is not one of {', '.join(optimizer_lib.OPTIMIZERS)}"
+        )
+    for key, minimum in (
+        ("train.batch_size", 1),
+        ("train.num_steps", 1),
+        ("train.log_every", 1),
+        ("train.checkpoint_every", 1),
+        ("train.keep_checkpoints", 1),
+        ("train.warmup_steps", 0),
+        ("train.sample_every", 0),
+        ("train.sample_steps", 1),
+        ("train.max_consecutive_nonfinite", 0),
+    ):
         _at_least(config, key, minimum)
     if config.train.batch_size % process_count:
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by {process_count} "
-                          "processes")
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by {process_count} processes"
+        )
     if not config.train.learning_rate > 0:
         raise ConfigError(f"config.train.learning_rate={config.train.learning_rate!r} must be > 0")
     if not config.data.precomputed_text:
         if not config.text.encoder:
-            raise ConfigError("config.text.encoder is empty: set it to a Hugging Face T5 folder "
-                              "(or train on precomputed embeddings: config.data.precomputed_text=True)")
+            raise ConfigError(
+                "config.text.encoder is empty: set it to a Hugging Face T5 folder "
+                "(or train on precomputed embeddings: config.data.precomputed_text=True)"
+            )
         T5Config.from_json(os.path.join(config.text.encoder, "config.json"))  # names the file when it is bad
     _validate_data(config)
 
@@ -123,10 +155,14 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     from imagen_jax.data.shards import list_shards
 
     if config.data.format not in SUPPORTED_FORMATS:
-        raise ConfigError(f"config.data.format={config.data.format!r} is not supported; use one of "
-                          f"{', '.join(SUPPORTED_FORMATS)} (convert webdataset .tar shards with "
-                          "python -m imagen_jax.tools.convert_shards)")
+        raise ConfigError(
+            f"config.data.format={config.data.format!r} is not supported; use one of "
+            f"{', '.join(SUPPORTED_FORMATS)} (convert webdataset .tar shards with "
+            "python -m imagen_jax.tools.convert_shards)"
+        )
     if not config.data.train_shards:
-        raise ConfigError("config.data.train_shards is empty: set it to your shard files (a glob, brace pattern, "
-                          "list or .txt list file; local or gs://)")
+        raise ConfigError(
+            "config.data.train_shards is empty: set it to your shard files (a glob, brace pattern, "
+            "list or .txt list file; local or gs://)"
+        )
     list_shards(config.data.train_shards)  # every pattern must match: a MissingError naming the one that does not

@@ -24,8 +24,12 @@ def state_shardings(model: StageModel, tx: optax.GradientTransformation, mesh: M
     opt_abstract = jax.eval_shape(tx.init, abstract)
     replicated = mesh_lib.replicated(mesh)
     opt_shardings = optax.tree_map_params(
-        tx, lambda moment, param, s: s if moment.shape == param.shape else replicated,
-        opt_abstract, abstract, model.param_shardings, transform_non_params=lambda _: replicated,
+        tx,
+        lambda moment, param, s: s if moment.shape == param.shape else replicated,
+        opt_abstract,
+        abstract,
+        model.param_shardings,
+        transform_non_params=lambda _: replicated,
     )
     return {
         "step": replicated,
@@ -49,12 +53,16 @@ def fresh_state(config: ml_collections.ConfigDict, text_dim: int, tx: optax.Grad
     }
 
 
-def init_state(config: ml_collections.ConfigDict, text_dim: int, tx: optax.GradientTransformation, shardings: dict) -> dict:
+def init_state(
+    config: ml_collections.ConfigDict, text_dim: int, tx: optax.GradientTransformation, shardings: dict
+) -> dict:
     """Initialises the train state inside jit so every array is created directly in its sharding."""
     return jax.jit(lambda: fresh_state(config, text_dim, tx), out_shardings=shardings)()
 
 
-def abstract_state(config: ml_collections.ConfigDict, text_dim: int, tx: optax.GradientTransformation, shardings: dict) -> dict:
+def abstract_state(
+    config: ml_collections.ConfigDict, text_dim: int, tx: optax.GradientTransformation, shardings: dict
+) -> dict:
     """ShapeDtypeStructs carrying shardings: orbax's restore target, valid for any mesh."""
     shapes = jax.eval_shape(lambda: fresh_state(config, text_dim, tx))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

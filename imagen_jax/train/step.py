@@ -6,7 +6,8 @@ donated, so a step never holds two copies of the parameters.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +58,21 @@ def make_train_step(
         model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
         if lowres is not None:
             z = augment.downsample(batch["image"], lowres)
-            model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(z, augment_key, dcfg.schedule)
+            model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(
+                z, augment_key, dcfg.schedule
+            )
 
         def loss_fn(params):
             return diffusion_loss(
-                apply_fn, params, batch["image"], text, batch["mask"], loss_key,
-                schedule=dcfg.schedule, objective=dcfg.objective, cond_drop_prob=dcfg.cond_drop_prob,
+                apply_fn,
+                params,
+                batch["image"],
+                text,
+                batch["mask"],
+                loss_key,
+                schedule=dcfg.schedule,
+                objective=dcfg.objective,
+                cond_drop_prob=dcfg.cond_drop_prob,
                 model_kwargs=model_kwargs,
             )
 
@@ -87,7 +97,13 @@ def make_train_step(
             "nonfinite": 1 - finite.astype(jnp.int32),
             **aux,
         }
-        new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": params, "ema": ema, "opt_state": opt_state}
+        new_state = {
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "params": params,
+            "ema": ema,
+            "opt_state": opt_state,
+        }
         return new_state, metrics
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
