@@ -116,6 +116,7 @@ def _train(assets, workdir, devices, data, fsdp):
     return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow  # two training processes (1 and 8 devices): ~90 s
 def test_eight_devices_fsdp_train_like_one(tmp_path):
     demo.write_demo_shards(str(tmp_path / "data"), num_examples=64, image_size=8, num_shards=2, seed=0)
     make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)

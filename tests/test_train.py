@@ -47,6 +47,7 @@ def tiny_config(assets, **train):
     return c
 
 
+@pytest.mark.slow  # train, resume, sample end to end: ~75 s
 def test_train_resume_and_sample(assets, tmp_path, capsys):
     from imagen_jax.sample_files import sample_to_folder
     from imagen_jax.train.loop import run

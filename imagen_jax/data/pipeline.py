@@ -28,7 +28,7 @@ started, which runs ahead of training by its buffers.
 Memory: at most 48 open shard files (16 read side by side, 32 opened ahead; streamed, 256 KiB buffers
 each), the shuffle buffer (`shuffle_buffer` undecoded records) and a few decoded batches; never a whole shard.
 
-Config fields read from `data_cfg` (an `ml_collections.ConfigDict`; configs/common.py documents them):
+Config fields read from `data_cfg` (an `ml_collections.ConfigDict`; imagen_jax/stage/config.py documents them):
   train_shards, format, image_size, crop_size, shuffle_buffer, num_parallel_calls, precomputed_text,
   min_image_size, max_aspect_ratio, min_caption_chars, max_caption_chars, require_success_status.
 """
@@ -150,7 +150,7 @@ def numpy_batches(ds: tf.data.Dataset, stats: DatasetStats) -> Iterator[dict]:
             counts = ", ".join(f"{k}={v}" for k, v in stats.read().items() if v)
             raise NoExamplesError(
                 f"{match.group(1)} (counters: {counts}); check data.train_shards and the "
-                f"data filters (configs/common.py)"
+                f"data filters (imagen_jax/stage/config.py)"
             ) from None
         yield batch
 

@@ -1,8 +1,8 @@
 """A stage's U-Net as its config describes it: the model kinds, the dtypes, the SR geometry, and the model's
 structure, abstract parameters and shardings, built once without allocating anything.
 
-Training (train/state.py), sampling (stage/stage.py), export, the benchmark and the planner all get the
-U-Net from `stage_model`, so there is one answer to "what arrays does this config's model have, and where
+Training (train/state.py), sampling (stage/stage.py), export and the benchmark all get the U-Net from
+`stage_model`, so there is one answer to "what arrays does this config's model have, and where
 do they live".
 """
 

@@ -20,7 +20,7 @@ from imagen_jax.stage import export as export_lib
 from imagen_jax.stage import sampling
 from imagen_jax.stage.checkpoint import Checkpointer, checkpoint_dir
 from imagen_jax.stage.config import complete
-from imagen_jax.stage.model import MODEL_KINDS, is_super_resolution, local_mesh, shape_differences, stage_model
+from imagen_jax.stage.model import MODEL_KINDS, local_mesh, lowres_size, shape_differences, stage_model
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ class StageSpec:
     @property
     def lowres_size(self) -> int | None:
         """The input resolution of an SR stage; None for the base stage."""
-        return int(self.config.model.lowres_size) if is_super_resolution(self.config) else None
+        return lowres_size(self.config)
 
     def describe(self) -> str:
         """'unet, 64x64' for a base stage, 'efficient_unet, 64->256' for an SR stage."""

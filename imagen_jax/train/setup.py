@@ -1,5 +1,6 @@
-"""One set-up call for every program that runs the train step: the training loop, the benchmark and the
-planner get the same text encoder placement, U-Net, optimizer, shardings and compiled step from `setup`.
+"""One set-up call for every program that runs the train step: the training loop and the benchmark (and any
+ahead-of-time planner) get the same text encoder placement, U-Net, optimizer, shardings and jitted step from
+`setup`.
 
 `validate` checks everything about a training config that can be checked without building anything, so
 train.py answers a wrong value in the first seconds, in one line, before a workdir exists.
@@ -79,7 +80,8 @@ class TrainSetup:
     train_step: Callable[[dict, Any, dict], tuple[dict, dict]]
 
     def abstract_state(self) -> dict:
-        """ShapeDtypeStructs carrying shardings: the restore target, and what the planner compiles against."""
+        """ShapeDtypeStructs carrying shardings: the restore target, and what an ahead-of-time
+        compile lowers against (bench --steps 0)."""
         return state_lib.abstract_state(self.config, self.text.dim, self.tx, self.state_shardings)
 
     def init_state(self) -> dict:
