@@ -233,14 +233,14 @@ def test_check_compatible_lists_exactly_the_fields_that_change_the_state():
     assert "\n" not in message
 
 
-def test_adafactor_weight_decay_on_or_off_changes_the_state():
+def test_adafactor_momentum_on_or_off_changes_the_state():
     saved, current = demo_config(), demo_config()
     saved.train.optimizer = current.train.optimizer = "adafactor"
-    current.train.weight_decay = 0.01
+    saved.train.adafactor_momentum = 0.0
     with pytest.raises(config_lib.ConfigError) as error:
         check_compatible(saved, current)
-    assert field_names(str(error.value)) == {"train.weight_decay"}
-    saved.train.weight_decay = 0.5  # non-zero either way: same optimizer state
+    assert field_names(str(error.value)) == {"train.adafactor_momentum"}
+    saved.train.adafactor_momentum, saved.train.weight_decay = 0.5, 0.1  # same optimizer state
     check_compatible(saved, current)
     # The rule matches optax: the structures differ exactly when check_compatible says so.
     params = {"w": jnp.zeros((4, 6))}
@@ -249,7 +249,7 @@ def test_adafactor_weight_decay_on_or_off_changes_the_state():
         return jax.tree.structure(jax.eval_shape(optimizer_lib.make_optimizer(c.train).init, params))
 
     assert structure(saved) == structure(current)
-    saved.train.weight_decay = 0.0
+    saved.train.adafactor_momentum = 0.0
     assert structure(saved) != structure(current)
 
 

@@ -92,7 +92,7 @@ def check_compatible(
 ) -> None:
     """Raises ConfigError listing every field that makes `current` build a different train state than `saved`
     (the config the checkpoint was written with): all model.* fields, train.optimizer, and for Adafactor
-    whether train.weight_decay is zero (optax adds a weight-decay state only when it is not). Everything else
+    whether train.adafactor_momentum is zero (it keeps a momentum state only when it is not). Everything else
     (num_steps, learning rate, intervals, data.*, mesh.*) may change on resume."""
     old, new = _structural_fields(saved), _structural_fields(current)
     differences = [
@@ -101,11 +101,12 @@ def check_compatible(
         if old.get(key, _MISSING) != new.get(key, _MISSING)
     ]
     if old["train.optimizer"] == new["train.optimizer"] == "adafactor":
-        old_decay, new_decay = saved.train.get("weight_decay", 0.0), current.train.get("weight_decay", 0.0)
-        if bool(old_decay) != bool(new_decay):
+        old_momentum = saved.train.get("adafactor_momentum", 0.0)
+        new_momentum = current.train.get("adafactor_momentum", 0.0)
+        if bool(old_momentum) != bool(new_momentum):
             differences.append(
-                f"train.weight_decay: checkpoint {old_decay!r}, config {new_decay!r} "
-                f"(adafactor keeps a weight-decay state only when it is non-zero)"
+                f"train.adafactor_momentum: checkpoint {old_momentum!r}, config {new_momentum!r} "
+                f"(adafactor keeps a momentum state only when it is non-zero)"
             )
     if differences:
         saved_at = f" ({workdir.rstrip('/')}/config.json)" if workdir else ""

@@ -65,9 +65,10 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.train.learning_rate = 1e-4  # peak, after linear warm-up
     c.train.warmup_steps = 10_000
     c.train.end_lr_fraction = 0.0  # cosine decay ends at learning_rate * end_lr_fraction at num_steps
-    c.train.weight_decay = 0.0
+    c.train.weight_decay = 0.0  # decoupled, times the schedule (AdamW's; Adafactor's here too)
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
+    c.train.adafactor_momentum = 0.9  # Adafactor: debiased bfloat16 momentum (0 = none, no full-size state)
     c.train.grad_clip_norm = 1.0  # global gradient-norm clipping
     c.train.ema_decay = 0.9999  # EMA of the weights (warmed up as (1+step)/(10+step)); samples use it
     c.train.compute_dtype = "bfloat16"  # U-Net activations: float32 | bfloat16 (params stay float32)
