@@ -289,7 +289,7 @@ class T5Encoder:
     applies `stop_gradient`, so callers may treat the embeddings as constants.
     """
 
-    def __init__(self, module: T5EncoderModule, tokenizer: Tokenizer) -> None:
+    def __init__(self, module: T5EncoderModule, tokenizer: Tokenizer | None) -> None:
         self.module = module
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(module)
@@ -308,6 +308,13 @@ class T5Encoder:
         graphdef, state = nnx.split(abstract)
         loaded = nnx.from_flat_state(list(_load_params(path, cfg, state, dtype)))
         return cls(nnx.merge(graphdef, loaded), tokenizer)
+
+    @classmethod
+    def abstract(cls, config_json: str, dtype: DTypeLike = jnp.float32) -> T5Encoder:
+        """The encoder's structure and parameter shapes from a config.json alone (no weights, no tokenizer):
+        what ahead-of-time compiles (tools.plan) lower against. Its `state` holds ShapeDtypeStructs."""
+        cfg = T5Config.from_json(config_json)
+        return cls(nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=nnx.Rngs(0))), tokenizer=None)
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,243 @@
+"""Will it fit, and how fast could it go? The real train step compiled ahead of time for a TPU slice, on a
+machine without one (libtpu from PyPI: `pip install -e ".[plan]"`).
+
+`plan(config, slice_name, t5_config)` builds the mesh from the slice's compile-only devices
+(`jax.experimental.topologies`), sets up the train step with the same `train.setup.setup` call as training
+(T5 from a config.json alone: shapes, no weights), lowers it on abstract arrays and compiles it with the TPU
+compiler. Nothing is allocated. It reports, per device: the bytes of parameters, optimizer state, EMA, T5 and
+the batch (from the arrays' shardings), the compiler's temporaries (activations, gradients, workspace) and
+whether the sum fits the chip's HBM; FLOPs per step from the compiled cost analysis beside a count of the
+step's matmuls and convolutions (from its jaxpr); and a roofline step time and images/s from the chip's bf16
+peak and HBM bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from imagen_jax.errors import ConfigError, UsageError
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.stage import config as stage_config
+from imagen_jax.stage.model import compute_dtype, train_size
+from imagen_jax.text import T5Encoder
+from imagen_jax.train import setup as setup_lib
+
+GIB = 2**30
+SHAPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "text", "shapes")
+T5_SHAPES = {name: os.path.join(SHAPES, f"t5-v1_1-{name}.json") for name in ("xxl", "xl", "large")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Published per-chip figures of a TPU generation."""
+
+    name: str
+    hbm_bytes: int
+    bf16_tflops: float  # peak dense bf16
+    hbm_gbps: float  # HBM bandwidth, GB/s
+    cores_in_name: int  # slice names count TensorCores (v4, v5p: 2 per chip) or chips (v5e, v6e)
+    topology_prefix: str  # what libtpu calls the generation in a topology name
+    torus_dims: int  # 3: v4/v5p (megacore chips, 3-D torus); 2: v5e/v6e
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 275.0, 1200.0, 2, "v4", 3),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459.0, 2765.0, 2, "v5", 3),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197.0, 819.0, 1, "v5e", 2),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918.0, 1640.0, 1, "v6e", 2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str  # e.g. "v4-512"
+    chip: Chip
+    chips: int
+    topology: str  # e.g. "v4:4x8x8"
+
+
+def parse_slice(name: str) -> Slice:
+    """'v4-512' (512 TensorCores = 256 chips, 4x8x8), 'v5e-256' (256 chips, 16x16), ...: powers of two."""
+    family, _, count = name.partition("-")
+    if family not in CHIPS or not count.isdigit():
+        raise UsageError(
+            f"--topology {name!r}: expected GENERATION-N with GENERATION in {', '.join(CHIPS)}, "
+            "e.g. v4-8, v4-512, v5e-256, v5p-128"
+        )
+    chip = CHIPS[family]
+    n = int(count)
+    chips = n // chip.cores_in_name
+    if chips < 1 or n % chip.cores_in_name or chips & (chips - 1):
+        unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
+        raise UsageError(f"--topology {name!r}: N counts {unit} and must give a power-of-two number of chips")
+    return Slice(name, chip, chips, f"{chip.topology_prefix}:{'x'.join(map(str, _torus(chips, chip.torus_dims)))}")
+
+
+def _torus(chips: int, dims: int) -> list[int]:
+    """Chip grid of a slice: 2-D a x b with a <= b; 3-D grown as 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ..."""
+    k = chips.bit_length() - 1
+    if dims == 2:
+        return [2 ** (k // 2), 2 ** (k - k // 2)]
+    shape = [1, 1, 1]
+    order = [0, 1, 2] + [2, 1, 0] * k
+    for axis in order[:k]:
+        shape[axis] *= 2
+    return shape
+
+
+def slice_devices(tpu_slice: Slice) -> list:
+    """Compile-only devices of the slice (no TPU needed; libtpu must be installed)."""
+    # libtpu on a machine without TPUs: never ask the cloud metadata server what this VM is, do not take the
+    # single-process lock (several plans may run at once), and say what the host is so it does not guess.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu_slice.name)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    try:
+        from jax.experimental import topologies
+
+        description = topologies.get_topology_desc(
+            tpu_slice.topology, "tpu", chip_config_name="megacore" if tpu_slice.chip.torus_dims == 3 else "default",
+            chips_per_host_bounds=(2, 2, 1), num_slices=1,
+        )  # fmt: skip
+    except (RuntimeError, ValueError, ImportError) as e:
+        raise UsageError(
+            f"cannot describe TPU slice {tpu_slice.name} ({tpu_slice.topology}): {e}; the planner needs "
+            'libtpu: pip install -e ".[plan]"'
+        ) from None
+    return list(description.devices)
+
+
+def abstract_text(config: ml_collections.ConfigDict, t5_config: str, mesh: jax.sharding.Mesh) -> setup_lib.Text:
+    """T5 of the shape `t5_config` describes (a config.json, a T5 folder, or xxl/xl/large), on `mesh`, as the
+    train step sees it; with data.precomputed_text no encoder, only its width."""
+    path = T5_SHAPES.get(t5_config, t5_config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    encoder = T5Encoder.abstract(path, dtype=compute_dtype(config.text.dtype))
+    if config.data.precomputed_text:
+        return setup_lib.Text(None, {}, {}, encoder.dim, f"precomputed T5 embeddings of width {encoder.dim}")
+    replicated = mesh_lib.replicated(mesh)
+    shardings = jax.tree.map(lambda _: replicated, encoder.state)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), encoder.state, shardings)
+    return setup_lib.Text(encoder, params, shardings, encoder.dim, f"T5 of {path} (shapes only)")
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text_dim: int) -> dict:
+    batch, size, length = int(config.train.batch_size), train_size(config), int(config.text.max_length)
+    sharding = mesh_lib.batch_sharding(mesh)
+
+    def array(shape: tuple, dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    out = {"image": array((batch, size, size, 3), jnp.float32), "mask": array((batch, length), jnp.bool_)}
+    if config.data.precomputed_text:
+        out["text"] = array((batch, length, text_dim), jnp.bfloat16)
+    else:
+        out["ids"] = array((batch, length), jnp.int32)
+    return out
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs that carry shardings (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def matmul_flops(jaxpr: Any) -> float:
+    """FLOPs of the dot_generals and convolutions of a (closed) jaxpr, counted from their shapes (2 per
+    multiply-add), through nested jaxprs (jit, remat, custom derivatives; scans times their length)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+            per_output = math.prod(rhs[d] for d in spec[1:])  # in features (per group) x kernel window
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+        repeat = eqn.params.get("length", 1) if name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    total += repeat * matmul_flops(sub)
+    return total
+
+
+def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "xxl") -> dict:
+    """Compiles the train step of `config` for the TPU slice `slice_name` and returns the figures (see the
+    module docstring); mesh axes set to -1 in the config take the slice's devices."""
+    stage_config.validate(config)
+    tpu_slice = parse_slice(slice_name)
+    devices = slice_devices(tpu_slice)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % replicas:
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} "
+            f"data-parallel devices of {slice_name} (mesh {dict(mesh.shape)})"
+        )
+    text = abstract_text(config, t5_config, mesh)
+    trainer = setup_lib.setup(config, mesh, text)
+    state, batch = trainer.abstract_state(), abstract_batch(config, mesh, text.dim)
+    lowered = trainer.train_step.lower(state, text.params, batch)
+    compiled = lowered.compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    jaxpr = jax.make_jaxpr(trainer.train_step)(state, text.params, batch)
+    n = len(devices)
+    held = {
+        "params": bytes_per_device(state["params"]),
+        "optimizer": bytes_per_device(state["opt_state"]),
+        "ema": bytes_per_device(state["ema"]),
+        "t5": bytes_per_device(text.params),
+        "batch": bytes_per_device(batch),
+    }
+    temporaries = int(memory.temp_size_in_bytes)
+    total = (
+        int(memory.argument_size_in_bytes)
+        + temporaries
+        + int(memory.output_size_in_bytes)
+        - int(memory.alias_size_in_bytes)
+    )
+    flops_xla = float(cost.get("flops", 0.0)) * n  # the cost analysis is of one device's partitioned program
+    flops_counted = matmul_flops(jaxpr)
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))  # per device
+    compute_s = flops_xla / n / (tpu_slice.chip.bf16_tflops * 1e12)
+    memory_s = bytes_accessed / (tpu_slice.chip.hbm_gbps * 1e9)
+    step_s = max(compute_s, memory_s)
+    return {
+        "slice": slice_name,
+        "topology": tpu_slice.topology,
+        "chip": tpu_slice.chip.name,
+        "devices": n,
+        "mesh": dict(mesh.shape),
+        "global_batch": int(config.train.batch_size),
+        "unet_params": trainer.model.num_params,
+        "t5_params": sum(math.prod(x.shape) for x in jax.tree.leaves(text.params)),
+        "text": text.description,
+        "per_device_bytes": {**held, "temporaries": temporaries, "total": total},
+        "hbm_bytes": tpu_slice.chip.hbm_bytes,
+        "fits": total <= tpu_slice.chip.hbm_bytes,
+        "hbm_margin": 1.0 - total / tpu_slice.chip.hbm_bytes,
+        "flops_per_step_xla": flops_xla,
+        "flops_per_step_counted": flops_counted,
+        "roofline_step_s": step_s,
+        "roofline_bound": "compute" if compute_s >= memory_s else "memory",
+        "roofline_images_per_s": config.train.batch_size / step_s if step_s else float("inf"),
+    }
