@@ -41,7 +41,12 @@ def augment_lowres(lowres: jax.Array, aug_t: jax.Array, key: jax.Array, schedule
 
 
 def training_augmentation(lowres: jax.Array, key: jax.Array, schedule: str) -> tuple[jax.Array, jax.Array]:
-    """Random augmentation for a training batch: returns (augmented lowres, aug_t ~ U(0,1) per example)."""
+    """Random augmentation for a training batch: returns (augmented lowres, aug_t ~ U(0,1) per example).
+    key: one for the batch, or [B] keys (each example's draws then depend on its key alone)."""
+    if key.ndim:
+        keys = jax.vmap(jax.random.split)(key)
+        aug_t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys[:, 0])
+        return augment_lowres(lowres, aug_t, keys[:, 1], schedule), aug_t
     t_key, noise_key = jax.random.split(key)
     aug_t = jax.random.uniform(t_key, (lowres.shape[0],), jnp.float32)
     return augment_lowres(lowres, aug_t, noise_key, schedule), aug_t

@@ -86,7 +86,9 @@ def diffusion_loss(
     """Monte-Carlo denoising loss: MSE between the model's prediction and the objective's target.
 
     Per example: t ~ U(0, 1), noise ~ N(0, I), drop_text ~ Bernoulli(cond_drop_prob) (the model swaps
-    in its null text for classifier-free guidance). The MSE is averaged over every element, in float32.
+    in its null text for classifier-free guidance). `key` is one key for the batch, or one key per example
+    ([B] keys): then every example's draws depend on its key alone, so any split of the batch into
+    micro-batches draws the same. The MSE is averaged over every element, in float32.
     `model_kwargs` (e.g. {'dropout_key': k} or a low-res conditioning image) is forwarded to
     `apply_fn(params, x_t, t, text, text_mask, drop_text, **model_kwargs)` unchanged.
     """
@@ -95,10 +97,16 @@ def diffusion_loss(
     if not 0.0 <= cond_drop_prob <= 1.0:
         raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
     batch = x0.shape[0]
-    key_t, key_noise, key_drop = jax.random.split(key, 3)
-    t = jax.random.uniform(key_t, (batch,), jnp.float32)
-    noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
-    drop_text = jax.random.bernoulli(key_drop, cond_drop_prob, (batch,))
+    if key.ndim:  # one key per example
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(key)
+        t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys[:, 0])
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(keys[:, 1])
+        drop_text = jax.vmap(lambda k: jax.random.bernoulli(k, cond_drop_prob))(keys[:, 2])
+    else:
+        key_t, key_noise, key_drop = jax.random.split(key, 3)
+        t = jax.random.uniform(key_t, (batch,), jnp.float32)
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+        drop_text = jax.random.bernoulli(key_drop, cond_drop_prob, (batch,))
 
     x0 = x0.astype(jnp.float32)
     alpha, sigma = alpha_sigma(_per_example(log_snr(t, schedule), x0.ndim))

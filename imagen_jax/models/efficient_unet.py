@@ -84,6 +84,8 @@ from imagen_jax.models.layers import (
     TextConditioning,
     TimeEmbedding,
     Upsample,
+    call_remat,
+    check_remat,
     conv,
     fold_key,
 )
@@ -138,7 +140,9 @@ class SRBlock(nnx.Module):
         dropout_rate: float,
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
+        remat_attention: bool = False,
     ):
+        self.attention_policy = "block" if remat_attention else "none"
         self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
         self.self_attn = (
             SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype) if self_attention else None
@@ -153,9 +157,9 @@ class SRBlock(nnx.Module):
     def __call__(self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None) -> Array:
         x = self.res(x, emb, dropout_key)
         if self.self_attn is not None:
-            x = self.self_attn(x)
+            x = call_remat(self.self_attn, x, policy=self.attention_policy)
         if self.cross_attn is not None:
-            x = self.cross_attn(x, context, mask)
+            x = call_remat(self.cross_attn, x, context, mask, policy=self.attention_policy)
         if self.ffn is not None:
             x = self.ffn(x)
         return x
@@ -184,9 +188,12 @@ class EfficientUNet(TextConditioning, nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         full_res_first_level: bool = False,
+        remat: str = "none",
     ):
         _validate(image_size, lowres_size, channel_mults, num_res_blocks, ffn_mult, dropout, full_res_first_level)
+        check_remat(remat)
         self.dtype = dtype
+        self.remat = remat
         self.in_channels = in_channels
         self.image_size = image_size
         self.lowres_size = lowres_size
@@ -207,6 +214,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
                 dropout_rate=dropout,
                 rngs=rngs,
                 dtype=dtype,
+                remat_attention=remat == "attention",
             )
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
@@ -288,7 +296,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
         for downsample, blocks in zip(self.downsamples, self.down):
             h = downsample(h)
             for blk in blocks:
-                h = blk(h, emb, context, mask, fold_key(dropout_key, next(keys)))
+                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             skips.append(h)
         skips.pop()  # the lowest level turns straight around
 
@@ -296,7 +304,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
             if i > 0:
                 h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
             for blk in blocks:
-                h = blk(h, emb, context, mask, fold_key(dropout_key, next(keys)))
+                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             h = upsample(h)
 
         h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
@@ -419,9 +427,11 @@ def build_sr_unet(
     text_dim: int,
     rngs: nnx.Rngs,
     dtype: jnp.dtype = jnp.float32,
+    remat: str = "none",
 ) -> EfficientUNet:
     """Builds the Efficient U-Net from ``config.model`` (fields in the module docstring) for the
-    stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32."""
+    stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32; ``remat``
+    one of layers.REMAT_POLICIES."""
     return EfficientUNet(
-        image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, **_constructor_args(model_cfg)
+        image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, remat=remat, **_constructor_args(model_cfg)
     )

@@ -22,6 +22,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 Array = jax.Array
+
+# Rematerialisation (config train.remat): what the backward pass recomputes instead of keeping from the forward.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation the backward pass needs
+    "block": jax.checkpoint_policies.nothing_saveable,  # keep each block's inputs only; recompute the block
+    "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # recompute all but matmul outputs
+    "attention": None,  # recompute the attention layers only (their [heads, N, N] logits dominate at 32x32)
+}
+
+
+def check_remat(policy: str) -> None:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+
+
+def call_remat(module: nnx.Module, *args: Array | None, policy: str) -> Array:
+    """`module(*args)`, its activations rematerialised in the backward pass as `policy` ('block' or
+    'block_save_dots'; anything else calls it plainly). The forward result is the same either way."""
+    if REMAT_POLICIES.get(policy) is None:
+        return module(*args)
+    return nnx.remat(lambda m, *a: m(*a), policy=REMAT_POLICIES[policy])(module, *args)
+
+
 Names = tuple[str | None, ...]
 
 CONV_NAMES: Names = ("conv_h", "conv_w", "channels_in", "channels_out")

@@ -56,6 +56,8 @@ from imagen_jax.models.layers import (
     TextConditioning,
     TimeEmbedding,
     Upsample,
+    call_remat,
+    check_remat,
     conv,
     fold_key,
 )
@@ -91,7 +93,9 @@ class UNetBlock(nnx.Module):
         dropout_rate: float,
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
+        remat_attention: bool = False,
     ):
+        self.attention_policy = "block" if remat_attention else "none"
         self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
         self.self_attn = SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype) if attn else None
         self.cross_attn = (
@@ -101,7 +105,8 @@ class UNetBlock(nnx.Module):
     def __call__(self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None) -> Array:
         x = self.res(x, emb, dropout_key)
         if self.self_attn is not None:
-            x = self.cross_attn(self.self_attn(x), context, mask)
+            x = call_remat(self.self_attn, x, policy=self.attention_policy)
+            x = call_remat(self.cross_attn, x, context, mask, policy=self.attention_policy)
         return x
 
 
@@ -123,10 +128,13 @@ class UNet(TextConditioning, nnx.Module):
         out_channels: int,
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
     ):
         sizes = [image_size // 2**i for i in range(len(channel_mults))]
         _validate(image_size, channel_mults, num_res_blocks, attn_resolutions, dropout, sizes)
+        check_remat(remat)
         self.dtype = dtype
+        self.remat = remat
         emb_dim = EMB_MULT * dim
         block = dict(
             emb_dim=emb_dim,
@@ -135,6 +143,7 @@ class UNet(TextConditioning, nnx.Module):
             dropout_rate=dropout,
             rngs=rngs,
             dtype=dtype,
+            remat_attention=remat == "attention",
         )
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
@@ -201,19 +210,19 @@ class UNet(TextConditioning, nnx.Module):
         skips = [h]
         for level, blocks in enumerate(self.down):
             for blk in blocks:
-                h = blk(h, emb, context, mask, fold_key(dropout_key, next(keys)))
+                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
                 skips.append(h)
 
-        h = self.mid(h, emb, context, mask, fold_key(dropout_key, next(keys)))
+        h = call_remat(self.mid, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
         h = self.mid_res(h, emb, fold_key(dropout_key, next(keys)))
 
         for level, blocks in enumerate(self.up):
             for blk in blocks:
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = blk(h, emb, context, mask, fold_key(dropout_key, next(keys)))
+                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             if level < len(self.upsamples):
                 h = self.upsamples[level](h)
 
@@ -299,7 +308,10 @@ def build_unet(
     text_dim: int,
     rngs: nnx.Rngs,
     dtype: jnp.dtype = jnp.float32,
+    remat: str = "none",
 ) -> UNet:
     """Builds the U-Net from ``config.model`` (fields in the module docstring); ``dtype`` is the
-    compute dtype, parameters are float32."""
-    return UNet(image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, **_constructor_args(model_cfg))
+    compute dtype, parameters are float32; ``remat`` one of layers.REMAT_POLICIES."""
+    return UNet(
+        image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, remat=remat, **_constructor_args(model_cfg)
+    )

@@ -12,6 +12,7 @@ import ml_collections
 
 from imagen_jax.diffusion import OBJECTIVES, SCHEDULES, THRESHOLD_MODES
 from imagen_jax.errors import ConfigError
+from imagen_jax.models.layers import REMAT_POLICIES
 from imagen_jax.stage.model import DTYPES, MODEL_KINDS, model_kind
 
 
@@ -72,6 +73,12 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.train.grad_clip_norm = 1.0  # global gradient-norm clipping
     c.train.ema_decay = 0.9999  # EMA of the weights (warmed up as (1+step)/(10+step)); samples use it
     c.train.compute_dtype = "bfloat16"  # U-Net activations: float32 | bfloat16 (params stay float32)
+    # What the backward pass recomputes instead of keeping: none | block (every U-Net block: least memory,
+    # ~1/3 more FLOPs) | block_save_dots (blocks, keeping matmul outputs) | attention (attention layers only).
+    c.train.remat = "none"
+    # Gradient accumulation: the global batch in this many sequential parts per step (same update, a k-th of the
+    # activations); batch_size must be divisible by microbatches x the data-parallel devices.
+    c.train.microbatches = 1
     c.train.log_every = 100  # steps between console/TensorBoard metrics
     c.train.checkpoint_every = 5_000  # steps between checkpoints
     c.train.keep_checkpoints = 3  # newest checkpoints kept
@@ -94,11 +101,19 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.mesh.tensor = 1  # tensor (model) parallelism over channels
     # Logical parameter axis -> mesh axis (or None = replicated). A dim the mesh axis does not divide stays replicated.
     c.mesh.rules = (
+        # U-Net
         ("channels_out", "fsdp"),
         ("channels_in", None),
         ("conv_h", None),
         ("conv_w", None),
         ("text_embed", None),
+        # Frozen T5 (imagen_jax/text/t5.py): d_model over fsdp, so T5-XXL is never a whole copy per device.
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads_x_dim", "tensor"),
+        ("heads", None),
+        ("vocab", None),
+        ("relpos_buckets", None),
     )
     return c
 
@@ -150,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "diffusion.objective", OBJECTIVES)
     _choice(config, "diffusion.thresholding", THRESHOLD_MODES)
     _choice(config, "train.compute_dtype", tuple(DTYPES))
+    _choice(config, "train.remat", tuple(REMAT_POLICIES))
     _choice(config, "text.dtype", tuple(DTYPES))
     _positive(config, "text.max_length")
     _positive(config, "data.image_size")

@@ -77,13 +77,15 @@ def train_size(config: ml_collections.ConfigDict) -> int:
 
 
 def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0) -> nnx.Module:
-    """The stage's U-Net (params float32, activations in train.compute_dtype)."""
+    """The stage's U-Net (params float32, activations in train.compute_dtype, rematerialised in the backward
+    pass as train.remat says: the parameters are the same whatever the policy)."""
     return model_kind(config).build(
         config.model,
         image_size=config.data.image_size,
         text_dim=text_dim,
         rngs=nnx.Rngs(seed),
         dtype=compute_dtype(config.train.compute_dtype),
+        remat=config.train.remat,
     )
 
 

@@ -316,6 +316,10 @@ class T5Encoder:
         cfg = T5Config.from_json(config_json)
         return cls(nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=nnx.Rngs(0))), tokenizer=None)
 
+    def with_state(self, state: nnx.State) -> T5Encoder:
+        """The same encoder over other parameter arrays (e.g. sharded copies), so that the old ones can be freed."""
+        return T5Encoder(nnx.merge(self.graphdef, state), self.tokenizer)
+
     @property
     def dim(self) -> int:
         return self.module.cfg.d_model

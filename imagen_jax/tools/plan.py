@@ -31,10 +31,12 @@ def format_report(config_path: str, r: dict) -> str:
     m = r["per_device_bytes"]
     per_device = r["global_batch"] / (r["mesh"]["data"] * r["mesh"]["fsdp"])
     kinds = ("params", "optimizer", "ema", "t5", "batch", "temporaries", "total")
-    verdict = (
-        f"fits, {r['hbm_margin']:.1%} of HBM to spare" if r["fits"] else f"DOES NOT FIT ({-r['hbm_margin']:.1%} over)"
-    )
+    verdict = f"fits, {r['hbm_margin']:.1%} to spare" if r["fits"] else f"DOES NOT FIT ({-r['hbm_margin']:.1%} over)"
+    if not r["compiled"]:
+        verdict += "; the compiler stopped there, temporaries are what it said it needs"
     counted, xla = r["flops_per_step_counted"], r["flops_per_step_xla"]
+    versus = f"{xla:.4g} (XLA cost analysis), " if xla else "no XLA cost analysis (not compiled), "
+    agreement = f"; {(counted - xla) / xla:+.1%}" if xla else ""
     return "\n".join([
         f"plan: {config_path} on {r['slice']} ({r['chip']}, {r['devices']} chips, topology {r['topology']}), "
         f"mesh {r['mesh']}",
@@ -42,8 +44,7 @@ def format_report(config_path: str, r: dict) -> str:
         f"global batch {r['global_batch']} ({per_device:g} per data-parallel device)",
         "per-device GiB: " + "  ".join(f"{k} {m[k] / GIB:.2f}" for k in kinds)
         + f"  / HBM {r['hbm_bytes'] / GIB:.0f} -> {verdict}",
-        f"FLOPs per step: {xla:.4g} (XLA cost analysis), {counted:.4g} (matmuls + convolutions counted; "
-        f"{(counted - xla) / xla:+.1%})",
+        f"FLOPs per step: {versus}{counted:.4g} (matmuls + convolutions counted{agreement})",
         f"roofline: {r['roofline_step_s'] * 1e3:.1f} ms per step ({r['roofline_bound']}-bound), "
         f"{r['roofline_images_per_s']:.0f} images/s",
     ])  # fmt: skip

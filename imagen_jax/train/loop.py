@@ -43,12 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ----------------------------------------------------------------------------------------------
     setup_lib.validate(config, jax.process_count())
     mesh = mesh_lib.make_mesh(config.mesh)
-    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % replicas:
-        raise ConfigError(
-            f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} "
-            "data-parallel devices"
-        )
+    setup_lib.check_batch_split(config, mesh)
     prepare_workdir(workdir)
     log(
         f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, "

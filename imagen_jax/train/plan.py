@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from imagen_jax.errors import ConfigError, UsageError
+from imagen_jax.errors import ConfigError, UsageError, first_line
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import config as stage_config
 from imagen_jax.stage.model import compute_dtype, train_size
@@ -30,6 +31,8 @@ from imagen_jax.text import T5Encoder
 from imagen_jax.train import setup as setup_lib
 
 GIB = 2**30
+# XLA's refusal when a program's temporaries do not fit: "... HLO temporaries (49.37G) exceeds available HBM ..."
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: .*?HLO temporaries \(([\d.]+[KMGT]?)\)")
 SHAPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "text", "shapes")
 T5_SHAPES = {name: os.path.join(SHAPES, f"t5-v1_1-{name}.json") for name in ("xxl", "xl", "large")}
 
@@ -124,8 +127,7 @@ def abstract_text(config: ml_collections.ConfigDict, t5_config: str, mesh: jax.s
     encoder = T5Encoder.abstract(path, dtype=compute_dtype(config.text.dtype))
     if config.data.precomputed_text:
         return setup_lib.Text(None, {}, {}, encoder.dim, f"precomputed T5 embeddings of width {encoder.dim}")
-    replicated = mesh_lib.replicated(mesh)
-    shardings = jax.tree.map(lambda _: replicated, encoder.state)
+    shardings = setup_lib.t5_shardings(config, encoder, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), encoder.state, shardings)
     return setup_lib.Text(encoder, params, shardings, encoder.dim, f"T5 of {path} (shapes only)")
 
@@ -143,6 +145,12 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, t
     else:
         out["ids"] = array((batch, length), jnp.int32)
     return out
+
+
+def _gib(text: str) -> int:
+    """XLA's human-readable sizes ('49.37G': binary units) in bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return int(float(text.rstrip("KMGT")) * units.get(text[-1], 1))
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -185,21 +193,10 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
     tpu_slice = parse_slice(slice_name)
     devices = slice_devices(tpu_slice)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
-    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % replicas:
-        raise ConfigError(
-            f"config.train.batch_size={config.train.batch_size} is not divisible by the {replicas} "
-            f"data-parallel devices of {slice_name} (mesh {dict(mesh.shape)})"
-        )
+    setup_lib.check_batch_split(config, mesh)
     text = abstract_text(config, t5_config, mesh)
     trainer = setup_lib.setup(config, mesh, text)
     state, batch = trainer.abstract_state(), abstract_batch(config, mesh, text.dim)
-    lowered = trainer.train_step.lower(state, text.params, batch)
-    compiled = lowered.compile()
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    jaxpr = jax.make_jaxpr(trainer.train_step)(state, text.params, batch)
     n = len(devices)
     held = {
         "params": bytes_per_device(state["params"]),
@@ -208,18 +205,26 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "t5": bytes_per_device(text.params),
         "batch": bytes_per_device(batch),
     }
-    temporaries = int(memory.temp_size_in_bytes)
-    total = (
-        int(memory.argument_size_in_bytes)
-        + temporaries
-        + int(memory.output_size_in_bytes)
-        - int(memory.alias_size_in_bytes)
-    )
-    flops_xla = float(cost.get("flops", 0.0)) * n  # the cost analysis is of one device's partitioned program
-    flops_counted = matmul_flops(jaxpr)
-    bytes_accessed = float(cost.get("bytes accessed", 0.0))  # per device
-    compute_s = flops_xla / n / (tpu_slice.chip.bf16_tflops * 1e12)
-    memory_s = bytes_accessed / (tpu_slice.chip.hbm_gbps * 1e9)
+    flops_counted = matmul_flops(jax.make_jaxpr(trainer.train_step)(state, text.params, batch))
+    try:
+        compiled = trainer.train_step.lower(state, text.params, batch).compile()
+    except jax.errors.JaxRuntimeError as e:  # the compiler's own verdict when temporaries exceed the HBM left
+        needed = _OUT_OF_MEMORY.search(str(e))
+        if needed is None:
+            raise ConfigError(f"the TPU compiler rejected the train step for {slice_name}: {first_line(e)}") from None
+        temporaries, flops_xla, bytes_accessed = _gib(needed.group(1)), None, None
+        total = sum(held.values()) + temporaries
+    else:
+        memory = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        temporaries = int(memory.temp_size_in_bytes)
+        total = (int(memory.argument_size_in_bytes) + temporaries + int(memory.output_size_in_bytes)
+                 - int(memory.alias_size_in_bytes))  # fmt: skip
+        flops_xla = float(cost.get("flops", 0.0)) * n  # the cost analysis is of one device's partitioned program
+        bytes_accessed = float(cost.get("bytes accessed", 0.0))  # per device
+    compute_s = (flops_xla or flops_counted) / n / (tpu_slice.chip.bf16_tflops * 1e12)
+    memory_s = (bytes_accessed or 0.0) / (tpu_slice.chip.hbm_gbps * 1e9)
     step_s = max(compute_s, memory_s)
     return {
         "slice": slice_name,
@@ -239,5 +244,6 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "flops_per_step_counted": flops_counted,
         "roofline_step_s": step_s,
         "roofline_bound": "compute" if compute_s >= memory_s else "memory",
+        "compiled": flops_xla is not None,
         "roofline_images_per_s": config.train.batch_size / step_s if step_s else float("inf"),
     }

@@ -55,14 +55,22 @@ def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
             f"(dim {stored['dim']}, {stored['dtype']}); no encoder built",
         )
     encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=compute_dtype(config.text.dtype))
-    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), encoder.state)
+    shardings = t5_shardings(config, encoder, mesh)
+    # The sharded copy replaces the loaded one, which is freed: no second whole T5 stays on a device.
+    encoder = encoder.with_state(jax.device_put(encoder.state, shardings))
     return Text(
         encoder,
-        jax.device_put(encoder.state, shardings),
+        encoder.state,
         shardings,
         encoder.dim,
         f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})",
     )
+
+
+def t5_shardings(config: ml_collections.ConfigDict, encoder: T5Encoder, mesh: Mesh) -> Any:
+    """Where each T5 parameter lives on `mesh`: its logical names (embed, mlp, heads_x_dim, ...) mapped by the
+    config's mesh.rules, like the U-Net's."""
+    return mesh_lib.state_shardings(encoder.state, mesh, mesh_lib.rules_dict(config.mesh.rules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +116,16 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, text: Text) -> TrainSet
     return TrainSetup(config, mesh, text, model, tx, schedule, shardings, step)
 
 
+def check_batch_split(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Every micro-batch must split evenly over the data-parallel devices of `mesh`."""
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % (replicas * config.train.microbatches):
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by train.microbatches="
+            f"{config.train.microbatches} x the {replicas} data-parallel devices of mesh {dict(mesh.shape)}"
+        )
+
+
 def _at_least(config: ml_collections.ConfigDict, key: str, minimum: int) -> None:
     section, field = key.split(".")
     value = config[section][field]
@@ -134,8 +152,14 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
         ("train.sample_every", 0),
         ("train.sample_steps", 1),
         ("train.max_consecutive_nonfinite", 0),
+        ("train.microbatches", 1),
     ):
         _at_least(config, key, minimum)
+    if config.train.batch_size % config.train.microbatches:
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by "
+            f"train.microbatches={config.train.microbatches}"
+        )
     if config.train.batch_size % process_count:
         raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by {process_count} processes"

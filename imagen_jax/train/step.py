@@ -1,7 +1,10 @@
 """The jitted train step: frozen T5 -> diffusion loss -> optimizer update -> EMA.
 
 One pure function over the train-state pytree, compiled once with explicit in/out shardings and the state
-donated, so a step never holds two copies of the parameters.
+donated, so a step never holds two copies of the parameters. With train.microbatches = k the batch is processed
+in k parts by a compiled loop that sums gradients (gradient accumulation): the same update as one pass over the
+whole batch (every example draws its noise, time and text dropout from its own key), with a k-th of the
+activations in memory. Only the model's dropout masks are drawn per part.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
@@ -48,35 +51,69 @@ def make_train_step(
     dcfg = config.diffusion
     use_dropout = float(config.model.dropout) > 0
     lowres = lowres_size(config, train_size(config))  # SR stages: the low-res side of a training crop
+    microbatches = int(config.train.microbatches)
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
+
+    def micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
+        """The loss of one micro-batch; `part` carries each example's own keys ('loss_key', 'augment_key')."""
+        # The frozen T5 runs inside the step; its params are an argument, never differentiated.
+        text = part["text"] if text_fn is None else text_fn(t5_params, part["ids"], part["mask"])
+        text = jax.lax.stop_gradient(text)
+        model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
+        if lowres is not None:
+            z = augment.downsample(part["image"], lowres)
+            model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(
+                z, part["augment_key"], dcfg.schedule
+            )
+        return diffusion_loss(
+            apply_fn,
+            params,
+            part["image"],
+            text,
+            part["mask"],
+            part["loss_key"],
+            schedule=dcfg.schedule,
+            objective=dcfg.objective,
+            cond_drop_prob=dcfg.cond_drop_prob,
+            model_kwargs=model_kwargs,
+        )
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def loss_and_grads(params: Any, t5_params: Any, batch: dict, dropout_key: jax.Array) -> tuple:
+        """Mean loss and gradients over the batch, in `microbatches` sequential parts (a compiled loop that
+        sums gradients; activations are held for one part at a time). Micro-batch i takes examples
+        i, i + k, i + 2k, ... of every device's shard, so each part stays spread over all devices."""
+        if microbatches == 1:
+            return grad_fn(params, t5_params, batch, dropout_key)
+        parts = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), micro_sharding
+            ),
+            batch,
+        )
+
+        def accumulate(carry: tuple, inputs: tuple) -> tuple:
+            part, index = inputs
+            (loss, aux), grads = grad_fn(params, t5_params, part, jax.random.fold_in(dropout_key, index))
+            return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
+
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, t5_params, jax.tree.map(
+            lambda x: x[0], parts), dropout_key))  # fmt: skip
+        total, _ = jax.lax.scan(accumulate, zero, (parts, jnp.arange(microbatches)))
+        return jax.tree.map(lambda x: x / microbatches, total)
 
     def step(state: dict, t5_params: Any, batch: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         loss_key, dropout_key, augment_key = jax.random.split(key, 3)
-        # The frozen T5 runs inside the step; its params are an argument, never differentiated.
-        text = batch["text"] if text_fn is None else text_fn(t5_params, batch["ids"], batch["mask"])
-        text = jax.lax.stop_gradient(text)
-        model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
-        if lowres is not None:
-            z = augment.downsample(batch["image"], lowres)
-            model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(
-                z, augment_key, dcfg.schedule
-            )
-
-        def loss_fn(params):
-            return diffusion_loss(
-                apply_fn,
-                params,
-                batch["image"],
-                text,
-                batch["mask"],
-                loss_key,
-                schedule=dcfg.schedule,
-                objective=dcfg.objective,
-                cond_drop_prob=dcfg.cond_drop_prob,
-                model_kwargs=model_kwargs,
-            )
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        # One key per example (by its index in the global batch): the draws do not depend on the micro-batching.
+        index = jnp.arange(batch["image"].shape[0])
+        batch = {
+            **batch,
+            "loss_key": jax.vmap(lambda i: jax.random.fold_in(loss_key, i))(index),
+            "augment_key": jax.vmap(lambda i: jax.random.fold_in(augment_key, i))(index),
+        }
+        (loss, aux), grads = loss_and_grads(state["params"], t5_params, batch, dropout_key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         decay = ema_decay(state["step"], config.train.ema_decay)

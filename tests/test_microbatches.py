@@ -1,0 +1,42 @@
+"""Gradient accumulation: a step over the batch in k micro-batches (a compiled loop) gives the loss and updated
+parameters of one pass over the whole batch, for the base and the SR stage (float32)."""
+
+import jax
+import numpy as np
+import pytest
+
+from imagen_jax import config as config_lib
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.train import setup as setup_lib
+
+TEXT_DIM = 16
+
+
+def _step(kind: str, microbatches: int):
+    c = config_lib.load_config_file("configs/demo.py" if kind == "base" else "configs/demo_sr.py")
+    c.model.dim, c.model.head_dim, c.data.image_size, c.data.precomputed_text = 16, 8, 8, True
+    if kind == "base":
+        c.model.channel_mults, c.model.attn_resolutions = (1, 2), (4,)
+    else:
+        c.model.lowres_size = 4
+    c.train.batch_size, c.train.microbatches, c.train.warmup_steps, c.train.learning_rate = 8, microbatches, 0, 1e-3
+    mesh = mesh_lib.make_mesh(c.mesh)
+    trainer = setup_lib.setup(c, mesh, setup_lib.Text(None, {}, {}, TEXT_DIM, "precomputed"))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32),
+        "text": rng.normal(size=(8, 6, TEXT_DIM)).astype(np.float32),
+        "mask": np.array([[True] * 6, [True] * 2 + [False] * 4] * 4),
+    }
+    state, metrics = trainer.train_step(trainer.init_state(), {}, mesh_lib.global_batch(batch, mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("kind", ["base", pytest.param("sr", marks=pytest.mark.slow)])
+def test_four_microbatches_make_the_update_of_one_batch(kind):
+    whole, whole_metrics = _step(kind, 1)
+    parts, parts_metrics = _step(kind, 4)
+    np.testing.assert_allclose(parts_metrics["loss"], whole_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(parts_metrics["grad_norm"], whole_metrics["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), parts["params"], whole["params"])
+    assert float(whole_metrics["loss"]) > 0 and float(whole_metrics["grad_norm"]) > 0
