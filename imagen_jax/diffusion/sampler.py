@@ -23,7 +23,14 @@ import jax.numpy as jnp
 from imagen_jax.diffusion.guidance import check_percentile, check_threshold_mode, guided_prediction, threshold
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
 from imagen_jax.diffusion.schedule import alpha_sigma, check_schedule, log_snr
-from imagen_jax.diffusion.solvers import check_sampler, ddim_step, ddpm_step, dpmpp_2m_step, time_grid
+from imagen_jax.diffusion.solvers import (
+    DPM_START_LOG_SNR,
+    check_sampler,
+    ddim_step,
+    ddpm_step,
+    dpmpp_2m_step,
+    time_grid,
+)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -46,14 +53,14 @@ def _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_sca
     static_argnames=("apply_fn", "sampler", "schedule", "objective", "thresholding", "percentile", "guided"),
 )
 def _run_chunk(
-    params, state, key, start, stop, steps, text, text_mask, model_kwargs, guidance_scale, eta,
+    params, state, key, start, stop, steps, text, text_mask, model_kwargs, guidance_scale, eta, start_log_snr,
     *, apply_fn, sampler, schedule, objective, thresholding, percentile, guided,
 ):  # fmt: skip
     """Runs evaluations [start, stop) of `steps` on state (x at time_grid(start), previous x0); key: one per example."""
 
     def body(i, state):
         x, x0_prev = state
-        times = time_grid(i + jnp.arange(-1, 2), steps, sampler, schedule)  # previous, this, next evaluation
+        times = time_grid(i + jnp.arange(-1, 2), steps, sampler, schedule, start_log_snr)  # previous, this, next
         lsnr_prev, lsnr_t, lsnr_s = log_snr(times, schedule)
         t = times[1]
         pred = _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_scale, guided)
@@ -96,6 +103,7 @@ def sample(
     percentile: float = 0.995,
     sampler: str = "ddpm",
     eta: float = 0.0,
+    dpm_start_log_snr: float = DPM_START_LOG_SNR,
     noise: jax.Array | None = None,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
@@ -105,7 +113,8 @@ def sample(
 
     `sampler`: 'ddpm' (ancestral), 'ddim' (with `eta` in [0, 1]: 0 deterministic, 1 the ancestral
     sampler again) or 'dpmpp_2m' (DPM-Solver++(2M), deterministic; ~20 steps do what DDPM needs hundreds
-    for). `steps` is the number of model evaluations for every sampler.
+    for; its grid starts at log-SNR `dpm_start_log_snr`, see solvers.py). `steps` is the number of model
+    evaluations for every sampler.
     `apply_fn(params, x_t, t, text, text_mask, drop_text, **model_kwargs)` is a jit static argument: pass
     the same function object every call (not a fresh lambda or functools.partial) or each call recompiles.
     `shape` is the full batch shape [B, H, W, C]. `model_kwargs` leaves (e.g. the low-res image of an SR
@@ -157,13 +166,14 @@ def sample(
     )
     steps_arr = jnp.asarray(steps, jnp.int32)
     scale, eta_arr = jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32)
+    start_lsnr = jnp.asarray(dpm_start_log_snr, jnp.float32)
     kwargs = dict(model_kwargs or {})
     state = (x, jnp.zeros_like(x))
     for chunk in range(math.ceil(steps / chunk_size)):
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, steps)
         state = run(
             params, state, key_steps, jnp.int32(start), jnp.int32(stop), steps_arr, text, text_mask, kwargs, scale,
-            eta_arr,
+            eta_arr, start_lsnr,
         )  # fmt: skip
         if progress is not None:
             state[0].block_until_ready()

@@ -71,6 +71,7 @@ def sample(
         objective=config.diffusion.objective,
         thresholding=config.diffusion.thresholding,
         percentile=config.diffusion.dynamic_threshold_percentile,
+        dpm_start_log_snr=config.diffusion.dpm_start_log_snr,
         progress=progress,
         chunk_size=None if progress is None else max(1, steps // 10),
         model_kwargs=model_kwargs,
