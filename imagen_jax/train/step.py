@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.stage.model import lowres_size, make_apply_fn, train_size
+from imagen_jax.stage.model import compute_dtype, lowres_size, make_apply_fn, train_size
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
@@ -52,10 +52,14 @@ def make_train_step(
     use_dropout = float(config.model.dropout) > 0
     lowres = lowres_size(config, train_size(config))  # SR stages: the low-res side of a training crop
     microbatches = int(config.train.microbatches)
+    compute = compute_dtype(config.train.compute_dtype)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
 
     def micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
         """The loss of one micro-batch; `part` carries each example's own keys ('loss_key', 'augment_key')."""
+        # Kernels and embeddings in the compute dtype once, up front (the layers would cast them at every use):
+        # with FSDP the all-gathers then move bfloat16, half the bytes. Gradients still reach the float32 params.
+        params = jax.tree.map(lambda p: p.astype(compute) if p.ndim >= 2 else p, params)
         # The frozen T5 runs inside the step; its params are an argument, never differentiated.
         text = part["text"] if text_fn is None else text_fn(t5_params, part["ids"], part["mask"])
         text = jax.lax.stop_gradient(text)
