@@ -82,7 +82,11 @@ def make_train_step(
             model_kwargs=model_kwargs,
         )
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    def grad_fn(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple:
+        """((loss, aux), grads), the gradients laid out like the parameters (reduce-scattered under FSDP, never
+        a whole copy per device; the micro-batch loop's running sum too)."""
+        (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, t5_params, part, dropout_key)
+        return (loss, aux), jax.lax.with_sharding_constraint(grads, state_shardings["params"])
 
     def loss_and_grads(params: Any, t5_params: Any, batch: dict, dropout_key: jax.Array) -> tuple:
         """Mean loss and gradients over the batch, in `microbatches` sequential parts (a compiled loop that
