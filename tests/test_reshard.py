@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +52,7 @@ def _run(workdir, devices, fsdp, mode):
     return dict(np.load(os.path.join(workdir, f"{mode}_{devices}.npz")))
 
 
+@pytest.mark.slow  # three processes (8, 2 and 1 devices): ~40 s
 def test_a_checkpoint_from_8_devices_restores_on_2_and_on_1(tmp_path):
     saved = _run(tmp_path, 8, 8, "save")
     for devices in (2, 1):
