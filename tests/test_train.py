@@ -285,6 +285,7 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
                 np.testing.assert_array_equal(new, old)
 
 
+@pytest.mark.slow  # 50 training steps end to end: ~55 s
 def test_a_diverging_run_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_path):
     """A learning rate of 1e30 overflows every update: each is skipped; the third in a row stops the run."""
     from imagen_jax.stage.checkpoint import Checkpointer
