@@ -9,6 +9,7 @@ do they live".
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -108,8 +109,10 @@ class StageModel:
     abstract_params: dict  # pure dict of ShapeDtypeStructs carrying their NamedShardings
     param_shardings: dict  # pure dict of NamedSharding, same tree
 
-    @property
+    @functools.cached_property
     def apply_fn(self) -> Callable:
+        """One function object per model: the samplers take it as a jit static argument, so a fresh closure
+        per call would recompile every time."""
         return make_apply_fn(self.graphdef)
 
     @property

@@ -75,7 +75,7 @@ class Stage(StageSpec):
             return cls(
                 workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=int(metadata["step"])
             )
-        checkpointer, step = _open(workdir)
+        checkpointer, step = open_checkpoint(workdir)
         try:
             config = checkpoint_config(checkpointer, workdir, step)
             model = stage_model(config, text_dim, local_mesh())
@@ -127,12 +127,19 @@ def restore_ema(checkpointer: Checkpointer, workdir: str, step: int, abstract_pa
         ) from e
 
 
-def _open(workdir: str) -> tuple[Checkpointer, int]:
+def open_checkpoint(workdir: str, step: int | None = None) -> tuple[Checkpointer, int]:
+    """A read-only Checkpointer of `workdir` and the step to read: `step`, or the newest. A MissingError names
+    the folder when there is no checkpoint, or no checkpoint at `step` (listing the steps there are)."""
     checkpointer = Checkpointer(workdir, every=1, keep=1, async_save=False, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise MissingError(f"no checkpoint in {checkpoint_dir(workdir)} (train the stage first, or check --workdir)")
-    return checkpointer, step
+    steps = sorted(checkpointer.manager.all_steps())
+    if not steps or (step is not None and step not in steps):
+        checkpointer.close()
+        if not steps:
+            raise MissingError(
+                f"no checkpoint in {checkpoint_dir(workdir)} (train the stage first, or check --workdir)"
+            )
+        raise MissingError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)} (steps: {steps})")
+    return checkpointer, steps[-1] if step is None else step
 
 
 def checkpoint_config(checkpointer: Checkpointer, workdir: str, step: int) -> ml_collections.ConfigDict:
@@ -172,7 +179,7 @@ def stage_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of a workdir's latest checkpoint, or of an export folder (checked to describe a stage)."""
     if export_lib.is_export(workdir):
         return checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", export_lib.read_config(workdir))
-    checkpointer, step = _open(workdir)
+    checkpointer, step = open_checkpoint(workdir)
     try:
         return checkpoint_config(checkpointer, workdir, step)
     finally:

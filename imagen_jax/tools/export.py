@@ -31,22 +31,12 @@ def export_workdir(
 
     from imagen_jax.errors import MissingError
     from imagen_jax.stage import export as export_lib
-    from imagen_jax.stage.checkpoint import Checkpointer, checkpoint_dir
     from imagen_jax.stage.model import local_mesh, stage_model
-    from imagen_jax.stage.stage import checkpoint_config, restore_ema
+    from imagen_jax.stage.stage import checkpoint_config, open_checkpoint, restore_ema
 
     export_lib.check_writable(out, overwrite=overwrite)  # before the (possibly long) restore
-    checkpointer = Checkpointer(workdir, every=1, keep=1, async_save=False, read_only=True)
+    checkpointer, step = open_checkpoint(workdir, step)
     try:
-        steps = list(checkpointer.manager.all_steps())
-        if not steps:
-            raise MissingError(
-                f"no checkpoint in {checkpoint_dir(workdir)} (train the stage first, or check --workdir)"
-            )
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise MissingError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)} (steps: {sorted(steps)})")
         config = checkpoint_config(checkpointer, workdir, step)
         if text_dim is None:
             try:
