@@ -174,17 +174,50 @@ def test_gradients_under_jit(tiny):
         assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name])) > 0, name
 
 
-def test_attention_matches_numpy_and_survives_empty_mask():
+@pytest.mark.parametrize("kind, chunk", [("dot_product", 1024), ("chunked", 2), ("chunked", 3), ("chunked", 4)])
+def test_attention_matches_numpy_and_survives_empty_mask(kind, chunk):
     rng = np.random.default_rng(0)
-    shapes = [(2, 3, 2, 4), (2, 5, 2, 4), (2, 5, 2, 4)]
+    shapes = [(2, 6, 2, 4), (2, 5, 2, 4), (2, 5, 2, 4)]
     q, k, v = (rng.normal(size=s).astype(np.float32) for s in shapes)
     mask = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], bool)
-    out = np.asarray(layers.attention(*map(jnp.asarray, (q, k, v, mask))))
+    out = np.asarray(layers.attention(*map(jnp.asarray, (q, k, v, mask)), kind=kind, chunk=chunk))
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
     w = np.exp(logits[0] - logits[0].max(-1, keepdims=True)) * mask[0, None, None, :]
     w = w / w.sum(-1, keepdims=True)
     np.testing.assert_allclose(out[0], np.einsum("hqk,khd->qhd", w, v[0]), atol=1e-5)
-    np.testing.assert_allclose(out[1], np.broadcast_to(v[1].mean(0), (3, 2, 4)), atol=1e-5)
+    np.testing.assert_allclose(out[1], np.broadcast_to(v[1].mean(0), (6, 2, 4)), atol=1e-5)
+
+
+def test_chunked_attention_has_the_same_gradients_and_keeps_a_chunk_of_logits():
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 4)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rng.uniform(size=(2, 16)) > 0.3)
+
+    def loss(kind):
+        return lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, mask, kind=kind, chunk=4)))
+
+    dense = jax.grad(loss("dot_product"), argnums=(0, 1, 2))(q, k, v)
+    chunked = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(dense, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # the largest array either backward program makes: all [B, H, 16, 16] logits, or one 4x16 chunk of them
+    def largest(kind):
+        jaxpr = jax.make_jaxpr(jax.grad(loss(kind)))(q, k, v)
+        return max(math.prod(v.aval.shape) for e in _eqns(jaxpr.jaxpr) for v in e.outvars)
+
+    assert largest("dot_product") == 2 * 2 * 16 * 16
+    assert largest("chunked") == 2 * 2 * 4 * 16
+
+
+def _eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
 
 
 @pytest.mark.parametrize("channels, groups", [(64, 32), (48, 16), (16, 16)])

@@ -141,14 +141,17 @@ class SRBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
         remat_attention: bool = False,
+        attention: str = "dot_product",
+        attention_chunk: int = 1024,
     ):
         self.attention_policy = "block" if remat_attention else "none"
+        kind = dict(attention=attention, attention_chunk=attention_chunk)
         self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
         self.self_attn = (
-            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype) if self_attention else None
+            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind) if self_attention else None
         )
         self.cross_attn = (
-            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
+            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind)
             if cross_attention
             else None
         )
@@ -189,6 +192,8 @@ class EfficientUNet(TextConditioning, nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         full_res_first_level: bool = False,
         remat: str = "none",
+        attention: str = "dot_product",
+        attention_chunk: int = 1024,
     ):
         _validate(image_size, lowres_size, channel_mults, num_res_blocks, ffn_mult, dropout, full_res_first_level)
         check_remat(remat)
@@ -215,6 +220,8 @@ class EfficientUNet(TextConditioning, nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
                 remat_attention=remat == "attention",
+                attention=attention,
+                attention_chunk=attention_chunk,
             )
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
@@ -428,10 +435,20 @@ def build_sr_unet(
     rngs: nnx.Rngs,
     dtype: jnp.dtype = jnp.float32,
     remat: str = "none",
+    attention: str = "dot_product",
+    attention_chunk: int = 1024,
 ) -> EfficientUNet:
     """Builds the Efficient U-Net from ``config.model`` (fields in the module docstring) for the
     stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32; ``remat``
-    one of layers.REMAT_POLICIES."""
+    one of layers.REMAT_POLICIES,
+    ``attention`` one of layers.ATTENTION_KINDS."""
     return EfficientUNet(
-        image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, remat=remat, **_constructor_args(model_cfg)
+        image_size=image_size,
+        text_dim=text_dim,
+        rngs=rngs,
+        dtype=dtype,
+        remat=remat,
+        attention=attention,
+        attention_chunk=attention_chunk,
+        **_constructor_args(model_cfg),
     )

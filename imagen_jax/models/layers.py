@@ -190,18 +190,37 @@ class TimeEmbedding(nnx.Module):
         return self.fc2(jax.nn.silu(self.fc1(h)))
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
+# How attention is computed (config train.attention); the result is the same either way.
+ATTENTION_KINDS = {
+    # jax.nn.dot_product_attention: XLA's fused softmax(QK^T)V (cuDNN's kernel where jax selects it); the
+    # [heads, queries, keys] logits exist whole, in float32.
+    "dot_product": "all logits at once",
+    # Queries in chunks of train.attention_chunk, each rematerialised in the backward pass: logits memory is
+    # chunk x keys per head instead of queries x keys (self-attention at 32x32 and above), for a second forward.
+    "chunked": "queries in chunks",
+}
+
+
+def check_attention(kind: str) -> None:
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention kind {kind!r} is not one of {', '.join(ATTENTION_KINDS)}")
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *, kind: str = "dot_product",
+              chunk: int = 1024) -> Array:  # fmt: skip
     """Multi-head attention; q [B,Lq,H,D], k/v [B,Lk,H,D], mask [B,Lk] bool (True = attend).
 
-    Masked logits are *replaced* by the float32 minimum (not added to), so fully masked rows give a
-    finite uniform average instead of NaN, and masked keys get exactly zero weight otherwise.
+    Logits and softmax in float32; masked logits are replaced by a large negative number (not added to), so a
+    fully masked row gives a finite uniform average instead of NaN. `kind` (ATTENTION_KINDS) trades memory
+    for compute: 'chunked' splits queries into blocks of `chunk` when Lq is a larger multiple of it.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    mask = None if mask is None else mask[:, None, None, :]
+    lq = q.shape[1]
+    if kind != "chunked" or lq <= chunk or lq % chunk:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    blocks = q.reshape(q.shape[0], lq // chunk, chunk, *q.shape[2:]).swapaxes(0, 1)  # [n, B, chunk, H, D]
+    one = jax.checkpoint(lambda block: jax.nn.dot_product_attention(block, k, v, mask=mask))
+    return jax.lax.map(one, blocks).swapaxes(0, 1).reshape(q.shape[:2] + v.shape[2:])
 
 
 def drop_to_null_text(context: Array, mask: Array, null_token: Array, drop_text: Array | None) -> tuple[Array, Array]:
@@ -269,9 +288,20 @@ class SelfAttention(nnx.Module):
     """Residual multi-head self-attention over the H*W positions (pre-GroupNorm, zero-init
     output projection)."""
 
-    def __init__(self, channels: int, *, head_dim: int, rngs: nnx.Rngs, dtype: jnp.dtype):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        head_dim: int,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        attention: str = "dot_product",
+        attention_chunk: int = 1024,
+    ):
         _check_heads(channels, head_dim)
+        check_attention(attention)
         self.head_dim = head_dim
+        self.attention, self.attention_chunk = attention, attention_chunk
         self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
         self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
         self.k = dense(channels, channels, rngs=rngs, dtype=dtype)
@@ -282,7 +312,7 @@ class SelfAttention(nnx.Module):
         b, hgt, wid, c = x.shape
         h = self.norm(x).reshape(b, hgt * wid, c)
         q, k, v = (_split_heads(proj(h), self.head_dim) for proj in (self.q, self.k, self.v))
-        o = attention(q, k, v).reshape(b, hgt, wid, c)
+        o = attention(q, k, v, kind=self.attention, chunk=self.attention_chunk).reshape(b, hgt, wid, c)
         return x + self.out(o)
 
 
@@ -300,9 +330,13 @@ class CrossAttention(nnx.Module):
         head_dim: int,
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
+        attention: str = "dot_product",
+        attention_chunk: int = 1024,
     ):
         _check_heads(channels, head_dim)
+        check_attention(attention)
         self.head_dim = head_dim
+        self.attention, self.attention_chunk = attention, attention_chunk
         self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
         self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
         self.k = dense(context_dim, channels, rngs=rngs, dtype=dtype)
@@ -314,7 +348,7 @@ class CrossAttention(nnx.Module):
         q = _split_heads(self.q(self.norm(x).reshape(b, hgt * wid, c)), self.head_dim)
         k = _split_heads(self.k(context), self.head_dim)
         v = _split_heads(self.v(context), self.head_dim)
-        o = attention(q, k, v, mask).reshape(b, hgt, wid, c)
+        o = attention(q, k, v, mask, kind=self.attention, chunk=self.attention_chunk).reshape(b, hgt, wid, c)
         return x + self.out(o)
 
 

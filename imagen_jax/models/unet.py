@@ -94,12 +94,19 @@ class UNetBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
         remat_attention: bool = False,
+        attention: str = "dot_product",
+        attention_chunk: int = 1024,
     ):
         self.attention_policy = "block" if remat_attention else "none"
+        kind = dict(attention=attention, attention_chunk=attention_chunk)
         self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
-        self.self_attn = SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype) if attn else None
+        self.self_attn = (
+            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind) if attn else None
+        )
         self.cross_attn = (
-            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype) if attn else None
+            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind)
+            if attn
+            else None
         )
 
     def __call__(self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None) -> Array:
@@ -129,6 +136,8 @@ class UNet(TextConditioning, nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         remat: str = "none",
+        attention: str = "dot_product",
+        attention_chunk: int = 1024,
     ):
         sizes = [image_size // 2**i for i in range(len(channel_mults))]
         _validate(image_size, channel_mults, num_res_blocks, attn_resolutions, dropout, sizes)
@@ -144,6 +153,8 @@ class UNet(TextConditioning, nnx.Module):
             rngs=rngs,
             dtype=dtype,
             remat_attention=remat == "attention",
+            attention=attention,
+            attention_chunk=attention_chunk,
         )
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
@@ -309,9 +320,19 @@ def build_unet(
     rngs: nnx.Rngs,
     dtype: jnp.dtype = jnp.float32,
     remat: str = "none",
+    attention: str = "dot_product",
+    attention_chunk: int = 1024,
 ) -> UNet:
     """Builds the U-Net from ``config.model`` (fields in the module docstring); ``dtype`` is the
-    compute dtype, parameters are float32; ``remat`` one of layers.REMAT_POLICIES."""
+    compute dtype, parameters are float32; ``remat`` one of layers.REMAT_POLICIES,
+    ``attention`` one of layers.ATTENTION_KINDS."""
     return UNet(
-        image_size=image_size, text_dim=text_dim, rngs=rngs, dtype=dtype, remat=remat, **_constructor_args(model_cfg)
+        image_size=image_size,
+        text_dim=text_dim,
+        rngs=rngs,
+        dtype=dtype,
+        remat=remat,
+        attention=attention,
+        attention_chunk=attention_chunk,
+        **_constructor_args(model_cfg),
     )

@@ -12,7 +12,7 @@ import ml_collections
 
 from imagen_jax.diffusion import OBJECTIVES, SCHEDULES, THRESHOLD_MODES
 from imagen_jax.errors import ConfigError
-from imagen_jax.models.layers import REMAT_POLICIES
+from imagen_jax.models.layers import ATTENTION_KINDS, REMAT_POLICIES
 from imagen_jax.stage.model import DTYPES, MODEL_KINDS, model_kind
 
 
@@ -79,6 +79,11 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     # What the backward pass recomputes instead of keeping: none | block (every U-Net block: least memory,
     # ~1/3 more FLOPs) | block_save_dots (blocks, keeping matmul outputs) | attention (attention layers only).
     c.train.remat = "none"
+    # How attention is computed (here and when this stage samples): dot_product (jax.nn.dot_product_attention,
+    # all [heads, queries, keys] logits at once) | chunked (queries in blocks of attention_chunk, each recomputed
+    # in the backward pass: a block's logits instead of all of them, for one more attention forward).
+    c.train.attention = "dot_product"
+    c.train.attention_chunk = 1024
     # Gradient accumulation: the global batch in this many sequential parts per step (same update, a k-th of the
     # activations); batch_size must be divisible by microbatches x the data-parallel devices.
     c.train.microbatches = 1
@@ -169,6 +174,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "diffusion.thresholding", THRESHOLD_MODES)
     _choice(config, "train.compute_dtype", tuple(DTYPES))
     _choice(config, "train.remat", tuple(REMAT_POLICIES))
+    _choice(config, "train.attention", tuple(ATTENTION_KINDS))
+    _positive(config, "train.attention_chunk")
     _choice(config, "text.dtype", tuple(DTYPES))
     _positive(config, "text.max_length")
     _positive(config, "data.image_size")

@@ -79,7 +79,8 @@ def train_size(config: ml_collections.ConfigDict) -> int:
 
 def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0) -> nnx.Module:
     """The stage's U-Net (params float32, activations in train.compute_dtype, rematerialised in the backward
-    pass as train.remat says: the parameters are the same whatever the policy)."""
+    pass as train.remat says, attention computed as train.attention says: the parameters are the same whatever
+    either is)."""
     return model_kind(config).build(
         config.model,
         image_size=config.data.image_size,
@@ -87,6 +88,8 @@ def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0)
         rngs=nnx.Rngs(seed),
         dtype=compute_dtype(config.train.compute_dtype),
         remat=config.train.remat,
+        attention=config.train.attention,
+        attention_chunk=config.train.attention_chunk,
     )
 
 
