@@ -89,6 +89,7 @@ from imagen_jax.models.layers import (
     conv,
     fold_key,
 )
+from imagen_jax.parallel.activations import constrain
 
 Array = jax.Array
 
@@ -297,11 +298,11 @@ class EfficientUNet(TextConditioning, nnx.Module):
         emb = self.time_embed(t) + self.lowres_time_embed(lowres_t) + self.text_pool(context, mask)
 
         cond = upsample_lowres(lowres, x.shape[1:3])
-        h = self.input_conv(jnp.concatenate([x.astype(jnp.float32), cond], -1).astype(self.dtype))
+        h = constrain(self.input_conv(constrain(jnp.concatenate([x.astype(jnp.float32), cond], -1).astype(self.dtype))))
         skips = [h]
         keys = itertools.count()  # one dropout stream per res block, in call order
         for downsample, blocks in zip(self.downsamples, self.down):
-            h = downsample(h)
+            h = constrain(downsample(h))
             for blk in blocks:
                 h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             skips.append(h)
@@ -309,13 +310,13 @@ class EfficientUNet(TextConditioning, nnx.Module):
 
         for i, (blocks, upsample) in enumerate(zip(self.up, self.upsamples)):
             if i > 0:
-                h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
+                h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
             for blk in blocks:
                 h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             h = upsample(h)
 
-        h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
-        h = self.out_conv(jax.nn.silu(self.out_norm(h)))
+        h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
+        h = constrain(self.out_conv(jax.nn.silu(self.out_norm(h))))
         return h.astype(jnp.float32)
 
 

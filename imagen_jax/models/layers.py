@@ -14,12 +14,15 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from imagen_jax.parallel.activations import constrain
 
 Array = jax.Array
 
@@ -117,7 +120,7 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
 
 
 class GroupNorm(nnx.Module):
-    """GroupNorm over (H, W, channels-in-group) of NHWC input; statistics in float32."""
+    """GroupNorm over (H, W, channels-in-group) of NHWC input; statistics in float32 (see `group_norm`)."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5):
         self.groups = num_groups(channels)
@@ -127,12 +130,44 @@ class GroupNorm(nnx.Module):
         self.bias = param(rngs, _zeros, (channels,), VECTOR_NAMES)
 
     def __call__(self, x: Array) -> Array:
-        b, h, w, c = x.shape
-        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-        mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        return group_norm(x, self.scale[...], self.bias[...], self.groups, self.eps).astype(self.dtype)
+
+
+def _normalise(x: Array, groups: int, eps: float) -> tuple[Array, Array, Array]:
+    """x [B,H,W,C] in float32 split into groups [B,H,W,G,C/G], normalised; with its mean and 1/std."""
+    b, h, w, c = x.shape
+    xg = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True) + eps)
+    return (xg - mean) * rstd, mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float) -> Array:
+    """GroupNorm of x [B,H,W,C] in float32, returned in x's dtype. Its backward pass keeps x as it came (bfloat16
+    under bfloat16 compute) and the per-group statistics, and recomputes the normalised float32 activations:
+    autodiff of the plain formula would keep a float32 copy of every normalised activation, twice x's bytes."""
+    return _group_norm_forward(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_forward(x, scale, bias, groups, eps):
+    xhat, mean, rstd = _normalise(x, groups, eps)
+    y = xhat.reshape(x.shape) * scale + bias
+    return y.astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _group_norm_backward(groups, eps, residuals, dy):
+    x, mean, rstd, scale = residuals
+    xhat = ((x.astype(jnp.float32).reshape(*x.shape[:3], groups, -1)) - mean) * rstd
+    dy = dy.astype(jnp.float32)
+    dscale = jnp.sum(dy * xhat.reshape(x.shape), axis=(0, 1, 2))
+    dbias = jnp.sum(dy, axis=(0, 1, 2))
+    g = (dy * scale).reshape(xhat.shape)  # gradient w.r.t. xhat
+    dx = rstd * (g - g.mean(axis=(1, 2, 4), keepdims=True) - xhat * (g * xhat).mean(axis=(1, 2, 4), keepdims=True))
+    return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+group_norm.defvjp(_group_norm_forward, _group_norm_backward)
 
 
 class LayerNorm(nnx.Module):
@@ -277,11 +312,11 @@ class ResBlock(nnx.Module):
         )
 
     def __call__(self, x: Array, emb: Array, dropout_key: Array | None = None) -> Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = constrain(self.conv1(jax.nn.silu(self.norm1(x))), inner=-1)  # hidden channels over tensor
         scale, shift = jnp.split(self.film(jax.nn.silu(emb))[:, None, None, :], 2, axis=-1)
-        h = self.norm2(h) * (1 + scale) + shift
+        h = self.norm2(h) * (1 + constrain(scale, inner=-1)) + constrain(shift, inner=-1)
         h = self.conv2(dropout(jax.nn.silu(h), self.dropout_rate, dropout_key))
-        return (x if self.skip is None else self.skip(x)) + h
+        return constrain((x if self.skip is None else self.skip(x)) + h)
 
 
 class SelfAttention(nnx.Module):
@@ -311,9 +346,9 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: Array) -> Array:
         b, hgt, wid, c = x.shape
         h = self.norm(x).reshape(b, hgt * wid, c)
-        q, k, v = (_split_heads(proj(h), self.head_dim) for proj in (self.q, self.k, self.v))
-        o = attention(q, k, v, kind=self.attention, chunk=self.attention_chunk).reshape(b, hgt, wid, c)
-        return x + self.out(o)
+        q, k, v = (constrain(_split_heads(proj(h), self.head_dim), inner=2) for proj in (self.q, self.k, self.v))
+        o = attention(q, k, v, kind=self.attention, chunk=self.attention_chunk)
+        return constrain(x + self.out(constrain(o, inner=2).reshape(b, hgt, wid, c)))
 
 
 class CrossAttention(nnx.Module):
@@ -345,11 +380,11 @@ class CrossAttention(nnx.Module):
 
     def __call__(self, x: Array, context: Array, mask: Array) -> Array:
         b, hgt, wid, c = x.shape
-        q = _split_heads(self.q(self.norm(x).reshape(b, hgt * wid, c)), self.head_dim)
-        k = _split_heads(self.k(context), self.head_dim)
-        v = _split_heads(self.v(context), self.head_dim)
-        o = attention(q, k, v, mask, kind=self.attention, chunk=self.attention_chunk).reshape(b, hgt, wid, c)
-        return x + self.out(o)
+        q = constrain(_split_heads(self.q(self.norm(x).reshape(b, hgt * wid, c)), self.head_dim), inner=2)
+        k = constrain(_split_heads(self.k(context), self.head_dim), inner=2)
+        v = constrain(_split_heads(self.v(context), self.head_dim), inner=2)
+        o = attention(q, k, v, mask, kind=self.attention, chunk=self.attention_chunk)
+        return constrain(x + self.out(constrain(o, inner=2).reshape(b, hgt, wid, c)))
 
 
 class FeedForward(nnx.Module):
@@ -362,7 +397,7 @@ class FeedForward(nnx.Module):
         self.fc2 = dense(mult * channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
 
     def __call__(self, x: Array) -> Array:
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm(x))))
+        return constrain(x + self.fc2(jax.nn.gelu(constrain(self.fc1(self.norm(x)), inner=-1))))
 
 
 class AttentionPool(nnx.Module):
@@ -413,7 +448,7 @@ class Downsample(nnx.Module):
         self.conv = conv(channels, out, rngs=rngs, dtype=dtype, stride=2)
 
     def __call__(self, x: Array) -> Array:
-        return self.conv(x)
+        return constrain(self.conv(x))
 
 
 class Upsample(nnx.Module):
@@ -433,7 +468,7 @@ class Upsample(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return constrain(self.conv(x))
 
 
 class TextConditioning:
@@ -453,5 +488,5 @@ class TextConditioning:
 
     def text_context(self, text: Array, text_mask: Array, drop_text: Array | None) -> tuple[Array, Array]:
         """Projected, normalised text tokens and their mask; dropped rows get the null token."""
-        context = self.text_norm(self.text_proj(text.astype(self.dtype)))
+        context = constrain(self.text_norm(self.text_proj(text.astype(self.dtype))))
         return drop_to_null_text(context, text_mask.astype(bool), self.null_text[...], drop_text)

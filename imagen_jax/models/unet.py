@@ -61,6 +61,7 @@ from imagen_jax.models.layers import (
     conv,
     fold_key,
 )
+from imagen_jax.parallel.activations import constrain
 
 Array = jax.Array
 
@@ -217,7 +218,7 @@ class UNet(TextConditioning, nnx.Module):
         emb = self.time_embed(t) + self.text_pool(context, mask)
 
         keys = itertools.count()  # one dropout stream per res block, in call order
-        h = self.input_conv(x.astype(self.dtype))
+        h = constrain(self.input_conv(constrain(x.astype(self.dtype))))
         skips = [h]
         for level, blocks in enumerate(self.down):
             for blk in blocks:
@@ -232,12 +233,12 @@ class UNet(TextConditioning, nnx.Module):
 
         for level, blocks in enumerate(self.up):
             for blk in blocks:
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = constrain(jnp.concatenate([h, skips.pop()], axis=-1))
                 h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             if level < len(self.upsamples):
                 h = self.upsamples[level](h)
 
-        h = self.out_conv(jax.nn.silu(self.out_norm(h)))
+        h = constrain(self.out_conv(jax.nn.silu(self.out_norm(h))))
         return h.astype(jnp.float32)
 
 

@@ -106,12 +106,16 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)
     c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style); batch is split over data x fsdp
-    c.mesh.tensor = 1  # tensor (model) parallelism over channels
+    # Tensor (model) parallelism: each layer's inner width (a residual block's hidden channels, attention heads,
+    # feed-forward and T5 widths) is split over this many devices, which compute their parts of it on the same
+    # examples (parallel/activations.py); the parameters are split over it too (the rules below).
+    c.mesh.tensor = 1
     # Logical parameter axis -> mesh axis (or None = replicated). A dim the mesh axis does not divide stays replicated.
+    # Kernels are [..., channels_in, channels_out]: stored split over fsdp x tensor, gathered where they are used.
     c.mesh.rules = (
         # U-Net
         ("channels_out", "fsdp"),
-        ("channels_in", None),
+        ("channels_in", "tensor"),
         ("conv_h", None),
         ("conv_w", None),
         ("text_embed", None),
@@ -120,7 +124,7 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
         ("mlp", "tensor"),
         ("heads_x_dim", "tensor"),
         ("heads", None),
-        ("vocab", None),
+        ("vocab", "tensor"),
         ("relpos_buckets", None),
     )
     return c

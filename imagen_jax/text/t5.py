@@ -23,6 +23,7 @@ from jax.typing import DTypeLike
 from safetensors import safe_open
 
 from imagen_jax.errors import MissingError, WeightsError
+from imagen_jax.parallel.activations import constrain
 from imagen_jax.text.tokenizer import Tokenizer
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -165,18 +166,18 @@ class T5Block(nnx.Module):
         b, length, _ = x.shape
         heads = (b, length, self.cfg.num_heads, self.cfg.d_kv)
         h = self.attn_norm(x)
-        q, k, v = (proj(h).reshape(heads) for proj in (self.q, self.k, self.v))
+        q, k, v = (constrain(proj(h).reshape(heads), inner=2) for proj in (self.q, self.k, self.v))
         # T5 folds 1/sqrt(d_kv) into the q initialisation: no scaling here. Softmax in float32.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, -1)
-        x = x + self.o(attended)
+        attended = constrain(jnp.einsum("bhqk,bkhd->bqhd", weights, v), inner=2).reshape(b, length, -1)
+        x = constrain(x + self.o(attended))
         h = self.ffn_norm(x)
         if self.cfg.is_gated:
             hidden = self.cfg.activation(self.wi_0(h)) * self.wi_1(h)
         else:
             hidden = self.cfg.activation(self.wi(h))
-        return x + self.wo(hidden)
+        return constrain(x + self.wo(constrain(hidden, inner=-1)))
 
 
 class T5EncoderModule(nnx.Module):
@@ -195,7 +196,7 @@ class T5EncoderModule(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """input_ids int [B, L], attention_mask bool/int [B, L] -> hidden states [B, L, d_model]."""
         length = input_ids.shape[1]
-        x = jnp.take(self.embed[...], input_ids, axis=0)
+        x = constrain(jnp.take(self.embed[...], input_ids, axis=0))
         buckets = relative_position_buckets(
             length, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance
         )

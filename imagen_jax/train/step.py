@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage.model import compute_dtype, lowres_size, make_apply_fn, train_size
 
 
@@ -57,6 +58,10 @@ def make_train_step(
 
     def micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
         """The loss of one micro-batch; `part` carries each example's own keys ('loss_key', 'augment_key')."""
+        with activation_layout(mesh):  # T5 and the U-Net pin their activations to the mesh (batch, tensor)
+            return _micro_loss(params, t5_params, part, dropout_key)
+
+    def _micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
         # Kernels and embeddings in the compute dtype once, up front (the layers would cast them at every use):
         # with FSDP the all-gathers then move bfloat16, half the bytes. Gradients still reach the float32 params.
         params = jax.tree.map(lambda p: p.astype(compute) if p.ndim >= 2 else p, params)

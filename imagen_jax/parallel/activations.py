@@ -1,0 +1,53 @@
+"""Where a model's activations live on the mesh, stated instead of left to the partitioner.
+
+Parameters carry their shardings; activations do not, and XLA's sharding propagation is free to follow a
+kernel's layout instead of the batch's. For the paper's base model on a v4-512 it did: a convolution whose
+kernel is split over `fsdp` on its output channels got its output split the same way, and each chip held that
+activation for the whole global batch (a 16 GiB buffer). Inside `activation_layout(mesh)` (the train step
+traces the model there) the model pins its activations with `constrain`: the batch over the data-parallel
+axes, and the inner width of a layer (a residual block's hidden channels, attention heads, the feed-forward
+hidden width) over `tensor`, so tensor-parallel chips each compute their part of the layer (Megatron's split:
+column-parallel into the inner width, row-parallel out of it). Outside the context `constrain` does nothing,
+so single-device code and sampling run unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from imagen_jax.parallel.mesh import BATCH_AXES
+
+_LAYOUT: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_layout", default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh) -> Iterator[None]:
+    """Within the block, `constrain` pins activations to `mesh` (batch over data x fsdp, inner widths over tensor)."""
+    token = _LAYOUT.set(mesh)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def constrain(x: jax.Array, inner: int | None = None) -> jax.Array:
+    """`x` [B, ...] with its batch over the data-parallel axes and, when `inner` names an axis (e.g. -1 for the
+    channels of a block's hidden activation, 2 for the heads of [B, L, heads, D]), that axis over `tensor`.
+    Axes a mesh axis does not divide stay whole; outside `activation_layout` this is the identity."""
+    mesh = _LAYOUT.get()
+    if mesh is None:
+        return x
+    spec: list = [None] * x.ndim
+    batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    if batch and x.shape[0] % math.prod(mesh.shape[a] for a in batch) == 0:
+        spec[0] = batch
+    if inner is not None and mesh.shape["tensor"] > 1 and x.shape[inner] % mesh.shape["tensor"] == 0:
+        spec[inner] = "tensor"
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
