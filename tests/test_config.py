@@ -74,3 +74,29 @@ def test_train_cli_rejects_unknown_key_in_one_line():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "train.py: error: unknown config key 'train.nope'"
+
+
+@pytest.mark.parametrize(
+    "path, text_dim, millions",
+    [
+        ("configs/mini_base64.py", 2048, 401.7),
+        ("configs/mini_sr256.py", 2048, 151.7),
+        ("configs/mini_sr1024.py", 2048, 95.7),
+    ],
+)
+def test_mini_presets_validate_and_have_their_documented_size(path, text_dim, millions):
+    """The one-TPU-VM presets (T5-XL text, 2048 wide) pass the stage's checks and have the parameter counts their
+    docstrings state, counted without allocating them."""
+    import math
+
+    import jax
+    from flax import nnx
+
+    from imagen_jax.stage import config as stage_config
+    from imagen_jax.stage.model import build_model
+
+    c = config_lib.load_config_file(path)
+    stage_config.validate(c)
+    model = nnx.eval_shape(lambda: build_model(c, text_dim))
+    count = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert round(count / 1e6, 1) == millions
