@@ -27,6 +27,33 @@ def test_bench_reports_throughput_and_flops():
     assert abs(result["mfu"] - result["achieved_tflops"] / 1.0) < 1e-3
 
 
+def test_bench_counts_a_real_shape_t5_and_the_precomputed_set_up(tmp_path):
+    """--t5 puts a T5 of a given shape (random weights) in the step: FLOPs over the precomputed-text step are the
+    T5 forward's, counted from its shape; the timed run works with it too."""
+    import json
+
+    shape = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16, "vocab_size": 100,
+             "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+             "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    c = config_lib.load_config_file("configs/demo.py")
+    c.data.image_size, c.model.dim, c.model.channel_mults = 8, 16, (1, 2)
+    c.model.attn_resolutions, c.model.head_dim, c.train.batch_size, c.text.max_length = (4,), 8, 4, 16
+    c.text.dtype = "float32"
+    with_t5 = benchmark(c, steps=0, text_dim=16, peak_tflops=None, t5=str(tmp_path / "config.json"))
+    c.data.precomputed_text = True
+    without = benchmark(c, steps=0, text_dim=16, peak_tflops=None, t5=str(tmp_path / "config.json"))
+    assert without["t5_params_M"] == 0 and with_t5["t5_params_M"] > 0
+    tokens, inner = 4 * 16, 4 * 16
+    per_token_layer = 2 * (4 * 64 * inner + 3 * 64 * 128) + 2 * 2 * 16 * inner  # projections, gated FFN, attention
+    t5_gflop = 2 * tokens * per_token_layer / 1e9
+    extra = with_t5["gflop_per_step"] - without["gflop_per_step"]
+    assert abs(extra - t5_gflop) < 0.15 * t5_gflop, (extra, t5_gflop)
+    c.data.precomputed_text = False
+    timed = benchmark(c, steps=1, text_dim=16, peak_tflops=None, t5=str(tmp_path / "config.json"))
+    assert "random weights" in timed["text"] and timed["images_per_s"] > 0
+
+
 # ------------------------------------------------------------------------------------------ data mode
 def _records(paths):
     return [tf.train.Example.FromString(r).features.feature for r in tf.data.TFRecordDataset(paths).as_numpy_iterator()]

@@ -2,7 +2,7 @@
 and the input pipeline (data mode, tools/bench_data.py).
 
     python -m imagen_jax.tools.bench --config configs/demo.py [--steps 20] [--peak_tflops 989] [--config.a.b=...]
-    python -m imagen_jax.tools.bench --config configs/base64.py --steps 0 --text_dim 4096   # FLOPs only
+    python -m imagen_jax.tools.bench --config configs/base64.py --steps 0 --t5 xxl   # FLOPs only, T5-XXL in the step
     python -m imagen_jax.tools.bench --data [--sizes 64,256,1024] [--parallel 1,2,4] [--batch_size 64]
                                             [--seconds 10] [--shards GLOB] [--num_images 256]
 
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=10, help="timed steps after one warm-up step; 0 = FLOPs only (allocates nothing)"
     )
     parser.add_argument("--text_dim", type=int, default=64, help="width of the stand-in T5 (4096 = T5-XXL)")
+    parser.add_argument(
+        "--t5", default=None, help="a T5 of this real shape, random weights: xxl | xl | large | a config.json"
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak, for MFU (e.g. 989 H100 bf16)")
     parser.add_argument("--data", action="store_true", help="data mode: time the input pipeline instead")
     parser.add_argument("--sizes", default="64,256,1024", help="data: output sizes, comma-separated")
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(
             json.dumps(
-                benchmark(config, steps=args.steps, text_dim=args.text_dim, peak_tflops=args.peak_tflops), indent=2
+                benchmark(config, steps=args.steps, text_dim=args.text_dim, peak_tflops=args.peak_tflops, t5=args.t5),
+                indent=2,
             )
         )
         return 0

@@ -1,36 +1,103 @@
 """Train-step throughput of a config on this machine's devices: images/s, FLOPs per step and MFU.
 
     python -m imagen_jax.tools.bench --config configs/demo.py [--steps 20] [--peak_tflops 989] [--config.a.b=...]
-    python -m imagen_jax.tools.bench --config configs/base64.py --steps 0 --text_dim 4096   # FLOPs only
+    python -m imagen_jax.tools.bench --config configs/base64.py --steps 0 --t5 xxl   # FLOPs only, T5-XXL in the step
 
 Runs the real jitted train step (frozen T5 + U-Net + optimizer + EMA, sharded over all devices), built by the
 same `train.setup.setup` call as training, on random images and captions, after one compile step. FLOPs come
 from XLA's cost analysis of the compiled step; MFU = achieved FLOP/s / (peak_tflops per device x devices).
-Without `config.text.encoder` a random one-layer T5 of width --text_dim stands in (its cost is small next to the
-U-Net's, its width sets the text projections).
+The T5 in the step is `config.text.encoder` (a T5 folder) if set; else, with --t5 xxl|xl|large|CONFIG_JSON, a T5
+of that real shape with random weights, born sharded (T5-XXL costs ~1.2 TFLOP per caption: its real share of the
+step); else a random one-layer T5 of width --text_dim (its cost is small next to the U-Net's, its width sets the
+text projections). With --config.data.precomputed_text=True the step has no T5 at all (embeddings are inputs),
+which is what training on `tools.encode_text` shards costs: the two runs side by side say what precomputing saves.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage.model import train_size
 from imagen_jax.text import make_tiny_t5
+from imagen_jax.text.t5 import T5EncoderModule
+from imagen_jax.train import plan as plan_lib
 from imagen_jax.train import setup as setup_lib
 
 CAPTIONS = ["a red circle on the left", "a photograph of a corgi wearing sunglasses on the beach"]
 
 
-def benchmark(config: ml_collections.ConfigDict, *, steps: int, text_dim: int, peak_tflops: float | None) -> dict:
+def random_text(config: ml_collections.ConfigDict, t5: str, mesh: jax.sharding.Mesh, abstract: bool) -> setup_lib.Text:
+    """A T5 of the shape `t5` names (xxl | xl | large | a config.json) with random weights created directly in
+    their shardings (or, `abstract`, only their shapes); precomputed text: no encoder, only its width."""
+    text = plan_lib.abstract_text(config, t5, mesh)
+    if abstract or text.encoder is None:
+        return text
+    module = text.encoder.module
+    params = jax.jit(
+        lambda: nnx.state(T5EncoderModule(module.cfg, dtype=module.dtype, rngs=nnx.Rngs(0))),
+        out_shardings=text.shardings,
+    )()
+    description = text.description.replace("(shapes only)", "(random weights)")
+    return setup_lib.Text(text.encoder.with_state(params), params, text.shardings, text.dim, description)
+
+
+def _batch(config: ml_collections.ConfigDict, text: setup_lib.Text, mesh: jax.sharding.Mesh) -> dict:
+    """Random images and captions (tokenised, or random ids for a T5 without a tokenizer, or random embeddings)."""
+    rng = np.random.default_rng(0)
+    batch_size, size, length = config.train.batch_size, train_size(config), config.text.max_length
+    local = {"image": rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)}
+    if text.encoder is None:
+        local["text"] = rng.normal(size=(batch_size, length, text.dim)).astype(jnp.bfloat16)
+        local["mask"] = np.ones((batch_size, length), bool)
+    elif text.encoder.tokenizer is None:
+        local["ids"] = rng.integers(1, text.encoder.module.cfg.vocab_size, (batch_size, length)).astype(np.int32)
+        local["mask"] = np.ones((batch_size, length), bool)  # T5 costs the same whatever the mask
+    else:
+        local["ids"], local["mask"] = text.encoder.tokenizer([CAPTIONS[i % 2] for i in range(batch_size)], length)
+    return mesh_lib.global_batch(local, mesh)
+
+
+def benchmark(
+    config: ml_collections.ConfigDict, *, steps: int, text_dim: int, peak_tflops: float | None, t5: str | None = None
+) -> dict:
     """Compiles and times `steps` train steps (0: FLOPs only, nothing allocated); returns the figures."""
     mesh = mesh_lib.make_mesh(config.mesh)
+    if t5 is not None or config.data.precomputed_text:
+        text = random_text(config, t5 or "xxl", mesh, abstract=steps == 0)
+    else:
+        text = _real_or_tiny_text(config, mesh, text_dim)
+    trainer = setup_lib.setup(config, mesh, text)
+    batch_size, size = config.train.batch_size, train_size(config)  # SR: trained on crops
+    batch = _batch(config, text, mesh)
+    num_params = trainer.model.num_params
+    t5_params = sum(math.prod(x.shape) for x in jax.tree.leaves(text.params))
+    if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
+        cost = trainer.train_step.lower(trainer.abstract_state(), text.params, batch).cost_analysis()
+        flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+        return {
+            "unet_params_M": round(num_params / 1e6, 2),
+            "t5_params_M": round(t5_params / 1e6, 2),
+            "text": text.description,
+            "image_size": size,
+            "global_batch": batch_size,
+            "gflop_per_step": round(flops / 1e9, 4),
+            "gflop_per_image": round(flops / 1e9 / batch_size, 1),
+        }
+    return _time(trainer, text, batch, steps, peak_tflops, t5_params)
+
+
+def _real_or_tiny_text(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text_dim: int) -> setup_lib.Text:
+    """config.text.encoder's T5, or a random one-layer stand-in of width `text_dim` when it is not set."""
     with tempfile.TemporaryDirectory() as tmp:
         if not config.text.encoder:
             config.text.encoder = make_tiny_t5(
@@ -42,24 +109,13 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, text_dim: int, p
                 d_kv=min(64, text_dim),
                 d_ff=2 * text_dim,
             )
-        config.data.precomputed_text = False
-        text = setup_lib.load_text(config, mesh)
-    trainer = setup_lib.setup(config, mesh, text)
-    batch_size, size = config.train.batch_size, train_size(config)  # SR: trained on crops
-    ids, mask = text.encoder.tokenizer([CAPTIONS[i % 2] for i in range(batch_size)], config.text.max_length)
-    images = np.random.default_rng(0).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)
-    batch = mesh_lib.global_batch({"image": images, "ids": ids, "mask": mask}, mesh)
-    num_params = trainer.model.num_params
-    if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
-        cost = trainer.train_step.lower(trainer.abstract_state(), text.params, batch).cost_analysis()
-        flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
-        return {
-            "unet_params_M": round(num_params / 1e6, 2),
-            "image_size": size,
-            "global_batch": batch_size,
-            "gflop_per_step": round(flops / 1e9, 1),
-            "gflop_per_image": round(flops / 1e9 / batch_size, 1),
-        }
+        return setup_lib.load_text(config, mesh)
+
+
+def _time(trainer: setup_lib.TrainSetup, text: setup_lib.Text, batch: dict, steps: int,
+          peak_tflops: float | None, t5_params: int) -> dict:  # fmt: skip
+    config = trainer.config
+    batch_size, size, num_params = config.train.batch_size, train_size(config), trainer.model.num_params
     state = trainer.init_state()
 
     start = time.perf_counter()
@@ -78,6 +134,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, text_dim: int, p
     result = {
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "unet_params_M": round(num_params / 1e6, 2),
+        "t5_params_M": round(t5_params / 1e6, 2),
+        "text": text.description,
         "image_size": size,
         "global_batch": batch_size,
         "compute_dtype": config.train.compute_dtype,
@@ -85,7 +143,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, text_dim: int, p
         "step_ms": round(step_s * 1e3, 1),
         "images_per_s": round(batch_size / step_s, 1),
         "images_per_s_per_device": round(batch_size / step_s / jax.device_count(), 1),
-        "gflop_per_step": round(flops / 1e9, 1),
+        "gflop_per_step": round(flops / 1e9, 4),
         "gflop_per_image": round(flops / 1e9 / batch_size, 1),
         "achieved_tflops": round(flops / step_s / 1e12, 3),
     }
