@@ -68,3 +68,25 @@ def test_plan_cli_errors_are_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("plan: error: --topology 'v9-8': expected GENERATION-N")
     assert plan_tool.main(["--config", "configs/demo.py", "--topology", "v4-8", "--config.train.nope=1"]) == 2
     assert capsys.readouterr().err.strip() == "plan: error: unknown config key 'train.nope'"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_counted_conv_flops_skip_padding_like_xla(stride):
+    """The planner's analytic count of a padded (and strided) convolution, forward and backward, equals XLA's cost
+    analysis: window taps over zero padding, or between a dilated input's samples, multiply nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from imagen_jax.train.plan import matmul_flops
+
+    def conv(x, w):
+        layout = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=layout)
+
+    x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+    out_positions = (6 // stride) ** 2 * 2 * 4
+    for fn in (conv, jax.grad(lambda x, w: jnp.sin(conv(x, w)).sum(), argnums=(0, 1))):
+        cost = jax.jit(fn).lower(x, w).compile().cost_analysis()
+        xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+        assert matmul_flops(jax.make_jaxpr(fn)(x, w)) == xla
+    assert matmul_flops(jax.make_jaxpr(conv)(x, w)) < 2 * out_positions * 27  # fewer than the padded windows' taps

@@ -174,16 +174,34 @@ def matmul_flops(jaxpr: Any) -> float:
             lhs = eqn.invars[0].aval.shape
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
         elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
-            spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
-            per_output = math.prod(rhs[d] for d in spec[1:])  # in features (per group) x kernel window
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+            total += _conv_flops(eqn)
         repeat = eqn.params.get("length", 1) if name == "scan" else 1
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
                     total += repeat * matmul_flops(sub)
     return total
+
+
+def _conv_flops(eqn: Any) -> float:
+    """2 x the multiply-adds of a convolution that touch the input: a window tap over zero padding (or between
+    the samples of a dilated input, as in a strided convolution's backward pass) multiplies nothing. Counted per
+    spatial dimension, which is exact because the valid taps of a window are a product over dimensions."""
+    p, lhs, rhs = eqn.params, eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    numbers = p["dimension_numbers"]  # specs: (batch or out feature, feature, spatial...)
+    taps = 1
+    for d, (lhs_d, rhs_d, out_d) in enumerate(zip(numbers.lhs_spec[2:], numbers.rhs_spec[2:], numbers.out_spec[2:])):
+        n, k, lo = lhs[lhs_d], rhs[rhs_d], p["padding"][d][0]
+        stride, lhs_dil, rhs_dil = p["window_strides"][d], p["lhs_dilation"][d], p["rhs_dilation"][d]
+        taps *= sum(
+            1
+            for o in range(out[out_d])
+            for j in range(k)
+            if 0 <= (q := o * stride - lo + j * rhs_dil) <= (n - 1) * lhs_dil and q % lhs_dil == 0
+        )
+    outputs = math.prod(out) // math.prod(out[d] for d in numbers.out_spec[2:])  # batch x out features
+    return 2.0 * outputs * taps * rhs[numbers.rhs_spec[1]]
 
 
 def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "xxl") -> dict:
