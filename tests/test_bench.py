@@ -27,6 +27,7 @@ def test_bench_reports_throughput_and_flops():
     assert abs(result["mfu"] - result["achieved_tflops"] / 1.0) < 1e-3
 
 
+@pytest.mark.slow  # three train-step compiles: ~1 min
 def test_bench_counts_a_real_shape_t5_and_the_precomputed_set_up(tmp_path):
     """--t5 puts a T5 of a given shape (random weights) in the step: FLOPs over the precomputed-text step are the
     T5 forward's, counted from its shape; the timed run works with it too."""
