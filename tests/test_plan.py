@@ -90,3 +90,27 @@ def test_counted_conv_flops_skip_padding_like_xla(stride):
         xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
         assert matmul_flops(jax.make_jaxpr(fn)(x, w)) == xla
     assert matmul_flops(jax.make_jaxpr(conv)(x, w)) < 2 * out_positions * 27  # fewer than the padded windows' taps
+
+
+@pytest.mark.slow  # one TPU compile, ~1 min
+def test_fsdp_gathers_move_kernels_in_bfloat16(tmp_path):
+    """The step casts kernels to the compute dtype before use, so under FSDP the TPU program all-gathers them in
+    bfloat16: half the bytes of the float32 parameters (on CPU, XLA gathers in float32 whatever the dtype)."""
+    pytest.importorskip("libtpu", reason='the TPU compiler: pip install -e ".[plan]"')
+    import collections
+    import re
+
+    from imagen_jax.parallel import mesh as mesh_lib
+    from imagen_jax.train import plan as plan_lib
+    from imagen_jax.train import setup as setup_lib
+
+    config, _ = _tiny_config(tmp_path, data=1, fsdp=4)
+    config.train.compute_dtype, config.data.precomputed_text = "bfloat16", True
+    mesh = mesh_lib.make_mesh(config.mesh, plan_lib.slice_devices(plan_lib.parse_slice("v4-8")))
+    trainer = setup_lib.setup(config, mesh, setup_lib.Text(None, {}, {}, 16, "precomputed"))
+    batch = plan_lib.abstract_batch(config, mesh, 16)
+    hlo = trainer.train_step.lower(trainer.abstract_state(), {}, batch).compile().as_text()
+    gathers = re.findall(r"= \(?(\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", hlo)
+    ranks = collections.Counter((dtype, len(shape.split(","))) for dtype, shape in gathers)
+    assert ranks[("bf16", 4)] > 0  # conv kernels [3, 3, in, out] are gathered ...
+    assert not [key for key in ranks if key[0] == "f32" and key[1] >= 2]  # ... and no kernel in float32
