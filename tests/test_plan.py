@@ -49,8 +49,9 @@ def test_plan_compiles_for_a_tpu_slice_and_its_figures_add_up(tmp_path):
     m = replicated["per_device_bytes"]
     assert m["total"] >= m["params"] + m["optimizer"] + m["ema"] + m["t5"] + m["batch"]
     assert m["params"] == m["ema"] == replicated["unet_params"] * 4  # float32, whole on every device
-    # XLA's FLOPs (one device's program x devices) agree with the matmuls and convolutions counted in the jaxpr.
-    assert abs(replicated["flops_per_step_counted"] / replicated["flops_per_step_xla"] - 1) < 0.10
+    # XLA's FLOPs (one device's program x devices) agree with the matmuls and convolutions counted in the jaxpr, up
+    # to the elementwise work XLA counts too (normalisation, activations, the optimizer): ~19% of this tiny model
+    assert 0.7 < replicated["flops_per_step_counted"] / replicated["flops_per_step_xla"] <= 1.0
     assert replicated["roofline_images_per_s"] > 0
 
     config, t5 = _tiny_config(tmp_path, data=1, fsdp=4)
@@ -58,6 +59,15 @@ def test_plan_compiles_for_a_tpu_slice_and_its_figures_add_up(tmp_path):
     assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert sharded["per_device_bytes"]["params"] < 0.5 * m["params"]  # FSDP: each device holds a share
     assert sharded["flops_per_step_counted"] == replicated["flops_per_step_counted"]  # same program, other layout
+    assert replicated["flops_note"] == sharded["flops_note"] == ""
+
+    # micro-batches: a compiled loop, whose iterations XLA's cost analysis does not count; the count does
+    config.train.microbatches = 2
+    looped = plan(config, "v4-8", t5)
+    assert "micro-batch loop" in looped["flops_note"]
+    assert abs(looped["flops_per_step_counted"] / sharded["flops_per_step_counted"] - 1) < 0.01
+    step_s = looped["flops_per_step_counted"] / 4 / 275e12
+    assert looped["roofline_step_s"] == pytest.approx(step_s) and looped["roofline_bound"] == "compute"
 
 
 def test_plan_cli_errors_are_one_line(capsys):
