@@ -37,11 +37,13 @@ def format_report(config_path: str, r: dict) -> str:
     counted, xla = r["flops_per_step_counted"], r["flops_per_step_xla"]
     versus = f"{xla:.4g} (XLA cost analysis), " if xla else "no XLA cost analysis (not compiled), "
     agreement = f"; {(counted - xla) / xla:+.1%}" if xla else ""
-    if xla and abs(counted - xla) > 0.1 * xla and not r.get("flops_note"):
+    if xla and counted < 0.9 * xla and not r.get("flops_note"):
         agreement += (
             ": the count is matmuls and convolutions only, XLA also counts elementwise work (normalisation, "
             "activations, softmax, the optimizer), a large share in a small model"
         )
+    elif xla and counted > 1.1 * xla and not r.get("flops_note"):
+        agreement += ": XLA's cost analysis counts fewer multiply-adds than the step's matmuls and convolutions have"
     if r.get("flops_note"):
         agreement += f"; {r['flops_note']}"
     return "\n".join([
