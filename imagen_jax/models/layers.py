@@ -226,14 +226,14 @@ class TimeEmbedding(nnx.Module):
 
 
 # How attention is computed (config train.attention); the result is the same either way.
-ATTENTION_KINDS = {
-    # jax.nn.dot_product_attention: XLA's fused softmax(QK^T)V (cuDNN's kernel where jax selects it); the
-    # [heads, queries, keys] logits exist whole, in float32.
-    "dot_product": "all logits at once",
+ATTENTION_KINDS = (
+    # jax.nn.dot_product_attention: XLA's fused softmax(QK^T)V; the [heads, queries, keys] logits exist whole,
+    # in float32.
+    "dot_product",
     # Queries in chunks of train.attention_chunk, each rematerialised in the backward pass: logits memory is
     # chunk x keys per head instead of queries x keys (self-attention at 32x32 and above), for a second forward.
-    "chunked": "queries in chunks",
-}
+    "chunked",
+)
 
 
 def check_attention(kind: str) -> None:

@@ -178,7 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "diffusion.thresholding", THRESHOLD_MODES)
     _choice(config, "train.compute_dtype", tuple(DTYPES))
     _choice(config, "train.remat", tuple(REMAT_POLICIES))
-    _choice(config, "train.attention", tuple(ATTENTION_KINDS))
+    _choice(config, "train.attention", ATTENTION_KINDS)
     _positive(config, "train.attention_chunk")
     _choice(config, "text.dtype", tuple(DTYPES))
     _positive(config, "text.max_length")
