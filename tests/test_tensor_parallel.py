@@ -1,6 +1,7 @@
 """Tensor parallelism does the same training step as one device, stores a (fsdp x tensor)-th of the parameters per
 device, and splits the work: on 8 fake CPU devices, meshes data x fsdp x tensor = 2x2x2 and 1x4x2 give one
-device's loss and updated parameters (float32), with T5 and the U-Net both in the step."""
+device's loss and updated parameters (float32), with T5 and the U-Net both in the step; so does 2x2x2 with
+`train.attention=flash`, whose attention runs per device shard (shard_map; on CPU its chunked form)."""
 
 import json
 import os
@@ -37,8 +38,10 @@ SCRIPT = textwrap.dedent("""
         "mask": np.arange(8)[None, :] < rng.integers(2, 9, (8, 1)),
     }
     results, reference = {}, None
-    for name, (data, fsdp, tensor) in {"1": (1, 1, 1), "4x1": (1, 4, 1), "2x2x2": (2, 2, 2), "4x2": (1, 4, 2)}.items():
+    meshes = {"1": (1, 1, 1), "4x1": (1, 4, 1), "2x2x2": (2, 2, 2), "4x2": (1, 4, 2), "2x2x2 flash": (2, 2, 2)}
+    for name, (data, fsdp, tensor) in meshes.items():
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+        c.train.attention = "flash" if "flash" in name else "dot_product"  # per-shard attention (CPU: chunked)
         mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[: data * fsdp * tensor])
         text = setup_lib.load_text(c, mesh)
         trainer = setup_lib.setup(c, mesh, text)
@@ -62,7 +65,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # one process, four meshes, four train-step compiles: ~2 min
+@pytest.mark.slow  # one process, five meshes, five train-step compiles: ~2.5 min
 def test_tensor_parallel_meshes_train_like_one_device(tmp_path):
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="--xla_force_host_platform_device_count=8"
@@ -74,7 +77,7 @@ def test_tensor_parallel_meshes_train_like_one_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[6:])
     one = results["1"]
-    for name, shards in (("2x2x2", 4), ("4x2", 8)):
+    for name, shards in (("2x2x2", 4), ("4x2", 8), ("2x2x2 flash", 4)):
         mesh = results[name]
         np.testing.assert_allclose(mesh["loss"], one["loss"], rtol=1e-5)
         flat_one, flat_mesh = _flatten(one["params"]), _flatten(mesh["params"])

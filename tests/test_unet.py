@@ -174,7 +174,9 @@ def test_gradients_under_jit(tiny):
         assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name])) > 0, name
 
 
-@pytest.mark.parametrize("kind, chunk", [("dot_product", 1024), ("chunked", 2), ("chunked", 3), ("chunked", 4)])
+@pytest.mark.parametrize(
+    "kind, chunk", [("dot_product", 1024), ("chunked", 2), ("chunked", 3), ("chunked", 4), ("flash", 3)]
+)
 def test_attention_matches_numpy_and_survives_empty_mask(kind, chunk):
     rng = np.random.default_rng(0)
     shapes = [(2, 6, 2, 4), (2, 5, 2, 4), (2, 5, 2, 4)]

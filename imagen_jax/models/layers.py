@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen_jax.parallel.activations import constrain
+from imagen_jax.models.flash_attention import flash_attention
+from imagen_jax.parallel.activations import constrain, per_shard
 
 Array = jax.Array
 
@@ -233,6 +234,9 @@ ATTENTION_KINDS = (
     # Queries in chunks of train.attention_chunk, each rematerialised in the backward pass: logits memory is
     # chunk x keys per head instead of queries x keys (self-attention at 32x32 and above), for a second forward.
     "chunked",
+    # Flash attention: on TPU, JAX's Pallas kernel (models/flash_attention.py), run on each device's shard; the
+    # logits never exist whole, in either pass. Elsewhere (CPU, GPU) it computes as 'chunked'.
+    "flash",
 )
 
 
@@ -247,8 +251,17 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *, kind: 
 
     Logits and softmax in float32; masked logits are replaced by a large negative number (not added to), so a
     fully masked row gives a finite uniform average instead of NaN. `kind` (ATTENTION_KINDS) trades memory
-    for compute: 'chunked' splits queries into blocks of `chunk` when Lq is a larger multiple of it.
+    for compute: 'chunked' splits queries into blocks of `chunk` when Lq is a larger multiple of it; 'flash'
+    is the Pallas kernel on TPU (which needs a valid key in every row) and 'chunked' elsewhere.
     """
+    if kind == "flash":
+        inputs, inner = (q, k, v) if mask is None else (q, k, v, mask), (2, 2, 2, None)
+
+        def local(*xs: Array) -> Array:
+            other = functools.partial(attention, kind="chunked", chunk=chunk)
+            return jax.lax.platform_dependent(*xs, tpu=flash_attention, default=other)
+
+        return per_shard(local, *inputs, inner=inner[: len(inputs)])
     mask = None if mask is None else mask[:, None, None, :]
     lq = q.shape[1]
     if kind != "chunked" or lq <= chunk or lq % chunk:

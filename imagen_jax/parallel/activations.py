@@ -8,7 +8,9 @@ traces the model there) the model pins its activations with `constrain`: the bat
 axes, and the inner width of a layer (a residual block's hidden channels, attention heads, the feed-forward
 hidden width) over `tensor`, so tensor-parallel chips each compute their part of the layer (Megatron's split:
 column-parallel into the inner width, row-parallel out of it). Outside the context `constrain` does nothing,
-so single-device code and sampling run unchanged.
+so single-device code and sampling run unchanged. `per_shard` runs a computation the partitioner cannot split
+(a Pallas kernel is an opaque custom call, around which XLA would gather its inputs whole) on each device's
+block of that same layout.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 from jax.sharding import Mesh, NamedSharding
@@ -44,10 +46,28 @@ def constrain(x: jax.Array, inner: int | None = None) -> jax.Array:
     mesh = _LAYOUT.get()
     if mesh is None:
         return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _spec(mesh, x, inner)))
+
+
+def per_shard(fn: Callable[..., jax.Array], *xs: jax.Array, inner: tuple[int | None, ...]) -> jax.Array:
+    """`fn(*xs)` computed on each device's block of `xs` (each laid out as `constrain(x, inner[i])` lays it out),
+    its output laid out as the first input. Outside `activation_layout`, plainly `fn(*xs)`. `fn` must treat
+    the examples of the batch and the entries of each `inner` axis independently (as attention does heads)."""
+    mesh = _LAYOUT.get()
+    if mesh is None:
+        return fn(*xs)
+    specs = tuple(_spec(mesh, x, axis) for x, axis in zip(xs, inner, strict=True))
+    batched = {spec[0] for spec in specs}
+    if len(batched) > 1:  # e.g. a batch the data axes divide for one input only: keep them all whole
+        specs = tuple(P(None, *spec[1:]) for spec in specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*xs)
+
+
+def _spec(mesh: Mesh, x: jax.Array, inner: int | None) -> P:
     spec: list = [None] * x.ndim
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
     if batch and x.shape[0] % math.prod(mesh.shape[a] for a in batch) == 0:
         spec[0] = batch
     if inner is not None and mesh.shape["tensor"] > 1 and x.shape[inner] % mesh.shape["tensor"] == 0:
         spec[inner] = "tensor"
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+    return P(*spec)

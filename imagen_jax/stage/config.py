@@ -81,7 +81,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.train.remat = "none"
     # How attention is computed (here and when this stage samples): dot_product (jax.nn.dot_product_attention,
     # all [heads, queries, keys] logits at once) | chunked (queries in blocks of attention_chunk, each recomputed
-    # in the backward pass: a block's logits instead of all of them, for one more attention forward).
+    # in the backward pass: a block's logits instead of all of them, for one more attention forward) | flash (on
+    # TPU the Pallas flash-attention kernel, per device: no logits in memory and no second forward; 'chunked'
+    # on other platforms).
     c.train.attention = "dot_product"
     c.train.attention_chunk = 1024
     # Gradient accumulation: the global batch in this many sequential parts per step (same update, a k-th of the
