@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from imagen_jax.errors import WeightsError
-from imagen_jax.text import T5Encoder, Tokenizer, make_tiny_t5, t5
+from imagen_jax.text import T5Encoder, Tokenizer, make_tiny_t5, weight_files
 from imagen_jax.text.t5 import relative_position_buckets
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "t5")
@@ -22,18 +22,30 @@ GOLDEN = np.load(os.path.join(FIXTURES, "golden.npz"))
 TEXTS = [str(t) for t in GOLDEN["texts"]]
 
 
-@pytest.fixture(scope="module")
-def gated_dir(tmp_path_factory):
-    """The sharded seq2seq checkpoint plus the shared spiece.model (kept once in relu/)."""
-    folder = tmp_path_factory.mktemp("t5") / "gated"
-    shutil.copytree(os.path.join(FIXTURES, "gated"), folder)
+def _with_spiece(tmp_path_factory, name: str) -> str:
+    """A fixture checkpoint folder plus the shared spiece.model (kept once in relu/)."""
+    folder = tmp_path_factory.mktemp("t5") / name
+    shutil.copytree(os.path.join(FIXTURES, name), folder)
     shutil.copy(os.path.join(RELU, "spiece.model"), folder)
     return str(folder)
 
 
 @pytest.fixture(scope="module")
-def encoders(gated_dir):
-    return {"relu": T5Encoder.from_pretrained(RELU), "gated": T5Encoder.from_pretrained(gated_dir)}
+def gated_dir(tmp_path_factory):
+    """The sharded seq2seq checkpoint (safetensors)."""
+    return _with_spiece(tmp_path_factory, "gated")
+
+
+@pytest.fixture(scope="module")
+def encoders(gated_dir, tmp_path_factory):
+    """The golden checkpoints in each weight format: safetensors (relu: one file, gated: sharded) and PyTorch's
+    pytorch_model.bin (relu_bin: one file, gated_bin: sharded; tests/fixtures/make_t5_bin_fixtures.py)."""
+    return {
+        "relu": T5Encoder.from_pretrained(RELU),
+        "gated": T5Encoder.from_pretrained(gated_dir),
+        "relu_bin": T5Encoder.from_pretrained(_with_spiece(tmp_path_factory, "relu_bin")),
+        "gated_bin": T5Encoder.from_pretrained(_with_spiece(tmp_path_factory, "gated_bin")),
+    }
 
 
 def test_tokenizer_matches_hugging_face():
@@ -59,15 +71,16 @@ def test_relative_position_buckets_closed_form():
     assert row[150 - 90] == 14 and row[150 - 91] == 15 and row[0] == 15 and row[299] == 31
 
 
-@pytest.mark.parametrize("name", ["relu", "gated"])
+@pytest.mark.parametrize("name", ["relu", "gated", "relu_bin", "gated_bin"])
 def test_float32_matches_hugging_face(encoders, name):
     enc = encoders[name]
+    golden = GOLDEN[f"{name.removesuffix('_bin')}_hidden"]
     out = enc(jnp.asarray(GOLDEN["ids"]), jnp.asarray(GOLDEN["mask"]))
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), GOLDEN[f"{name}_hidden"], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), golden, atol=2e-5, rtol=1e-5)
     emb, mask = enc.encode(TEXTS, max_length=GOLDEN["ids"].shape[1])
     np.testing.assert_array_equal(np.asarray(mask), GOLDEN["mask"])
-    np.testing.assert_allclose(np.asarray(emb), GOLDEN[f"{name}_hidden"], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(emb), golden, atol=2e-5, rtol=1e-5)
 
 
 def test_bfloat16_close_to_hugging_face(gated_dir):
@@ -142,7 +155,7 @@ def test_reads_only_encoder_tensors(gated_dir, monkeypatch):
             read.append(key)
             return self.inner.get_tensor(key)
 
-    monkeypatch.setattr(t5, "safe_open", Spy)
+    monkeypatch.setattr(weight_files, "safe_open", Spy)
     T5Encoder.from_pretrained(gated_dir)
     with open(os.path.join(gated_dir, "model.safetensors.index.json")) as f:
         stored = json.load(f)["weight_map"]
@@ -223,3 +236,46 @@ def test_make_tiny_t5_with_few_captions(tmp_path):
     assert emb.shape == (2, 6, 64) and np.asarray(mask[1]).sum() > 1
     with pytest.raises(ValueError, match="non-empty caption"):
         make_tiny_t5(str(tmp_path / "empty"), ["", "  "])
+
+
+def test_sharded_pytorch_checkpoint_reads_only_encoder_tensors(tmp_path_factory, monkeypatch):
+    """pytorch_model.bin shards: the encoder's tensors and shared.weight are read, once each; no decoder tensor."""
+    read: list[str] = []
+    original = weight_files.TorchCheckpoint.get
+
+    def spy(self, name):
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(weight_files.TorchCheckpoint, "get", spy)
+    folder = _with_spiece(tmp_path_factory, "gated_bin")
+    T5Encoder.from_pretrained(folder)
+    stored = _read_json(os.path.join(folder, "pytorch_model.bin.index.json"))["weight_map"]
+    assert any(k.startswith("decoder.") for k in stored)
+    assert len(read) == len(set(read))
+    assert set(read) == {k for k in stored if k.startswith("encoder.")} | {"shared.weight"}
+
+
+def test_convert_t5_writes_encoder_safetensors_that_load_the_same(tmp_path_factory, tmp_path, capsys):
+    """tools.convert_t5: sharded pytorch_model.bin -> sharded safetensors of the encoder's tensors only (no
+    decoder, shared.weight stored as the encoder embedding), which loads and encodes exactly as the golden."""
+    from imagen_jax.tools import convert_t5
+
+    out = str(tmp_path / "encoder")
+    files = convert_t5.convert(_with_spiece(tmp_path_factory, "gated_bin"), out, shard_bytes=40_000)
+    assert len(files) > 2 and files[-1] == "model.safetensors.index.json"
+    stored = _read_json(os.path.join(out, "model.safetensors.index.json"))["weight_map"]
+    assert all(k.startswith("encoder.") for k in stored) and "encoder.embed_tokens.weight" in stored
+    assert {"config.json", "spiece.model", *files} == set(os.listdir(out))
+    enc = T5Encoder.from_pretrained(out)
+    emb, _ = enc.encode(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    np.testing.assert_allclose(np.asarray(emb), GOLDEN["gated_hidden"], atol=2e-5, rtol=1e-5)
+
+    assert convert_t5.main(["--folder", RELU, "--out", out]) == 1  # never overwrites unasked
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert convert_t5.main(["--folder", RELU, "--out", out, "--overwrite"]) == 0
+    assert os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".convert_t5-")]  # no staging left behind
+    assert convert_t5.main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and "config.json" in err[-1] and not os.path.exists(tmp_path / "o")

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
-from safetensors import safe_open
 
 from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.parallel.activations import constrain
 from imagen_jax.text.tokenizer import Tokenizer
+from imagen_jax.text.weight_files import WeightFolder
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -227,48 +227,11 @@ def hf_tensor_names(cfg: T5Config) -> dict[tuple, tuple[str, bool]]:
     return names
 
 
-class _SafetensorsFolder:
-    """Reads single tensors lazily from model.safetensors or a sharded index, never the rest."""
-
-    def __init__(self, folder: str, stack: contextlib.ExitStack) -> None:
-        index = os.path.join(folder, "model.safetensors.index.json")
-        single = os.path.join(folder, "model.safetensors")
-        self._stack = stack
-        self._handles: dict[str, object] = {}
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise WeightsError(f"{index}: missing key 'weight_map'")
-            self.source = index
-            self.where = {key: os.path.join(folder, name) for key, name in weight_map.items()}
-        elif os.path.isfile(single):
-            self.source = single
-            self.where = dict.fromkeys(self._open(single).keys(), single)
-        else:
-            raise MissingError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-
-    def _open(self, path: str):
-        if path not in self._handles:
-            if not os.path.isfile(path):
-                raise MissingError(f"{path}: safetensors shard named in {self.source} not found")
-            self._handles[path] = self._stack.enter_context(safe_open(path, framework="np"))
-        return self._handles[path]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
-
-    def get(self, key: str) -> np.ndarray:
-        if key not in self.where:
-            raise WeightsError(f"{self.source}: missing tensor '{key}'")
-        return self._open(self.where[key]).get_tensor(key)
-
-
 def _load_params(folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLike) -> Iterator[tuple]:
     """Yields (path, Param with the checkpoint's value) for every parameter of the module."""
     names = hf_tensor_names(cfg)
     with contextlib.ExitStack() as stack:
-        reader = _SafetensorsFolder(folder, stack)
+        reader = WeightFolder(folder, stack)
         for path, variable in nnx.to_flat_state(abstract):
             key, transpose = names[path]
             if key == "encoder.embed_tokens.weight" and key not in reader:
@@ -298,7 +261,8 @@ class T5Encoder:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: DTypeLike = jnp.float32) -> T5Encoder:
-        """Loads a Hugging Face T5 folder (config.json, spiece.model, safetensors weights).
+        """Loads a Hugging Face T5 folder (config.json, spiece.model, and safetensors or pytorch_model.bin
+        weights, single or sharded: text/weight_files.py).
 
         Reads only the encoder tensors: a full T5ForConditionalGeneration checkpoint works and its
         decoder and lm_head are never touched. `dtype` is the parameter and compute dtype.

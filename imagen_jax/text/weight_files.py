@@ -1,0 +1,84 @@
+"""The weight files of a Hugging Face model folder, read one tensor at a time, whatever their format.
+
+A folder holds one of (first found wins): `model.safetensors.index.json` (sharded safetensors),
+`model.safetensors`, `pytorch_model.bin.index.json` (sharded PyTorch) or `pytorch_model.bin` (PyTorch's zip
+format, read as data by `torch_checkpoint`, never unpickled by torch). google/t5-v1_1-xxl's main branch ships
+`pytorch_model.bin` only. Tensors are read when asked for, so a loader that wants the encoder never reads a
+decoder, and memory holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from imagen_jax.errors import MissingError, WeightsError
+from imagen_jax.text.torch_checkpoint import TorchCheckpoint
+
+# (index file, single file, opener) per format, in order of preference
+_FORMATS = (
+    ("model.safetensors.index.json", "model.safetensors", "safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin", "torch"),
+)
+
+
+class WeightFolder:
+    """Tensor names and lazily read tensors (NumPy) of a model folder; files are closed with `stack`."""
+
+    def __init__(self, folder: str, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._handles: dict[str, Any] = {}
+        for index_name, single_name, kind in _FORMATS:
+            index, single = os.path.join(folder, index_name), os.path.join(folder, single_name)
+            if os.path.isfile(index) or os.path.isfile(single):
+                self.kind = kind
+                break
+        else:
+            names = ", ".join(n for pair in _FORMATS for n in pair[:2][::-1])
+            raise MissingError(f"{folder}: no weights (looked for {names})")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (OSError, ValueError, AttributeError) as e:
+                raise WeightsError(f"{index}: not a readable index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise WeightsError(f"{index}: missing key 'weight_map'")
+            self.source = index
+            self.where = {key: os.path.join(folder, name) for key, name in weight_map.items()}
+        else:
+            self.source = single
+            self.where = dict.fromkeys(self._open(single).keys(), single)
+
+    def _open(self, path: str) -> Any:
+        if path not in self._handles:
+            if not os.path.isfile(path):
+                raise MissingError(f"{path}: weight file named in {self.source} not found")
+            if self.kind == "safetensors":
+                self._handles[path] = self._stack.enter_context(safe_open(path, framework="np"))
+            else:
+                checkpoint = TorchCheckpoint(path)
+                self._stack.callback(checkpoint.close)
+                self._handles[path] = checkpoint
+        return self._handles[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.where:
+            raise WeightsError(f"{self.source}: missing tensor '{key}'")
+        handle = self._open(self.where[key])
+        if self.kind == "safetensors":
+            return handle.get_tensor(key)
+        if key not in handle.tensors:
+            raise WeightsError(f"{self.where[key]}: missing tensor '{key}' (named in {self.source})")
+        return handle.get(key)
