@@ -279,3 +279,53 @@ def test_convert_t5_writes_encoder_safetensors_that_load_the_same(tmp_path_facto
     assert convert_t5.main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 1 and "config.json" in err[-1] and not os.path.exists(tmp_path / "o")
+
+
+_SHARDED_LOAD = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from imagen_jax import config as config_lib
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.text import T5Encoder
+
+folder, golden = sys.argv[1], np.load(sys.argv[2])
+c = config_lib.load_config_file("configs/demo.py")
+c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 2, 2
+mesh = mesh_lib.make_mesh(c.mesh, jax.devices())
+rules = mesh_lib.rules_dict(c.mesh.rules)
+wanted = {}
+
+def place(abstract):
+    shardings = mesh_lib.state_shardings(abstract, mesh, rules)
+    wanted.update({p: v.get_value() for p, v in nnx.to_flat_state(shardings)})
+    return shardings
+
+sharded, plain = T5Encoder.from_pretrained(folder, place=place), T5Encoder.from_pretrained(folder)
+split = 0
+for (path, a), (_, b) in zip(nnx.to_flat_state(sharded.state), nnx.to_flat_state(plain.state)):
+    a, b = a.get_value(), b.get_value()
+    assert a.sharding == wanted[path], path
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    split += a.addressable_shards[0].data.size <= b.size // 4
+assert split >= len(wanted) // 2, (split, len(wanted))  # most tensors are stored over fsdp x tensor
+emb, _ = sharded.encode([str(t) for t in golden["texts"]], max_length=golden["ids"].shape[1])
+np.testing.assert_allclose(np.asarray(emb), golden["gated_hidden"], atol=2e-5, rtol=1e-5)
+print("OK", split, len(wanted))
+"""
+
+
+def test_weights_stream_into_their_shards(tmp_path_factory):
+    """With `place`, each tensor of a sharded pytorch_model.bin goes straight to its shards on a 2x2 (fsdp x
+    tensor) mesh of 4 fake CPU devices: the requested shardings, the values of a plain load, the golden output."""
+    import subprocess
+    import sys
+
+    folder = _with_spiece(tmp_path_factory, "gated_bin")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_LOAD, folder, os.path.join(FIXTURES, "golden.npz")],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

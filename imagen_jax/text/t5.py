@@ -227,9 +227,14 @@ def hf_tensor_names(cfg: T5Config) -> dict[tuple, tuple[str, bool]]:
     return names
 
 
-def _load_params(folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLike) -> Iterator[tuple]:
-    """Yields (path, Param with the checkpoint's value) for every parameter of the module."""
+def _load_params(
+    folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLike, shardings: nnx.State | None
+) -> Iterator[tuple]:
+    """Yields (path, Param with the checkpoint's value) for every parameter of the module, each placed in its
+    sharding (when given) as soon as it is read: a process copies to its devices only the slices they hold, and
+    the host array is dropped before the next tensor is read."""
     names = hf_tensor_names(cfg)
+    where = {} if shardings is None else {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
     with contextlib.ExitStack() as stack:
         reader = WeightFolder(folder, stack)
         for path, variable in nnx.to_flat_state(abstract):
@@ -243,7 +248,13 @@ def _load_params(folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLi
                 raise WeightsError(
                     f"{reader.source}: tensor '{key}' has shape {array.shape}, expected {variable.shape}"
                 )
-            yield path, variable.replace(jnp.asarray(array, dtype=dtype))
+            array = array.astype(jnp.dtype(dtype), copy=False)
+            if path in where:
+                placed = jax.make_array_from_callback(array.shape, where[path], lambda index, a=array: a[index])
+            else:
+                placed = jnp.asarray(array)
+            del array
+            yield path, variable.replace(placed)
 
 
 class T5Encoder:
@@ -260,18 +271,23 @@ class T5Encoder:
         self._forward = jax.jit(self.apply)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: DTypeLike = jnp.float32) -> T5Encoder:
+    def from_pretrained(
+        cls, path: str, dtype: DTypeLike = jnp.float32, place: Callable[[nnx.State], nnx.State] | None = None
+    ) -> T5Encoder:
         """Loads a Hugging Face T5 folder (config.json, spiece.model, and safetensors or pytorch_model.bin
         weights, single or sharded: text/weight_files.py).
 
-        Reads only the encoder tensors: a full T5ForConditionalGeneration checkpoint works and its
-        decoder and lm_head are never touched. `dtype` is the parameter and compute dtype.
+        Reads only the encoder tensors, one at a time: a full T5ForConditionalGeneration checkpoint works and
+        its decoder and lm_head are never touched. `dtype` is the parameter and compute dtype. `place` maps
+        the abstract state to each parameter's sharding; each tensor then goes straight to its devices as it
+        is read (host memory holds about one tensor, never the model, and no whole copy lands on a device).
         """
         cfg = T5Config.from_json(os.path.join(path, "config.json"))
         tokenizer = Tokenizer(path)
         abstract = nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
-        loaded = nnx.from_flat_state(list(_load_params(path, cfg, state, dtype)))
+        shardings = None if place is None else place(state)
+        loaded = nnx.from_flat_state(list(_load_params(path, cfg, state, dtype, shardings)))
         return cls(nnx.merge(graphdef, loaded), tokenizer)
 
     @classmethod

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import ml_collections
 import optax
 from jax.sharding import Mesh
@@ -54,14 +53,17 @@ def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
             f"text: precomputed T5 embeddings from {stored['encoder']} "
             f"(dim {stored['dim']}, {stored['dtype']}); no encoder built",
         )
-    encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=compute_dtype(config.text.dtype))
-    shardings = t5_shardings(config, encoder, mesh)
-    # The sharded copy replaces the loaded one, which is freed: no second whole T5 stays on a device.
-    encoder = encoder.with_state(jax.device_put(encoder.state, shardings))
+    rules = mesh_lib.rules_dict(config.mesh.rules)
+    # Each tensor goes to its shards as it is read: no whole T5 on a device or in host memory.
+    encoder = T5Encoder.from_pretrained(
+        config.text.encoder,
+        dtype=compute_dtype(config.text.dtype),
+        place=lambda abstract: mesh_lib.state_shardings(abstract, mesh, rules),
+    )
     return Text(
         encoder,
         encoder.state,
-        shardings,
+        t5_shardings(config, encoder, mesh),
         encoder.dim,
         f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})",
     )
