@@ -9,8 +9,8 @@ out (those of a killed process by the next run into the same folder). A folder t
 run's images is refused unless `overwrite`, which removes them first, so a folder never mixes two runs.
 
 Arguments are typed values (sample.py parses its flags) and are checked here (`check_arguments`,
-`check_writable`) so that sample.py can reject them before any model loads; TensorFlow (for tf.io.gfile:
-local paths and gs://) is imported on first use, as it takes seconds to import.
+`check_writable`) so that sample.py can reject them before any model loads. Local folders need no TensorFlow;
+gs:// paths go through tf.io.gfile (filesystem.py), imported on first use.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from imagen_jax import filesystem
 from imagen_jax.cascade import Imagen
 from imagen_jax.diffusion import SAMPLERS
 from imagen_jax.errors import OutputError, UsageError
@@ -112,34 +113,32 @@ def check_arguments(
 
 def previous_images(out: str) -> list[str]:
     """What an earlier run left in `out`: its samples.json and the PNGs at the top and in <size>px/ folders."""
-    import tensorflow as tf
-
-    if not tf.io.gfile.isdir(out):
+    fs = filesystem.for_path(out)
+    if not fs.isdir(out):
         return []
     found = []
-    for name in sorted(tf.io.gfile.listdir(out)):
+    for name in sorted(fs.listdir(out)):
         name = name.rstrip("/")
         path = os.path.join(out, name)
         if name == INDEX_FILE or name.endswith(".png"):
             found.append(path)
-        elif _STAGE_FOLDER.match(name) and tf.io.gfile.isdir(path):
-            found += [os.path.join(path, f) for f in sorted(tf.io.gfile.listdir(path)) if f.endswith(".png")]
+        elif _STAGE_FOLDER.match(name) and fs.isdir(path):
+            found += [os.path.join(path, f) for f in sorted(fs.listdir(path)) if f.endswith(".png")]
     return found
 
 
 def check_writable(out: str, *, overwrite: bool = False) -> None:
     """Creates `out` if needed and checks a file can be written there; a folder that holds another run's images
     is refused unless `overwrite` (whose files are then replaced). UsageError naming it if not."""
-    import tensorflow as tf
-
+    fs = filesystem.for_path(out)
     try:
-        tf.io.gfile.makedirs(out)
+        fs.makedirs(out)
         probe = os.path.join(out, f".write-test-{os.getpid()}")
-        with tf.io.gfile.GFile(probe, "w") as f:
+        with fs.GFile(probe, "w") as f:
             f.write("")
-        tf.io.gfile.remove(probe)
+        fs.remove(probe)
         previous = previous_images(out)
-    except (OSError, tf.errors.OpError) as e:
+    except fs.errors as e:
         raise UsageError(f"--out {out!r} cannot be created or written: {_message(e)}") from None
     if previous and not overwrite:
         raise UsageError(
@@ -249,23 +248,22 @@ def sample_to_folder(
 def write_folder(out: str, images: dict[str, np.ndarray], index: dict) -> None:
     """Writes `images` (path relative to `out` -> uint8 [H,W,3]) as PNGs in order, then `index` as
     samples.json: the order and the temporary names of the module docstring."""
-    import tensorflow as tf
-
+    fs = filesystem.for_path(out)
     index_path = os.path.join(out, INDEX_FILE)
     try:
-        if tf.io.gfile.exists(index_path):  # from here on the folder is not complete until the new index
-            tf.io.gfile.remove(index_path)
+        if fs.exists(index_path):  # from here on the folder is not complete until the new index
+            fs.remove(index_path)
         for stale in previous_images(out):  # an earlier run's images (check_writable allowed replacing them)
-            tf.io.gfile.remove(stale)
+            fs.remove(stale)
         for pattern in ("*", os.path.join("*", "*")):  # debris of a killed run
-            for debris in tf.io.gfile.glob(os.path.join(out, pattern + _PARTIAL + "*")):
-                tf.io.gfile.remove(debris)
+            for debris in fs.glob(os.path.join(out, pattern + _PARTIAL + "*")):
+                fs.remove(debris)
         for name, image in images.items():
             path = os.path.join(out, name)
-            tf.io.gfile.makedirs(os.path.dirname(path))
+            fs.makedirs(os.path.dirname(path))
             write_atomically(path, _png(image), marker=_PARTIAL)
         write_atomically(index_path, json.dumps(index, indent=2), marker=_PARTIAL)
-    except (OSError, tf.errors.OpError) as e:
+    except fs.errors as e:
         raise OutputError(f"cannot write samples into {out!r}: {_message(e)}") from e
 
 

@@ -83,3 +83,37 @@ def test_tiny_cascade_end_to_end(tmp_path):
     ] == 0.2
     assert np.asarray(Image.open(out / names[0])).shape == (16, 16, 3)
     assert np.asarray(Image.open(out / entry["stages"][0]["file"])).shape == (8, 8, 3)
+
+
+def test_sample_py_runs_without_tensorflow_on_local_folders(tmp_path):
+    """An inference host with JAX only: sample.py from a local export into a local folder, with any import of
+    TensorFlow failing, writes its images; a gs:// --out then needs TensorFlow and says so in one line."""
+    import shutil
+    import subprocess
+    import sys
+
+    legacy = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy")
+    export = tmp_path / "base_export"
+    shutil.copytree(os.path.join(legacy, "base_export"), export)
+    make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
+    config = json.loads((export / "config.json").read_text())
+    config["text"]["encoder"] = str(tmp_path / "t5")
+    (export / "config.json").write_text(json.dumps(config))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    no_tf = "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; "
+    no_tf += "runpy.run_path('sample.py', run_name='__main__')"
+
+    def sample(out):
+        args = ["sample.py", "--workdir", str(export), "--prompt", "a red circle", "--num_images", "2", "--steps", "2"]
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        return subprocess.run(
+            [sys.executable, "-c", no_tf, *args, "--out", out], cwd=repo, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+
+    proc = sample(str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    index = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert len(index["images"]) == 2 and all((tmp_path / "out" / name).is_file() for name in index["images"])
+    proc = sample("gs://bucket/out")
+    assert proc.returncode == 2 and "tf.io.gfile, which is not installed" in proc.stderr.strip().splitlines()[-1]
