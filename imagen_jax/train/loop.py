@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from imagen_jax.stage.model import lowres_size
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.preemption import PreemptionWatch
+from imagen_jax.train.progress import Progress
 
 CONFIG_FILE = "config.json"
 
@@ -123,7 +123,10 @@ def _train(
     # ----------------------------------------------------------------------------------------------
     # Periodic sample grids, from the EMA weights, through the same code as sample.py.
     # ----------------------------------------------------------------------------------------------
-    writer = MetricWriter(workdir)
+    num_steps = int(config.train.num_steps)
+    progress = Progress(start_step, num_steps, int(config.train.batch_size), active=jax.process_index() == 0)
+    writer = MetricWriter(workdir, echo=progress.echo)
+    log(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
     # Base stages draw the config's prompts; without an encoder (precomputed text), the current batch's captions.
     prompts = [] if encoder is None else list(config.train.sample_prompts)
     sample_text = encoder.encode(prompts, max_length=config.text.max_length) if prompts else None
@@ -177,35 +180,34 @@ def _train(
     # ----------------------------------------------------------------------------------------------
     # Train.
     # ----------------------------------------------------------------------------------------------
-    num_steps = int(config.train.num_steps)
     max_bad = int(config.train.max_consecutive_nonfinite)
     log(f"training steps {start_step} -> {num_steps}, global batch {config.train.batch_size}")
     last_metrics: dict = {}
-    t_log, steps_since_log = time.perf_counter(), 0
     bad_streak, bad_total = 0, 0
     for step in range(start_step, num_steps):
         batch, position, captions = next_batch()
+        if step == start_step:
+            progress.compiling()
         state, metrics = trainer.train_step(state, text.params, batch)
-        steps_since_log += 1
+        progress.dispatched()
         done = step + 1
         # A non-finite step changed nothing but the counters (see step.py); count it, stop on a streak.
         bad = int(jax.device_get(metrics["nonfinite"]))
+        progress.finished(done)
         bad_streak, bad_total = (bad_streak + 1) * bad, bad_total + bad
         if bad:
-            log(
+            progress.echo(
                 f"step {done}: non-finite loss or gradients; update skipped ({bad_streak} in a row, "
                 f"{bad_total} in total)"
             )
         if done % config.train.log_every == 0 or done == num_steps:
             metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - t_log
             last_metrics = {k: float(v) for k, v in metrics.items() if k != "nonfinite"}
             last_metrics["nonfinite_steps"] = bad_total
-            last_metrics["images_per_sec"] = steps_since_log * config.train.batch_size / elapsed
+            last_metrics.update(progress.rates())  # images/s and steps/s, never counting the compile
             # Data counters (see data/pipeline.py); the many that stay 0 on clean data are left out.
             last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items() if v or k == "delivered"})
-            writer.scalars(done, last_metrics)
-            t_log, steps_since_log = time.perf_counter(), 0
+            writer.scalars(done, last_metrics, suffix=progress.summary(done))
         if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
             write_samples(done, batch, captions)
         diverged = 0 < max_bad <= bad_streak
@@ -216,6 +218,7 @@ def _train(
         if preempted:
             checkpointer.close()
             writer.close()
+            progress.close()
             log(
                 f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command to resume"
             )
@@ -223,6 +226,7 @@ def _train(
         if diverged:
             checkpointer.close()
             writer.close()
+            progress.close()
             raise TrainingDiverged(
                 f"stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss, gradient or update "
                 f"(train.max_consecutive_nonfinite={max_bad}); the checkpoint at step {done} holds the parameters of "
@@ -230,6 +234,7 @@ def _train(
             )
     checkpointer.close()
     writer.close()
+    progress.close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")
     return last_metrics
 

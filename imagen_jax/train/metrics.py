@@ -7,6 +7,7 @@ tensorboardX's own gs:// writer needs google-cloud-storage and re-uploads the wh
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -32,18 +33,24 @@ def _register_scheme(workdir: str) -> None:
 class MetricWriter:
     """Writes scalars and image grids; a no-op on processes other than 0 so logs are not duplicated."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, echo: Callable[[str], None] = print):
         self.active = jax.process_index() == 0
+        self.echo = echo
         if self.active:
             _register_scheme(workdir)
         self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.active else None
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float], suffix: str = "") -> None:
+        """Logs `values` at `step` to TensorBoard and as one console line 'step N: k=v, ...; suffix'."""
         if not self.active:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, float(value), step)
-        print(f"step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()), flush=True)
+        self.echo(
+            f"step {step}: "
+            + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            + (f"; {suffix}" if suffix else "")
+        )
 
     def image(self, step: int, name: str, grid: np.ndarray) -> None:
         """grid: uint8 [H,W,3]."""
