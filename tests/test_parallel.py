@@ -85,9 +85,9 @@ SCRIPT = textwrap.dedent("""
     losses = []
     import imagen_jax.train.metrics as metrics
     original = metrics.MetricWriter.scalars
-    def record(self, step, values):
+    def record(self, step, values, suffix=""):
         losses.append(values["loss"])
-        return original(self, step, values)
+        return original(self, step, values, suffix)
     metrics.MetricWriter.scalars = record
     run(c, workdir)
     spec = stage_model(c, 16, mesh_lib.make_mesh(c.mesh))
