@@ -32,12 +32,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     lk = k.shape[1]
     block_q = min(_MAX_QUERY_BLOCK, _round_up(lq, _SUBLANES))
     lq_pad, lk_pad = _round_up(lq, block_q), _round_up(lk, _LANES)
-    valid = jnp.ones((b, lk), bool) if mask is None else mask.astype(bool)
     segments = None
-    if mask is not None or lk_pad != lk:
+    if mask is not None or lk_pad != lk:  # padding and masked keys get id 0, which no query has
+        valid = jnp.ones((b, lk), jnp.int32) if mask is None else mask.astype(bool).astype(jnp.int32)
         segments = pallas_flash.SegmentIds(
-            q=jnp.ones((b, lq_pad), jnp.int32),
-            kv=jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, lk_pad - lk))),
+            q=jnp.ones((b, lq_pad), jnp.int32), kv=jnp.pad(valid, ((0, 0), (0, lk_pad - lk)))
         )
 
     def heads_major(x: jax.Array, length: int) -> jax.Array:  # [B,L,H,D] -> [B,H,length,D], zero padded

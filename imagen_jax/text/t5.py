@@ -227,6 +227,11 @@ def hf_tensor_names(cfg: T5Config) -> dict[tuple, tuple[str, bool]]:
     return names
 
 
+def stored_name(key: str, reader: WeightFolder) -> str:
+    """The name a checkpoint stores tensor `key` under: seq2seq checkpoints tie the encoder embedding to `shared`."""
+    return "shared.weight" if key == "encoder.embed_tokens.weight" and key not in reader else key
+
+
 def _load_params(
     folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLike, shardings: nnx.State | None
 ) -> Iterator[tuple]:
@@ -239,8 +244,7 @@ def _load_params(
         reader = WeightFolder(folder, stack)
         for path, variable in nnx.to_flat_state(abstract):
             key, transpose = names[path]
-            if key == "encoder.embed_tokens.weight" and key not in reader:
-                key = "shared.weight"  # seq2seq checkpoints tie the encoder embedding to `shared`
+            key = stored_name(key, reader)
             array = reader.get(key)
             if transpose:
                 array = array.T

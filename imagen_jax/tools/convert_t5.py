@@ -38,6 +38,7 @@ def convert(folder: str, out: str, *, shard_bytes: int = 2 * 2**30, overwrite: b
     from safetensors.numpy import save_file
 
     from imagen_jax.errors import OutputError
+    from imagen_jax.text.t5 import stored_name
     from imagen_jax.text.weight_files import WeightFolder
 
     if os.path.exists(out) and not overwrite:
@@ -49,7 +50,7 @@ def convert(folder: str, out: str, *, shard_bytes: int = 2 * 2**30, overwrite: b
     try:
         shards: list[list[str]] = []  # tensor names per written shard
         current: dict = {}
-        total = 0
+        size = total = 0  # bytes in the current shard, in all
 
         def flush() -> None:
             save_file(current, os.path.join(staging, f"part-{len(shards)}.safetensors"))
@@ -60,13 +61,12 @@ def convert(folder: str, out: str, *, shard_bytes: int = 2 * 2**30, overwrite: b
             reader = WeightFolder(folder, stack)
             print(f"convert_t5: {len(names)} encoder tensors from {reader.source}", flush=True)
             for i, name in enumerate(names, 1):
-                stored = name
-                if name == "encoder.embed_tokens.weight" and name not in reader:
-                    stored = "shared.weight"  # seq2seq checkpoints keep the encoder embedding as `shared`
-                array = reader.get(stored)
-                if current and sum(a.nbytes for a in current.values()) + array.nbytes > shard_bytes:
+                array = reader.get(stored_name(name, reader))
+                if current and size + array.nbytes > shard_bytes:
                     flush()
+                    size = 0
                 current[name] = array
+                size += array.nbytes
                 total += array.nbytes
                 if i % 50 == 0 or i == len(names):
                     print(f"convert_t5: {i}/{len(names)} tensors read", flush=True)

@@ -126,7 +126,7 @@ def _train(
     num_steps = int(config.train.num_steps)
     progress = Progress(start_step, num_steps, int(config.train.batch_size), active=jax.process_index() == 0)
     writer = MetricWriter(workdir, echo=progress.echo)
-    log(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+    progress.echo(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
     # Base stages draw the config's prompts; without an encoder (precomputed text), the current batch's captions.
     prompts = [] if encoder is None else list(config.train.sample_prompts)
     sample_text = encoder.encode(prompts, max_length=config.text.max_length) if prompts else None
@@ -181,7 +181,7 @@ def _train(
     # Train.
     # ----------------------------------------------------------------------------------------------
     max_bad = int(config.train.max_consecutive_nonfinite)
-    log(f"training steps {start_step} -> {num_steps}, global batch {config.train.batch_size}")
+    progress.echo(f"training steps {start_step} -> {num_steps}, global batch {config.train.batch_size}")
     last_metrics: dict = {}
     bad_streak, bad_total = 0, 0
     for step in range(start_step, num_steps):

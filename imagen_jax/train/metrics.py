@@ -6,6 +6,7 @@ tensorboardX's own gs:// writer needs google-cloud-storage and re-uploads the wh
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -33,7 +34,7 @@ def _register_scheme(workdir: str) -> None:
 class MetricWriter:
     """Writes scalars and image grids; a no-op on processes other than 0 so logs are not duplicated."""
 
-    def __init__(self, workdir: str, echo: Callable[[str], None] = print):
+    def __init__(self, workdir: str, echo: Callable[[str], None] = functools.partial(print, flush=True)):
         self.active = jax.process_index() == 0
         self.echo = echo
         if self.active:

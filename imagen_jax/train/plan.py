@@ -130,7 +130,7 @@ def abstract_text(config: ml_collections.ConfigDict, t5_config: str, mesh: jax.s
     encoder = T5Encoder.abstract(path, dtype=compute_dtype(config.text.dtype))
     if config.data.precomputed_text:
         return setup_lib.Text(None, {}, {}, encoder.dim, f"precomputed T5 embeddings of width {encoder.dim}")
-    shardings = setup_lib.t5_shardings(config, encoder, mesh)
+    shardings = setup_lib.t5_shardings(config, encoder.state, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), encoder.state, shardings)
     return setup_lib.Text(encoder, params, shardings, encoder.dim, f"T5 of {path} (shapes only)")
 

@@ -22,7 +22,7 @@ class Progress:
     is on the host; `rates()` and `summary(step)` for the log line. `echo` prints a line (above the bar)."""
 
     def __init__(self, start_step: int, num_steps: int, batch_size: int, *, active: bool, bar: bool | None = None):
-        self.start_step, self.num_steps, self.batch_size = start_step, num_steps, batch_size
+        self.num_steps, self.batch_size = num_steps, batch_size
         self.active = active
         show_bar = active and (sys.stdout.isatty() if bar is None else bar)
         self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True) if show_bar else None
@@ -71,13 +71,13 @@ class Progress:
 
     def summary(self, step: int) -> str:
         """'N/total (p%), elapsed h:mm:ss, eta h:mm:ss' for step `step`; the eta from the pace since the first step."""
-        done_here = step - self._first_step
-        running = time.perf_counter() - (self._first_done or time.perf_counter())
         text = f"{step}/{self.num_steps} ({step / self.num_steps:.0%})"
-        if self._first_done is not None:
-            text += f", elapsed {_clock(running)}"
-            if done_here > 0 and step < self.num_steps:
-                text += f", eta {_clock((self.num_steps - step) * running / done_here)}"
+        if self._first_done is None:
+            return text
+        running, done_here = time.perf_counter() - self._first_done, step - self._first_step
+        text += f", elapsed {_clock(running)}"
+        if done_here > 0 and step < self.num_steps:
+            text += f", eta {_clock((self.num_steps - step) * running / done_here)}"
         return text
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 import optax
 from jax.sharding import Mesh
@@ -53,26 +54,25 @@ def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
             f"text: precomputed T5 embeddings from {stored['encoder']} "
             f"(dim {stored['dim']}, {stored['dtype']}); no encoder built",
         )
-    rules = mesh_lib.rules_dict(config.mesh.rules)
     # Each tensor goes to its shards as it is read: no whole T5 on a device or in host memory.
     encoder = T5Encoder.from_pretrained(
         config.text.encoder,
         dtype=compute_dtype(config.text.dtype),
-        place=lambda abstract: mesh_lib.state_shardings(abstract, mesh, rules),
+        place=lambda abstract: t5_shardings(config, abstract, mesh),
     )
     return Text(
         encoder,
         encoder.state,
-        t5_shardings(config, encoder, mesh),
+        jax.tree.map(lambda x: x.sharding, encoder.state),  # where `place` put each parameter
         encoder.dim,
         f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})",
     )
 
 
-def t5_shardings(config: ml_collections.ConfigDict, encoder: T5Encoder, mesh: Mesh) -> Any:
-    """Where each T5 parameter lives on `mesh`: its logical names (embed, mlp, heads_x_dim, ...) mapped by the
-    config's mesh.rules, like the U-Net's."""
-    return mesh_lib.state_shardings(encoder.state, mesh, mesh_lib.rules_dict(config.mesh.rules))
+def t5_shardings(config: ml_collections.ConfigDict, state: Any, mesh: Mesh) -> Any:
+    """Where each parameter of a T5 (abstract) `state` lives on `mesh`: its logical names (embed, mlp,
+    heads_x_dim, ...) mapped by the config's mesh.rules, like the U-Net's."""
+    return mesh_lib.state_shardings(state, mesh, mesh_lib.rules_dict(config.mesh.rules))
 
 
 @dataclasses.dataclass(frozen=True)
