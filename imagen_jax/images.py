@@ -1,9 +1,11 @@
-"""Image output: [-1,1] floats -> uint8, grids, and PNG files written atomically (write, then rename)."""
+"""Images between uint8 (data, files) and the model's [-1,1] floats; grids, and PNG files written atomically
+(write, then rename)."""
 
 from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -15,6 +17,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """[..., H, W, 3] floats in [-1, 1] -> uint8 [0, 255]."""
     images = np.asarray(images, dtype=np.float32)
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images: Any) -> Any:
+    """uint8 [0, 255] -> float32 in [-1, 1], in the array's own library (on the device for a jax.Array)."""
+    return images.astype(np.float32) / 127.5 - 1.0
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:

@@ -10,6 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from imagen_jax.data.pipeline import make_dataset
+from imagen_jax.images import from_uint8
 
 
 def encode_image(array: np.ndarray | Image.Image, fmt: str, **options) -> bytes:
@@ -51,7 +52,10 @@ def data_config(shards, image_size: int = 16, **overrides) -> ml_collections.Con
 
 
 def read_epoch(cfg, **kwargs) -> tuple[list[dict], dict]:
-    """Reads one epoch with batch size 1; returns the examples and the stats."""
+    """Reads one epoch with batch size 1; returns the examples (images in [-1, 1], as the train step sees them)
+    and the stats."""
     ds, stats = make_dataset(cfg, batch_size=1, seed=0, repeat=False, **kwargs)
-    examples = [{"image": b["image"][0], "caption": b["caption"][0].decode()} for b in ds.as_numpy_iterator()]
+    examples = [
+        {"image": from_uint8(b["image"][0]), "caption": b["caption"][0].decode()} for b in ds.as_numpy_iterator()
+    ]
     return examples, stats.read()

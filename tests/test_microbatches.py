@@ -28,7 +28,9 @@ def _step(kind: str, microbatches: int):
         "text": rng.normal(size=(8, 6, TEXT_DIM)).astype(np.float32),
         "mask": np.array([[True] * 6, [True] * 2 + [False] * 4] * 4),
     }
-    state, metrics = trainer.train_step(trainer.init_state(), {}, mesh_lib.global_batch(batch, mesh))
+    state, metrics = trainer.train_step(
+        trainer.init_state(), {}, mesh_lib.global_batch(batch, mesh), trainer.no_streak()
+    )
     return jax.device_get(state), jax.device_get(metrics)
 
 

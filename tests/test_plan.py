@@ -159,7 +159,11 @@ def test_fsdp_gathers_move_kernels_in_bfloat16(tmp_path):
     mesh = mesh_lib.make_mesh(config.mesh, plan_lib.slice_devices(plan_lib.parse_slice("v4-8")))
     trainer = setup_lib.setup(config, mesh, setup_lib.Text(None, {}, {}, 16, "precomputed"))
     batch = plan_lib.abstract_batch(config, mesh, 16)
-    hlo = trainer.train_step.lower(trainer.abstract_state(), {}, batch).compile().as_text()
+    hlo = (
+        trainer.train_step.lower(trainer.abstract_state(), {}, batch, trainer.no_streak(abstract=True))
+        .compile()
+        .as_text()
+    )
     gathers = re.findall(r"= \(?(\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", hlo)
     ranks = collections.Counter((dtype, len(shape.split(","))) for dtype, shape in gathers)
     assert ranks[("bf16", 4)] > 0  # conv kernels [3, 3, in, out] are gathered ...

@@ -49,9 +49,10 @@ SCRIPT = textwrap.dedent("""
             reference = jax.device_get(trainer.init_state())
         state = jax.device_put(reference, trainer.state_shardings)
         batch = mesh_lib.global_batch(local, mesh)
-        compiled = trainer.train_step.lower(state, text.params, batch).compile()
+        streak = trainer.no_streak()
+        compiled = trainer.train_step.lower(state, text.params, batch, streak).compile()
         cost = compiled.cost_analysis()
-        new_state, metrics = compiled(state, text.params, batch)
+        new_state, metrics = compiled(state, text.params, batch, streak)
         abstract = trainer.abstract_state()
         results[name] = {
             "loss": float(metrics["loss"]),

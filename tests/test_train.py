@@ -270,12 +270,13 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
     nan_images[3, 2, 2, 1] = np.nan
     poisoned = mesh_lib.global_batch({"image": nan_images, "ids": ids, "mask": mask}, mesh)
 
-    state, metrics = step(trainer.init_state(), encoder.state, good)
-    assert int(metrics["nonfinite"]) == 0
+    state, metrics = step(trainer.init_state(), encoder.state, good, trainer.no_streak())
+    assert int(metrics["nonfinite"]) == 0 and int(metrics["nonfinite_streak"]) == 0
     before = jax.device_get(state)
-    after, metrics = step(state, encoder.state, poisoned)
-    after = jax.device_get(after)
+    state, metrics = step(state, encoder.state, poisoned, metrics["nonfinite_streak"])
+    after = jax.device_get(state)
     assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    assert int(metrics["nonfinite_streak"]) == 1  # counted on the device
     assert int(after["step"]) == int(before["step"]) + 1  # The step (and with it the data position) advances.
     for name in ("params", "ema", "opt_state"):
         for old, new in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
@@ -283,6 +284,16 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(assets):
                 assert int(new) == int(old) + 1  # The schedule's count advances with the step.
             else:
                 np.testing.assert_array_equal(new, old)
+
+    # A streak of max_consecutive_nonfinite tells the next step (dispatched before the loop reads the streak) to
+    # change nothing, its counter included, even on good data; a finite step with a shorter streak resets it.
+    full = jax.device_put(np.int32(config.train.max_consecutive_nonfinite), mesh_lib.replicated(mesh))
+    halted, metrics = step(state, encoder.state, good, full)
+    assert int(metrics["nonfinite_streak"]) == config.train.max_consecutive_nonfinite
+    for old, new in zip(jax.tree.leaves(after), jax.tree.leaves(jax.device_get(halted))):
+        np.testing.assert_array_equal(new, old)
+    _, metrics = step(halted, encoder.state, good, metrics["nonfinite_streak"] - 1)
+    assert int(metrics["nonfinite_streak"]) == 0
 
 
 @pytest.mark.slow  # 50 training steps end to end: ~55 s
@@ -311,3 +322,45 @@ def test_a_diverging_run_stops_with_a_checkpoint_of_the_last_good_state(assets, 
     )
     for params, ema in zip(jax.tree.leaves(restored["train"]["params"]), jax.tree.leaves(restored["ema"])):
         np.testing.assert_array_equal(params, ema)  # Never updated: EMA and params are still the init.
+
+
+def test_the_loop_dispatches_each_step_before_reading_the_last_and_feeds_from_a_thread(assets, tmp_path, monkeypatch):
+    """Step n's results are read only after step n+1 is on the device queue (so the device never idles while the
+    host reads, logs or counts); batches are put on the devices by the feed thread, not between two steps."""
+    import dataclasses
+    import threading
+
+    from imagen_jax.train import loop
+
+    events, steps_of, feeders = [], {}, set()
+    setup, global_batch = loop.setup_lib.setup, loop.mesh_lib.global_batch
+
+    def spy_setup(*args, **kwargs):
+        trainer = setup(*args, **kwargs)
+
+        def train_step(state, t5_params, batch, streak):
+            state, metrics = trainer.train_step(state, t5_params, batch, streak)
+            done = len(steps_of) + 1
+            steps_of[id(metrics["nonfinite"])] = done
+            events.append(("dispatch", done))
+            return state, metrics
+
+        return dataclasses.replace(trainer, train_step=train_step)
+
+    def spy_read(values):
+        events.append(("read", steps_of[id(values["nonfinite"])]))
+        return jax.device_get(values)
+
+    def spy_global_batch(local, mesh):
+        feeders.add(threading.current_thread().name)
+        return global_batch(local, mesh)
+
+    monkeypatch.setattr(loop.setup_lib, "setup", spy_setup)
+    monkeypatch.setattr(loop, "read", spy_read)
+    monkeypatch.setattr(loop.mesh_lib, "global_batch", spy_global_batch)
+    config = tiny_config(assets, num_steps=5, log_every=2, checkpoint_every=100, sample_every=0)
+    loop.run(config, str(tmp_path / "run"))
+    # Step 5, the last, is read at once: no step follows it.
+    assert events == [("dispatch", 1), ("dispatch", 2), ("read", 1), ("dispatch", 3), ("read", 2),
+                      ("dispatch", 4), ("read", 3), ("dispatch", 5), ("read", 4), ("read", 5)]  # fmt: skip
+    assert feeders == {"train-feed"}

@@ -173,11 +173,12 @@ def make_dataset(
 ) -> tuple[tf.data.Dataset, DatasetStats]:
     """Builds this process's stream of batches, starting at stream position `start`.
 
-    Batches (numpy via `ds.as_numpy_iterator()`): 'image' f32 [B,S,S,3] in [-1,1] (S = crop_size when
-    cropping), 'caption' UTF-8 bytes [B], 'epoch' and 'index' int64 [B] (the stream position of each
-    example; `position_after(batch)` is where a resumed stream must start), and with
-    `data.precomputed_text` also 'text' [B,L,D] (stored dtype, zero-padded) and 'mask' bool [B,L].
-    `batch_size` is per process. `repeat=False` gives only epoch `start.epoch` (for tests and tools).
+    Batches (numpy via `ds.as_numpy_iterator()`): 'image' uint8 [B,S,S,3] (S = crop_size when cropping;
+    `images.from_uint8` maps it to the model's [-1,1], on the device in training), 'caption' UTF-8 bytes [B],
+    'epoch' and 'index' int64 [B] (the stream position of each example; `position_after(batch)` is where a
+    resumed stream must start), and with `data.precomputed_text` also 'text' [B,L,D] (stored dtype,
+    zero-padded) and 'mask' bool [B,L]. `batch_size` is per process. `repeat=False` gives only epoch
+    `start.epoch` (for tests and tools).
     `text_max_length` (precomputed text) must equal the max_length the embeddings were stored with.
     """
     fmt = data_cfg.get("format", "tfrecord")

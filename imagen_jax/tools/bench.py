@@ -3,10 +3,12 @@ and the input pipeline (data mode, tools/bench_data.py).
 
     python -m imagen_jax.tools.bench --config configs/demo.py [--steps 20] [--peak_tflops 989] [--config.a.b=...]
     python -m imagen_jax.tools.bench --config configs/base64.py --steps 0 --t5 xxl   # FLOPs only, T5-XXL in the step
+    python -m imagen_jax.tools.bench --config configs/demo.py --loop [--steps 50]  # the training loop vs the bare step
     python -m imagen_jax.tools.bench --data [--sizes 64,256,1024] [--parallel 1,2,4] [--batch_size 64]
                                             [--seconds 10] [--shards GLOB] [--num_images 256]
 
-Model mode prints a JSON object (images/s, FLOPs per step and image, MFU with --peak_tflops); data mode a table
+Model mode prints a JSON object (images/s, FLOPs per step and image, MFU with --peak_tflops; with --loop the
+training loop's images/s on real data beside the bare step's, tools/bench_loop.py); data mode a table
 of images/s per output size and num_parallel_calls, with how to read it. The two modules' docstrings say how
 each is measured. Bad arguments exit 2, other errors 1, each as one line `bench: error: ...`.
 """
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         "--t5", default=None, help="a T5 of this real shape, random weights: xxl | xl | large | a config.json"
     )
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak, for MFU (e.g. 989 H100 bf16)")
+    parser.add_argument(
+        "--loop", action="store_true", help="model mode: also time the training loop itself (data, feed, metrics)"
+    )
     parser.add_argument("--data", action="store_true", help="data mode: time the input pipeline instead")
     parser.add_argument("--sizes", default="64,256,1024", help="data: output sizes, comma-separated")
     parser.add_argument("--parallel", default="1,2,4", help="data: num_parallel_calls values, comma-separated")
@@ -50,14 +55,23 @@ def main(argv: list[str] | None = None) -> int:
             if overrides:
                 raise UsageError(f"unknown arguments for --data: {' '.join(overrides)}")
             return data_mode()
-        if args.steps < 0:
-            raise UsageError(f"--steps must be >= 0 (0 = FLOPs only), got {args.steps}")
+        if args.steps < 0 or (args.loop and args.steps < 1):
+            raise UsageError(
+                f"--steps must be >= {int(args.loop)}{'' if args.loop else ' (0 = FLOPs only)'}, got {args.steps}"
+            )
+        if args.loop and (args.t5 or args.peak_tflops):
+            raise UsageError("--loop trains on config.text.encoder's T5; it takes neither --t5 nor --peak_tflops")
         from imagen_jax import config as config_lib
 
         try:
             config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
         except ConfigError as e:
             raise UsageError(str(e)) from None
+        if args.loop:
+            from imagen_jax.tools.bench_loop import benchmark_loop
+
+            print(json.dumps(benchmark_loop(config, steps=args.steps), indent=2))
+            return 0
         from imagen_jax.tools.bench_step import benchmark
 
         print(

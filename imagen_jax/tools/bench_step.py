@@ -55,7 +55,7 @@ def _batch(config: ml_collections.ConfigDict, text: setup_lib.Text, mesh: jax.sh
     """Random images and captions (tokenised, or random ids for a T5 without a tokenizer, or random embeddings)."""
     rng = np.random.default_rng(0)
     batch_size, size, length = config.train.batch_size, train_size(config), config.text.max_length
-    local = {"image": rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)}
+    local = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)}  # as the data pipeline
     if text.encoder is None:
         local["text"] = rng.normal(size=(batch_size, length, text.dim)).astype(jnp.bfloat16)
         local["mask"] = np.ones((batch_size, length), bool)
@@ -82,7 +82,9 @@ def benchmark(
     num_params = trainer.model.num_params
     t5_params = sum(math.prod(x.shape) for x in jax.tree.leaves(text.params))
     if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
-        cost = trainer.train_step.lower(trainer.abstract_state(), text.params, batch).cost_analysis()
+        cost = trainer.train_step.lower(
+            trainer.abstract_state(), text.params, batch, trainer.no_streak(abstract=True)
+        ).cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
         return {
             "unet_params_M": round(num_params / 1e6, 2),
@@ -116,19 +118,19 @@ def _time(trainer: setup_lib.TrainSetup, text: setup_lib.Text, batch: dict, step
           peak_tflops: float | None, t5_params: int) -> dict:  # fmt: skip
     config = trainer.config
     batch_size, size, num_params = config.train.batch_size, train_size(config), trainer.model.num_params
-    state = trainer.init_state()
+    state, streak = trainer.init_state(), trainer.no_streak()
 
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, text.params, batch).compile()
+    compiled = trainer.train_step.lower(state, text.params, batch, streak).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    state, metrics = compiled(state, text.params, batch)  # warm-up
+    state, metrics = compiled(state, text.params, batch, streak)  # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, text.params, batch)
+        state, metrics = compiled(state, text.params, batch, metrics["nonfinite_streak"])
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / steps
     result = {

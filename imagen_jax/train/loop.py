@@ -23,6 +23,7 @@ from imagen_jax.stage import sampling
 from imagen_jax.stage.checkpoint import Checkpointer
 from imagen_jax.stage.model import lowres_size
 from imagen_jax.train import setup as setup_lib
+from imagen_jax.train.feed import Prefetch
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.preemption import PreemptionWatch
 from imagen_jax.train.progress import Progress
@@ -178,65 +179,100 @@ def _train(
         writer.text(step, "samples", caption)
 
     # ----------------------------------------------------------------------------------------------
-    # Train.
+    # Train. The devices always have the next step queued: step n's results are read (which waits for
+    # step n) only after step n+1 is dispatched, and the next batches are read, tokenised and put on the
+    # devices by a background thread meanwhile. Non-finite steps are counted on the device (step.py).
     # ----------------------------------------------------------------------------------------------
     max_bad = int(config.train.max_consecutive_nonfinite)
     progress.echo(f"training steps {start_step} -> {num_steps}, global batch {config.train.batch_size}")
     last_metrics: dict = {}
-    bad_streak, bad_total = 0, 0
-    for step in range(start_step, num_steps):
-        batch, position, captions = next_batch()
-        if step == start_step:
-            progress.compiling()
-        state, metrics = trainer.train_step(state, text.params, batch)
-        progress.dispatched()
-        done = step + 1
-        # A non-finite step changed nothing but the counters (see step.py); count it, stop on a streak.
-        bad = int(jax.device_get(metrics["nonfinite"]))
+    bad_total, saved_step = 0, None
+
+    def observe(done: int, metrics: dict) -> bool:
+        """Reads step `done`'s results (waiting for the step), reports them; True when it ended a streak of
+        non-finite steps that stops the run."""
+        nonlocal bad_total, last_metrics
+        log_now = done % config.train.log_every == 0 or done == num_steps
+        values = read(metrics if log_now else {k: metrics[k] for k in ("nonfinite", "nonfinite_streak")})
         progress.finished(done)
-        bad_streak, bad_total = (bad_streak + 1) * bad, bad_total + bad
+        bad, streak = int(values["nonfinite"]), int(values["nonfinite_streak"])
+        bad_total += bad
         if bad:
             progress.echo(
-                f"step {done}: non-finite loss or gradients; update skipped ({bad_streak} in a row, "
-                f"{bad_total} in total)"
+                f"step {done}: non-finite loss or gradients; update skipped ({streak} in a row, {bad_total} in total)"
             )
-        if done % config.train.log_every == 0 or done == num_steps:
-            metrics = jax.device_get(metrics)
-            last_metrics = {k: float(v) for k, v in metrics.items() if k != "nonfinite"}
+        if log_now:
+            last_metrics = {k: float(v) for k, v in values.items() if k not in ("nonfinite", "nonfinite_streak")}
             last_metrics["nonfinite_steps"] = bad_total
             last_metrics.update(progress.rates())  # images/s and steps/s, never counting the compile
             # Data counters (see data/pipeline.py); the many that stay 0 on clean data are left out.
             last_metrics.update({f"data/{k}": v for k, v in data_stats.read().items() if v or k == "delivered"})
             writer.scalars(done, last_metrics, suffix=progress.summary(done))
-        if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
-            write_samples(done, batch, captions)
-        diverged = 0 < max_bad <= bad_streak
-        preempted = preemption.reached(done)
-        stop = done == num_steps or diverged or preempted
-        if stop or checkpointer.due(done):
-            checkpointer.save(done, state, config, gather_positions(position), force=stop)
-        if preempted:
-            checkpointer.close()
-            writer.close()
-            progress.close()
-            log(
-                f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command to resume"
-            )
-            return last_metrics
-        if diverged:
-            checkpointer.close()
-            writer.close()
-            progress.close()
-            raise TrainingDiverged(
-                f"stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss, gradient or update "
-                f"(train.max_consecutive_nonfinite={max_bad}); the checkpoint at step {done} holds the parameters of "
-                f"step {done - bad_streak}, the last finite one; lower train.learning_rate or check the data"
-            )
-    checkpointer.close()
-    writer.close()
-    progress.close()
+        return 0 < max_bad <= streak
+
+    def save(done: int, position: Position, force: bool) -> None:
+        nonlocal saved_step
+        if done != saved_step and (force or checkpointer.due(done)):
+            checkpointer.save(done, state, config, gather_positions(position), force=force)
+            saved_step = done
+
+    def close() -> None:
+        checkpointer.close()
+        writer.close()
+        progress.close()
+
+    def diverged(done: int, position: Position) -> TrainingDiverged:
+        """Saves step `done` (its state is the last finite one's), closes up, and says why the run stops."""
+        save(done, position, force=True)
+        close()
+        return TrainingDiverged(
+            f"stopped at step {done}: {max_bad} consecutive steps had a non-finite loss, gradient or update "
+            f"(train.max_consecutive_nonfinite={max_bad}); the checkpoint at step {done} holds the parameters of "
+            f"step {done - max_bad}, the last finite one; lower train.learning_rate or check the data"
+        )
+
+    feed = Prefetch(next_batch, depth=2, name="train-feed")
+    streak = trainer.no_streak()
+    previous = None  # (done, metrics, position) of the step dispatched before the current one
+    try:
+        for step in range(start_step, num_steps):
+            batch, position, captions = next(feed)
+            if step == start_step:
+                progress.compiling()
+            state, metrics = trainer.train_step(state, text.params, batch, streak)
+            progress.dispatched()
+            streak, done = metrics["nonfinite_streak"], step + 1
+            if previous is not None and observe(*previous[:2]):
+                # The step just dispatched was told to change nothing: `state` is still that of step `previous`.
+                raise diverged(previous[0], previous[2])
+            previous = (done, metrics, position)
+            if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
+                write_samples(done, batch, captions)
+            preempted = preemption.reached(done)
+            if done == num_steps or preempted:
+                if observe(done, metrics):  # the last step ended a streak
+                    raise diverged(done, position)
+                save(done, position, force=True)
+            else:
+                save(done, position, force=False)
+            if preempted:
+                close()
+                log(
+                    f"preempted: stopped after step {done} with a checkpoint in {workdir}; rerun the same command "
+                    "to resume"
+                )
+                return last_metrics
+    finally:
+        feed.close()
+    close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")
     return last_metrics
+
+
+def read(values: dict) -> dict:
+    """Device values on the host (waits until they are computed). Its own function so a test can see when the
+    loop reads."""
+    return jax.device_get(values)
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -142,7 +142,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, t
     def array(shape: tuple, dtype: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    out = {"image": array((batch, size, size, 3), jnp.float32), "mask": array((batch, length), jnp.bool_)}
+    out = {"image": array((batch, size, size, 3), jnp.uint8), "mask": array((batch, length), jnp.bool_)}
     if config.data.precomputed_text:
         out["text"] = array((batch, length, text_dim), jnp.bfloat16)
     else:
@@ -252,6 +252,7 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
     text = abstract_text(config, t5_config, mesh)
     trainer = setup_lib.setup(config, mesh, text)
     state, batch = trainer.abstract_state(), abstract_batch(config, mesh, text.dim)
+    streak = trainer.no_streak(abstract=True)
     n = len(devices)
     held = {
         "params": bytes_per_device(state["params"]),
@@ -260,9 +261,9 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "t5": bytes_per_device(text.params),
         "batch": bytes_per_device(batch),
     }
-    flops_counted = matmul_flops(jax.make_jaxpr(trainer.train_step)(state, text.params, batch))
+    flops_counted = matmul_flops(jax.make_jaxpr(trainer.train_step)(state, text.params, batch, streak))
     try:
-        compiled = trainer.train_step.lower(state, text.params, batch).compile()
+        compiled = trainer.train_step.lower(state, text.params, batch, streak).compile()
     except jax.errors.JaxRuntimeError as e:  # the compiler's own verdict when temporaries exceed the HBM left
         needed = _OUT_OF_MEMORY.search(str(e))
         if needed is None:

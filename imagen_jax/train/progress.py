@@ -18,8 +18,9 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """Fed by the loop: `dispatched()` after each train-step call returns, `finished(step)` once the step's result
-    is on the host; `rates()` and `summary(step)` for the log line. `echo` prints a line (above the bar)."""
+    """Fed by the loop: `dispatched()` after each train-step call returns (the first one marks the end of the
+    compile), `finished(step)` once the step's result is on the host (late: after the next step is dispatched);
+    `rates()` and `summary(step)` for the log line. `echo` prints a line (above the bar)."""
 
     def __init__(self, start_step: int, num_steps: int, batch_size: int, *, active: bool, bar: bool | None = None):
         self.num_steps, self.batch_size = num_steps, batch_size
@@ -28,7 +29,8 @@ class Progress:
         self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True) if show_bar else None
         self._first_done: float | None = None  # when the run's first step finished (compile excluded after it)
         self._first_step = start_step
-        self._dispatched = self._window_start = time.perf_counter()
+        self._first_dispatched: float | None = None  # when the first train-step call returned
+        self._window_start = time.perf_counter()
         self._window_steps = 0
 
     def echo(self, line: str) -> None:
@@ -45,17 +47,16 @@ class Progress:
 
     def dispatched(self) -> None:
         """After a train-step call returns: for the first call that is after tracing and compiling."""
-        now = time.perf_counter()
-        if self._first_done is None:
-            self.echo(f"train step compiled in {now - self._called:.1f} s")
-        self._dispatched = now
+        if self._first_dispatched is None:
+            self._first_dispatched = time.perf_counter()
+            self.echo(f"train step compiled in {self._first_dispatched - self._called:.1f} s")
 
     def finished(self, step: int) -> None:
         """Step `step` (1-based count of steps done) is complete on the device."""
         now = time.perf_counter()
         if self._first_done is None:  # the first step's own time, from its dispatch: the window starts there
             self._first_done, self._first_step = now, step
-            self._window_start, self._window_steps = self._dispatched, 1
+            self._window_start, self._window_steps = self._first_dispatched or now, 1
         else:
             self._window_steps += 1
         if self.bar is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -78,7 +79,8 @@ def t5_shardings(config: ml_collections.ConfigDict, state: Any, mesh: Mesh) -> A
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """What a training program needs: the model, optimizer, shardings and the jitted step
-    `train_step(state, text.params, batch) -> (state, metrics)`."""
+    `train_step(state, text.params, batch, streak) -> (state, metrics)` (train/step.py; the first streak is
+    `no_streak()`, each next one the last step's metrics['nonfinite_streak'])."""
 
     config: ml_collections.ConfigDict
     mesh: Mesh
@@ -97,6 +99,14 @@ class TrainSetup:
     def init_state(self) -> dict:
         """A new train state, created directly in its shardings."""
         return state_lib.init_state(self.config, self.text.dim, self.tx, self.state_shardings)
+
+    def no_streak(self, abstract: bool = False) -> jax.Array | jax.ShapeDtypeStruct:
+        """The non-finite streak before a run's first step: 0, replicated on the mesh (on every process); with
+        `abstract`, only its shape, for ahead-of-time compiles."""
+        sharding = mesh_lib.replicated(self.mesh)
+        if abstract:
+            return jax.ShapeDtypeStruct((), np.int32, sharding=sharding)
+        return jax.make_array_from_callback((), sharding, lambda _: np.zeros((), np.int32))
 
 
 def setup(config: ml_collections.ConfigDict, mesh: Mesh, text: Text) -> TrainSetup:

@@ -1,10 +1,18 @@
 """The jitted train step: frozen T5 -> diffusion loss -> optimizer update -> EMA.
 
 One pure function over the train-state pytree, compiled once with explicit in/out shardings and the state
-donated, so a step never holds two copies of the parameters. With train.microbatches = k the batch is processed
-in k parts by a compiled loop that sums gradients (gradient accumulation): the same update as one pass over the
-whole batch (every example draws its noise, time and text dropout from its own key), with a k-th of the
-activations in memory. Only the model's dropout masks are drawn per part.
+donated, so a step never holds two copies of the parameters. Images arrive as uint8 (a quarter of float32's
+bytes to transfer) and are mapped to [-1,1] here, on the device.
+
+Non-finite steps are counted on the device, so the loop never waits for a step to decide on the next: each
+step takes the streak of consecutive non-finite steps before it and returns the new one. A step whose loss,
+gradients or parameters are not finite keeps the old parameters, EMA and optimizer moments; once the streak
+has reached `train.max_consecutive_nonfinite`, a step changes nothing at all (not even its counter), so
+the loop, reading the streak a step late, stops with exactly the state of the step that ended the streak.
+
+With train.microbatches = k the batch is processed in k parts by a compiled loop that sums gradients (gradient
+accumulation): the same update as one pass over the whole batch (every example draws its noise, time and text
+dropout from its own key), with a k-th of the activations in memory. Only the model's dropout masks are drawn per part.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from imagen_jax import images as images_lib
 from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
@@ -41,12 +50,14 @@ def make_train_step(
     state_shardings: dict,
     t5_shardings: Any,
 ) -> Callable[[dict, Any, dict], tuple[dict, dict]]:
-    """Returns step(state, t5_params, batch) -> (state, metrics), jitted with shardings and donation.
+    """Returns step(state, t5_params, batch, streak) -> (state, metrics), jitted with shardings and donation.
 
     text_fn(t5_params, ids, mask) -> [B,L,D] is the frozen encoder's pure forward (T5Encoder.apply).
 
-    batch: {'image': [B,H,W,3] in [-1,1], 'ids': [B,L] int32, 'mask': [B,L] bool}, sharded over the batch axes.
-    With precomputed text (text_fn None, t5_params {}), 'text' [B,L,D] replaces 'ids'.
+    batch: {'image': [B,H,W,3] uint8 (or floats already in [-1,1]), 'ids': [B,L] int32, 'mask': [B,L] bool},
+    sharded over the batch axes. With precomputed text (text_fn None, t5_params {}), 'text' [B,L,D] replaces
+    'ids'. streak: int32 scalar, the non-finite steps in a row before this one (0 to start; then the last
+    step's metrics['nonfinite_streak']).
     """
     apply_fn = make_apply_fn(graphdef)
     dcfg = config.diffusion
@@ -55,6 +66,7 @@ def make_train_step(
     microbatches = int(config.train.microbatches)
     compute = compute_dtype(config.train.compute_dtype)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
+    max_nonfinite = int(config.train.max_consecutive_nonfinite)  # 0: never stop
 
     def micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
         """The loss of one micro-batch; `part` carries each example's own keys ('loss_key', 'augment_key')."""
@@ -116,7 +128,9 @@ def make_train_step(
         total, _ = jax.lax.scan(accumulate, zero, (parts, jnp.arange(microbatches)))
         return jax.tree.map(lambda x: x / microbatches, total)
 
-    def step(state: dict, t5_params: Any, batch: dict) -> tuple[dict, dict]:
+    def step(state: dict, t5_params: Any, batch: dict, streak: jax.Array) -> tuple[dict, dict]:
+        if batch["image"].dtype == jnp.uint8:
+            batch = {**batch, "image": images_lib.from_uint8(batch["image"])}
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         loss_key, dropout_key, augment_key = jax.random.split(key, 3)
         # One key per example (by its index in the global batch): the draws do not depend on the micro-batching.
@@ -135,20 +149,30 @@ def make_train_step(
         # Numerical guard: a step whose loss, gradients or new parameters are not finite keeps the old
         # parameters, EMA and optimizer moments; counters (step, the schedule's count) still advance.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        # After a full streak nothing moves, counters included: the loop has been told to stop.
+        halted = (streak >= max_nonfinite) if max_nonfinite else jnp.zeros((), bool)
+        keep_floats, keep_ints = ~finite | halted, halted
+
+        def guard(new: Any, old: Any) -> Any:
+            keep = keep_ints if jnp.issubdtype(new.dtype, jnp.integer) else keep_floats
+            return jnp.where(keep, old, new)
+
         params, ema, opt_state = (
-            jax.tree.map(lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o), new, old)
+            jax.tree.map(guard, new, old)
             for new, old in ((params, state["params"]), (ema, state["ema"]), (opt_state, state["opt_state"]))
         )
+        streak = jnp.where(halted, streak, jnp.where(finite, 0, streak + 1)).astype(jnp.int32)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "param_norm": param_norm,
             "learning_rate": schedule(state["step"]),
             "nonfinite": 1 - finite.astype(jnp.int32),
+            "nonfinite_streak": streak,
             **aux,
         }
         new_state = {
-            "step": state["step"] + 1,
+            "step": state["step"] + 1 - halted.astype(jnp.int32),
             "rng": state["rng"],
             "params": params,
             "ema": ema,
@@ -159,7 +183,7 @@ def make_train_step(
     batch_sharding = mesh_lib.batch_sharding(mesh)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, t5_shardings, batch_sharding),
+        in_shardings=(state_shardings, t5_shardings, batch_sharding, mesh_lib.replicated(mesh)),
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
