@@ -60,6 +60,98 @@ def test_tokenizer_matches_hugging_face():
     np.testing.assert_array_equal(long_mask, GOLDEN["mask"])
 
 
+def test_tokenizer_json_folder_matches_spiece_model(tmp_path):
+    """A folder holding tokenizer.json (what transformers saves) and no spiece.model tokenises as the golden."""
+    from transformers import T5Tokenizer
+
+    T5Tokenizer.from_pretrained(RELU, local_files_only=True).save_pretrained(tmp_path)
+    assert "tokenizer.json" in os.listdir(tmp_path) and "spiece.model" not in os.listdir(tmp_path)
+    ids, mask = Tokenizer(str(tmp_path))(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    np.testing.assert_array_equal(ids, GOLDEN["ids"])
+    np.testing.assert_array_equal(mask, GOLDEN["mask"])
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(
+        FileNotFoundError, match="no tokenizer in the T5 folder .looked for tokenizer.json, spiece.model"
+    ):
+        Tokenizer(str(tmp_path))  # transformers alone would make a tokenizer with an empty vocabulary here
+
+
+def test_tokenizer_edge_cases_and_threads():
+    tokenizer = Tokenizer(RELU)
+    ids, mask = tokenizer([], max_length=5)
+    assert ids.shape == mask.shape == (0, 5) and ids.dtype == np.int32
+    ids, mask = tokenizer(["a red circle", ""], max_length=1)
+    assert ids.tolist() == [[1], [1]] and mask.all()
+    with pytest.raises(TypeError, match="single str"):
+        tokenizer("a red circle", max_length=8)
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        tokenizer(["a"], max_length=0)
+    # Each length has its own configured copy: threads asking for different lengths never mix them.
+    from concurrent.futures import ThreadPoolExecutor
+
+    lengths = [3, 9, 17, 64] * 8
+    expected = {n: tokenizer(TEXTS, n) for n in set(lengths)}
+    with ThreadPoolExecutor(4) as pool:
+        for n, (ids, mask) in zip(lengths, pool.map(lambda n: tokenizer(TEXTS, n), lengths)):
+            np.testing.assert_array_equal(ids, expected[n][0])
+            np.testing.assert_array_equal(mask, expected[n][1])
+
+
+def test_tokenizer_imports_neither_torch_nor_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from imagen_jax.text.tokenizer import Tokenizer; Tokenizer(sys.argv[1])(['a cat'], 8); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'tensorflow'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, RELU], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+    assert "PyTorch was not found" not in proc.stderr
+
+
+# Where the fast tokenizer and transformers' sentencepiece-backed (slow, legacy) one differ: text/tokenizer.py.
+_FAST_SLOW_DIFFER = {
+    "a\x85b": (["▁a", "▁b"], ["▁a", "<unk>", "b"]),  # NEL: whitespace to fast, a character to slow
+    "\xa0\u0308": ([], ["▁", "<unk>"]),  # a mark after a character the map rewrites: fast drops it
+    "\u3000\u0301": ([], ["▁", "<unk>"]),
+    "a ﬁ\u0301": (["▁a", "▁", "f", "i"], ["▁a", "▁", "f", "i", "<unk>"]),
+    "a\u0301\u0302\u0303b": (["▁a", "<unk>", "b"], ["▁", "<unk>", "b"]),  # >= 6 bytes: fast does not compose
+}
+
+
+def test_fast_and_slow_tokenizers_differ_only_where_known():
+    import random
+
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    fast = Tokenizer(RELU)
+    extra = [f"<extra_id_{i}>" for i in range(99, -1, -1)]  # T5's order: <extra_id_0> has the last id
+    slow = SentencePieceBackend(
+        vocab_file=os.path.join(RELU, "spiece.model"), eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens=extra, legacy=True,
+    )  # fmt: skip
+    sentinels = ["<extra_id_0>", "<extra_id_99>"]
+    assert fast(sentinels, max_length=2)[0][:, 0].tolist() == slow.convert_tokens_to_ids(sentinels)
+
+    def fast_tokens(texts: list[str]) -> list[list[str]]:
+        ids, mask = fast(texts, max_length=128)
+        return [slow.convert_ids_to_tokens(row[m][:-1].tolist()) for row, m in zip(ids, mask)]
+
+    def slow_tokens(text: str) -> list[str]:
+        return slow.convert_ids_to_tokens(slow.encode(text, add_special_tokens=False))
+
+    for text, (want_fast, want_slow) in _FAST_SLOW_DIFFER.items():
+        assert fast_tokens([text])[0] == want_fast and slow_tokens(text) == want_slow, text
+    # No difference anywhere else: golden texts, special tokens, and random strings of hard characters.
+    rng = random.Random(0)
+    pool = [*"ab é", "\xa0", "\u3000", "\u2028", "\x1c", "\u200b", "\xad", "\ufeff", "ﬁ", "①", "한", "😀", "\t", "  "]
+    pool += ["</s>", "<extra_id_3>", "<pad>"]
+    texts = TEXTS + ["".join(rng.choice(pool) for _ in range(rng.randint(1, 8))) for _ in range(2000)]
+    for text, tokens in zip(texts, fast_tokens(texts)):
+        assert tokens == slow_tokens(text), repr(text)
+
+
 def test_relative_position_buckets_closed_form():
     buckets = relative_position_buckets(300, num_buckets=32, max_distance=128)
     # Row 150 holds key - query = -150..149. Exact buckets below 8, keys after the query

@@ -278,8 +278,8 @@ class T5Encoder:
     def from_pretrained(
         cls, path: str, dtype: DTypeLike = jnp.float32, place: Callable[[nnx.State], nnx.State] | None = None
     ) -> T5Encoder:
-        """Loads a Hugging Face T5 folder (config.json, spiece.model, and safetensors or pytorch_model.bin
-        weights, single or sharded: text/weight_files.py).
+        """Loads a Hugging Face T5 folder (config.json, spiece.model or tokenizer.json, and safetensors or
+        pytorch_model.bin weights, single or sharded: text/weight_files.py).
 
         Reads only the encoder tensors, one at a time: a full T5ForConditionalGeneration checkpoint works and
         its decoder and lm_head are never touched. `dtype` is the parameter and compute dtype. `place` maps
