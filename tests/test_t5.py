@@ -1,5 +1,6 @@
 """T5 encoder and tokenizer against Hugging Face goldens (tests/fixtures/make_t5_fixtures.py)."""
 
+import glob
 import json
 import os
 import shutil
@@ -421,3 +422,61 @@ def test_weights_stream_into_their_shards(tmp_path_factory):
         cwd=repo, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def _to_ram(folder: str, url: str) -> str:
+    """Copies a local folder to TensorFlow's in-process ram:// filesystem (a URL folder without a network)."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(url)
+    for name in os.listdir(folder):
+        tf.io.gfile.copy(os.path.join(folder, name), f"{url}/{name}", overwrite=True)
+    return url
+
+
+def test_url_folder_loads_as_the_local_one(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """A T5 folder at a URL (ram:// standing in for gs://): config, tokenizer and the weight files the encoder
+    reads are copied to the cache once (the decoder-only shard never), and the encoder equals the local load."""
+    import tensorflow as tf
+
+    monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "cache"))
+    local = _with_spiece(tmp_path_factory, "gated_bin")
+    url = _to_ram(local, f"ram://{tmp_path.name}/gated_bin")
+    remote = T5Encoder.from_pretrained(url)
+    copied = [line.split()[1] for line in capsys.readouterr().err.splitlines() if line.startswith("copying ")]
+    assert sorted(copied) == [
+        f"{url}/{n}" for n in ("pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "spiece.model")
+    ]
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(remote.state), nnx.to_flat_state(T5Encoder.from_pretrained(local).state)
+    ):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    emb, mask = remote.encode(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    np.testing.assert_array_equal(np.asarray(mask), GOLDEN["mask"])
+    np.testing.assert_allclose(np.asarray(emb), GOLDEN["gated_hidden"], atol=2e-5, rtol=1e-5)
+
+    T5Encoder.from_pretrained(url)  # the cache is reused: nothing copied again
+    assert "copying" not in capsys.readouterr().err
+    (spiece,) = glob.glob(str(tmp_path / "cache" / "*" / "spiece.model"))
+    with open(spiece, "r+b") as f:
+        f.truncate(100)  # a copy of the wrong size (an interrupted one) is copied again
+    Tokenizer(url)
+    assert capsys.readouterr().err.count("copying") == 1
+    assert os.path.getsize(spiece) == os.path.getsize(os.path.join(local, "spiece.model"))
+    assert not [n for n in os.listdir(os.path.dirname(spiece)) if ".partial-" in n]
+    assert T5Encoder.abstract(f"{url}/config.json").dim == 32  # config.json alone (train validation, plans)
+    from imagen_jax.tools import convert_t5
+
+    out = str(tmp_path / "encoder")
+    convert_t5.convert(url, out)  # a URL folder to a local encoder-only one, tokenizer included
+    assert {"config.json", "spiece.model", "model.safetensors"} == set(os.listdir(out))
+
+    # Missing files are one-line errors naming the URL.
+    with pytest.raises(FileNotFoundError, match=f"^{url}/nope/config.json: T5 config.json not found$"):
+        T5Encoder.from_pretrained(f"{url}/nope")
+    tf.io.gfile.remove(f"{url}/pytorch_model-00002-of-00003.bin")
+    with pytest.raises(FileNotFoundError, match=f"^{url}/pytorch_model-00002-of-00003.bin: weight file named in"):
+        T5Encoder.from_pretrained(url)
+    tf.io.gfile.remove(f"{url}/spiece.model")
+    with pytest.raises(FileNotFoundError, match=f"^{url}: no tokenizer in the T5 folder"):
+        Tokenizer(url)

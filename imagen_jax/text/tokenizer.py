@@ -3,7 +3,8 @@
 
 The folder's `tokenizer.json` is used when present; otherwise transformers converts `spiece.model` (that
 conversion reads the SentencePiece protobuf, hence the `sentencepiece` and `protobuf` dependencies). Only the
-local folder is read: nothing is downloaded, and neither torch nor TensorFlow is imported. Calls return
+folder is read, never the Hugging Face hub, and torch is never imported. A URL folder's (gs://...) tokenizer
+files are copied to the local cache first (filesystem.local_copy), as transformers reads local files. Calls return
 `padding="max_length", truncation=True` ids: at most `max_length - 1` tokens, EOS, then pad id 0. The Rust
 encoder releases the GIL, so a background thread can tokenise while another thread runs.
 
@@ -28,26 +29,33 @@ import threading
 import numpy as np
 import tokenizers
 
+from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 
 PAD_ID = 0
 EOS_ID = 1
 NUM_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, placed after the SentencePiece vocab.
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # either suffices; tokenizer.json is used first
+VOCAB_FILES = ("tokenizer.json", "spiece.model")  # either suffices; tokenizer.json is used first
+TOKENIZER_FILES = (*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json")
 
 
 class Tokenizer:
     """Callable tokenizer: texts -> (ids int32 [B, L], mask bool [B, L]), padded to `max_length`."""
 
     def __init__(self, folder: str) -> None:
-        if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        fs = filesystem.for_path(folder)
+        present = [os.path.join(folder, name) for name in TOKENIZER_FILES if fs.exists(os.path.join(folder, name))]
+        if not any(os.path.basename(path) in VOCAB_FILES for path in present):
             # transformers would build a tokenizer with an empty vocabulary from a folder without either
-            raise MissingError(f"{folder}: no tokenizer in the T5 folder (looked for {', '.join(TOKENIZER_FILES)})")
+            raise MissingError(f"{folder}: no tokenizer in the T5 folder (looked for {', '.join(VOCAB_FILES)})")
+        local = os.path.dirname(filesystem.local_copy(present[0]))  # the URL folder's files share one local one
+        for path in present[1:]:
+            filesystem.local_copy(path)
         # transformers warns at import that PyTorch is missing; tokenizers need no torch.
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         from transformers import T5Tokenizer  # here, not at module level: importing transformers takes ~1 s
 
-        self._hf = T5Tokenizer.from_pretrained(folder, local_files_only=True)
+        self._hf = T5Tokenizer.from_pretrained(local, local_files_only=True)
         if self._hf.pad_token_id != PAD_ID or self._hf.eos_token_id != EOS_ID:
             raise WeightsError(
                 f"{folder}: T5 needs pad id {PAD_ID} and eos id {EOS_ID}, "
