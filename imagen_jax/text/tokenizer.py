@@ -55,16 +55,16 @@ class Tokenizer:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         from transformers import T5Tokenizer  # here, not at module level: importing transformers takes ~1 s
 
-        self._hf = T5Tokenizer.from_pretrained(local, local_files_only=True)
-        if self._hf.pad_token_id != PAD_ID or self._hf.eos_token_id != EOS_ID:
+        hf = T5Tokenizer.from_pretrained(local, local_files_only=True)
+        if hf.pad_token_id != PAD_ID or hf.eos_token_id != EOS_ID:
             raise WeightsError(
                 f"{folder}: T5 needs pad id {PAD_ID} and eos id {EOS_ID}, "
-                f"got pad {self._hf.pad_token_id} and eos {self._hf.eos_token_id}"
+                f"got pad {hf.pad_token_id} and eos {hf.eos_token_id}"
             )
         # transformers' call sets truncation and padding on its one Rust tokenizer before encoding, so calls from
         # two threads with different lengths could mix. Instead each length gets its own copy, configured as
         # transformers would (`padding="max_length", truncation=True`), whose calls hold the GIL only to copy ids.
-        self._json = self._hf.backend_tokenizer.to_str()
+        self._json, self._pad_token = hf.backend_tokenizer.to_str(), hf.pad_token
         self._by_length: dict[int, tokenizers.Tokenizer] = {}
         self._lock = threading.Lock()
 
@@ -73,7 +73,7 @@ class Tokenizer:
             if max_length not in self._by_length:
                 tok = tokenizers.Tokenizer.from_str(self._json)
                 tok.enable_truncation(max_length, strategy="longest_first", direction="right")
-                tok.enable_padding(direction="right", pad_id=PAD_ID, pad_token=self._hf.pad_token, length=max_length)
+                tok.enable_padding(direction="right", pad_id=PAD_ID, pad_token=self._pad_token, length=max_length)
                 self._by_length[max_length] = tok
             return self._by_length[max_length]
 
