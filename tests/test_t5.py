@@ -1,5 +1,6 @@
 """T5 encoder and tokenizer against Hugging Face goldens (tests/fixtures/make_t5_fixtures.py)."""
 
+import glob
 import json
 import os
 import shutil
@@ -58,6 +59,98 @@ def test_tokenizer_matches_hugging_face():
     long_ids, long_mask = Tokenizer(RELU)(TEXTS, max_length=GOLDEN["ids"].shape[1])
     np.testing.assert_array_equal(long_ids, GOLDEN["ids"])
     np.testing.assert_array_equal(long_mask, GOLDEN["mask"])
+
+
+def test_tokenizer_json_folder_matches_spiece_model(tmp_path):
+    """A folder holding tokenizer.json (what transformers saves) and no spiece.model tokenises as the golden."""
+    from transformers import T5Tokenizer
+
+    T5Tokenizer.from_pretrained(RELU, local_files_only=True).save_pretrained(tmp_path)
+    assert "tokenizer.json" in os.listdir(tmp_path) and "spiece.model" not in os.listdir(tmp_path)
+    ids, mask = Tokenizer(str(tmp_path))(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    np.testing.assert_array_equal(ids, GOLDEN["ids"])
+    np.testing.assert_array_equal(mask, GOLDEN["mask"])
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(
+        FileNotFoundError, match="no tokenizer in the T5 folder .looked for tokenizer.json, spiece.model"
+    ):
+        Tokenizer(str(tmp_path))  # transformers alone would make a tokenizer with an empty vocabulary here
+
+
+def test_tokenizer_edge_cases_and_threads():
+    tokenizer = Tokenizer(RELU)
+    ids, mask = tokenizer([], max_length=5)
+    assert ids.shape == mask.shape == (0, 5) and ids.dtype == np.int32
+    ids, mask = tokenizer(["a red circle", ""], max_length=1)
+    assert ids.tolist() == [[1], [1]] and mask.all()
+    with pytest.raises(TypeError, match="single str"):
+        tokenizer("a red circle", max_length=8)
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        tokenizer(["a"], max_length=0)
+    # Each length has its own configured copy: threads asking for different lengths never mix them.
+    from concurrent.futures import ThreadPoolExecutor
+
+    lengths = [3, 9, 17, 64] * 8
+    expected = {n: tokenizer(TEXTS, n) for n in set(lengths)}
+    with ThreadPoolExecutor(4) as pool:
+        for n, (ids, mask) in zip(lengths, pool.map(lambda n: tokenizer(TEXTS, n), lengths)):
+            np.testing.assert_array_equal(ids, expected[n][0])
+            np.testing.assert_array_equal(mask, expected[n][1])
+
+
+def test_tokenizer_imports_neither_torch_nor_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from imagen_jax.text.tokenizer import Tokenizer; Tokenizer(sys.argv[1])(['a cat'], 8); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'tensorflow'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, RELU], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+    assert "PyTorch was not found" not in proc.stderr
+
+
+# Where the fast tokenizer and transformers' sentencepiece-backed (slow, legacy) one differ: text/tokenizer.py.
+_FAST_SLOW_DIFFER = {
+    "a\x85b": (["▁a", "▁b"], ["▁a", "<unk>", "b"]),  # NEL: whitespace to fast, a character to slow
+    "\xa0\u0308": ([], ["▁", "<unk>"]),  # a mark after a character the map rewrites: fast drops it
+    "\u3000\u0301": ([], ["▁", "<unk>"]),
+    "a ﬁ\u0301": (["▁a", "▁", "f", "i"], ["▁a", "▁", "f", "i", "<unk>"]),
+    "a\u0301\u0302\u0303b": (["▁a", "<unk>", "b"], ["▁", "<unk>", "b"]),  # >= 6 bytes: fast does not compose
+}
+
+
+def test_fast_and_slow_tokenizers_differ_only_where_known():
+    import random
+
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    fast = Tokenizer(RELU)
+    extra = [f"<extra_id_{i}>" for i in range(99, -1, -1)]  # T5's order: <extra_id_0> has the last id
+    slow = SentencePieceBackend(
+        vocab_file=os.path.join(RELU, "spiece.model"), eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens=extra, legacy=True,
+    )  # fmt: skip
+    sentinels = ["<extra_id_0>", "<extra_id_99>"]
+    assert fast(sentinels, max_length=2)[0][:, 0].tolist() == slow.convert_tokens_to_ids(sentinels)
+
+    def fast_tokens(texts: list[str]) -> list[list[str]]:
+        ids, mask = fast(texts, max_length=128)
+        return [slow.convert_ids_to_tokens(row[m][:-1].tolist()) for row, m in zip(ids, mask)]
+
+    def slow_tokens(text: str) -> list[str]:
+        return slow.convert_ids_to_tokens(slow.encode(text, add_special_tokens=False))
+
+    for text, (want_fast, want_slow) in _FAST_SLOW_DIFFER.items():
+        assert fast_tokens([text])[0] == want_fast and slow_tokens(text) == want_slow, text
+    # No difference anywhere else: golden texts, special tokens, and random strings of hard characters.
+    rng = random.Random(0)
+    pool = [*"ab é", "\xa0", "\u3000", "\u2028", "\x1c", "\u200b", "\xad", "\ufeff", "ﬁ", "①", "한", "😀", "\t", "  "]
+    pool += ["</s>", "<extra_id_3>", "<pad>"]
+    texts = TEXTS + ["".join(rng.choice(pool) for _ in range(rng.randint(1, 8))) for _ in range(2000)]
+    for text, tokens in zip(texts, fast_tokens(texts)):
+        assert tokens == slow_tokens(text), repr(text)
 
 
 def test_relative_position_buckets_closed_form():
@@ -329,3 +422,61 @@ def test_weights_stream_into_their_shards(tmp_path_factory):
         cwd=repo, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def _to_ram(folder: str, url: str) -> str:
+    """Copies a local folder to TensorFlow's in-process ram:// filesystem (a URL folder without a network)."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(url)
+    for name in os.listdir(folder):
+        tf.io.gfile.copy(os.path.join(folder, name), f"{url}/{name}", overwrite=True)
+    return url
+
+
+def test_url_folder_loads_as_the_local_one(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """A T5 folder at a URL (ram:// standing in for gs://): config, tokenizer and the weight files the encoder
+    reads are copied to the cache once (the decoder-only shard never), and the encoder equals the local load."""
+    import tensorflow as tf
+
+    monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "cache"))
+    local = _with_spiece(tmp_path_factory, "gated_bin")
+    url = _to_ram(local, f"ram://{tmp_path.name}/gated_bin")
+    remote = T5Encoder.from_pretrained(url)
+    copied = [line.split()[1] for line in capsys.readouterr().err.splitlines() if line.startswith("copying ")]
+    assert sorted(copied) == [
+        f"{url}/{n}" for n in ("pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "spiece.model")
+    ]
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(remote.state), nnx.to_flat_state(T5Encoder.from_pretrained(local).state)
+    ):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    emb, mask = remote.encode(TEXTS, max_length=GOLDEN["ids"].shape[1])
+    np.testing.assert_array_equal(np.asarray(mask), GOLDEN["mask"])
+    np.testing.assert_allclose(np.asarray(emb), GOLDEN["gated_hidden"], atol=2e-5, rtol=1e-5)
+
+    T5Encoder.from_pretrained(url)  # the cache is reused: nothing copied again
+    assert "copying" not in capsys.readouterr().err
+    (spiece,) = glob.glob(str(tmp_path / "cache" / "*" / "spiece.model"))
+    with open(spiece, "r+b") as f:
+        f.truncate(100)  # a copy of the wrong size (an interrupted one) is copied again
+    Tokenizer(url)
+    assert capsys.readouterr().err.count("copying") == 1
+    assert os.path.getsize(spiece) == os.path.getsize(os.path.join(local, "spiece.model"))
+    assert not [n for n in os.listdir(os.path.dirname(spiece)) if ".partial-" in n]
+    assert T5Encoder.abstract(f"{url}/config.json").dim == 32  # config.json alone (train validation, plans)
+    from imagen_jax.tools import convert_t5
+
+    out = str(tmp_path / "encoder")
+    convert_t5.convert(url, out)  # a URL folder to a local encoder-only one, tokenizer included
+    assert {"config.json", "spiece.model", "model.safetensors"} == set(os.listdir(out))
+
+    # Missing files are one-line errors naming the URL.
+    with pytest.raises(FileNotFoundError, match=f"^{url}/nope/config.json: T5 config.json not found$"):
+        T5Encoder.from_pretrained(f"{url}/nope")
+    tf.io.gfile.remove(f"{url}/pytorch_model-00002-of-00003.bin")
+    with pytest.raises(FileNotFoundError, match=f"^{url}/pytorch_model-00002-of-00003.bin: weight file named in"):
+        T5Encoder.from_pretrained(url)
+    tf.io.gfile.remove(f"{url}/spiece.model")
+    with pytest.raises(FileNotFoundError, match=f"^{url}: no tokenizer in the T5 folder"):
+        Tokenizer(url)

@@ -24,7 +24,7 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.seed = 0  # model init, diffusion noise, data order and sample noise all derive from it
 
     c.text = ml_collections.ConfigDict()
-    c.text.encoder = ""  # Hugging Face T5 folder: config.json, model.safetensors (or index), spiece.model
+    c.text.encoder = ""  # Hugging Face T5 folder: config.json, model.safetensors (or index), tokenizer files
     c.text.max_length = 128  # tokens per caption (EOS included); longer captions are truncated
     c.text.dtype = "bfloat16"  # T5 compute dtype: float32 | bfloat16
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
+from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.parallel.activations import constrain
 from imagen_jax.text.tokenizer import Tokenizer
@@ -54,13 +55,14 @@ class T5Config:
 
     @classmethod
     def from_json(cls, path: str) -> T5Config:
-        """Reads config.json; the size fields are required, the rest default as in transformers."""
-        if not os.path.isfile(path):
+        """Reads config.json, local or at a URL; the size fields are required, the rest default as in transformers."""
+        fs = filesystem.for_path(path)
+        if not fs.exists(path) or fs.isdir(path):
             raise MissingError(f"{path}: T5 config.json not found")
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            with fs.GFile(path, "rb") as f:
+                raw = json.loads(f.read())
+        except (*fs.errors, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WeightsError(f"{path}: T5 config.json cannot be read as JSON: {e}") from None
         if not isinstance(raw, dict):
             raise WeightsError(f"{path}: T5 config.json is not a JSON object")
@@ -278,8 +280,10 @@ class T5Encoder:
     def from_pretrained(
         cls, path: str, dtype: DTypeLike = jnp.float32, place: Callable[[nnx.State], nnx.State] | None = None
     ) -> T5Encoder:
-        """Loads a Hugging Face T5 folder (config.json, spiece.model, and safetensors or pytorch_model.bin
-        weights, single or sharded: text/weight_files.py).
+        """Loads a Hugging Face T5 folder (config.json, spiece.model or tokenizer.json, and safetensors or
+        pytorch_model.bin weights, single or sharded: text/weight_files.py), local or at a URL (gs://...): a URL
+        folder's tokenizer files and the weight files the encoder reads are copied to a local cache once
+        (filesystem.local_copy), since safetensors and transformers read local files.
 
         Reads only the encoder tensors, one at a time: a full T5ForConditionalGeneration checkpoint works and
         its decoder and lm_head are never touched. `dtype` is the parameter and compute dtype. `place` maps

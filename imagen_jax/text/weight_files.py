@@ -4,7 +4,9 @@ A folder holds one of (first found wins): `model.safetensors.index.json` (sharde
 `model.safetensors`, `pytorch_model.bin.index.json` (sharded PyTorch) or `pytorch_model.bin` (PyTorch's zip
 format, read as data by `torch_checkpoint`, never unpickled by torch). google/t5-v1_1-xxl's main branch ships
 `pytorch_model.bin` only. Tensors are read when asked for, so a loader that wants the encoder never reads a
-decoder, and memory holds one tensor at a time.
+decoder, and memory holds one tensor at a time. A folder at a URL (gs://...) is read through tf.io.gfile; each
+weight file is copied to the local cache (filesystem.local_copy) when a tensor is first read from it, so only
+the shards that hold the tensors asked for are copied.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
+from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.text.torch_checkpoint import TorchCheckpoint
 
@@ -33,19 +36,20 @@ class WeightFolder:
     def __init__(self, folder: str, stack: contextlib.ExitStack) -> None:
         self._stack = stack
         self._handles: dict[str, Any] = {}
+        self._fs = fs = filesystem.for_path(folder)
         for index_name, single_name, kind in _FORMATS:
             index, single = os.path.join(folder, index_name), os.path.join(folder, single_name)
-            if os.path.isfile(index) or os.path.isfile(single):
+            if fs.exists(index) or fs.exists(single):
                 self.kind = kind
                 break
         else:
             names = ", ".join(n for pair in _FORMATS for n in pair[:2][::-1])
             raise MissingError(f"{folder}: no weights (looked for {names})")
-        if os.path.isfile(index):
+        if fs.exists(index):
             try:
-                with open(index) as f:
-                    weight_map = json.load(f).get("weight_map")
-            except (OSError, ValueError, AttributeError) as e:
+                with fs.GFile(index, "rb") as f:
+                    weight_map = json.loads(f.read()).get("weight_map")
+            except (*fs.errors, ValueError, AttributeError) as e:
                 raise WeightsError(f"{index}: not a readable index ({e})") from None
             if not isinstance(weight_map, dict):
                 raise WeightsError(f"{index}: missing key 'weight_map'")
@@ -57,12 +61,13 @@ class WeightFolder:
 
     def _open(self, path: str) -> Any:
         if path not in self._handles:
-            if not os.path.isfile(path):
+            if not self._fs.exists(path) or self._fs.isdir(path):
                 raise MissingError(f"{path}: weight file named in {self.source} not found")
+            local = filesystem.local_copy(path)
             if self.kind == "safetensors":
-                self._handles[path] = self._stack.enter_context(safe_open(path, framework="np"))
+                self._handles[path] = self._stack.enter_context(safe_open(local, framework="np"))
             else:
-                checkpoint = TorchCheckpoint(path)
+                checkpoint = TorchCheckpoint(local)
                 self._stack.callback(checkpoint.close)
                 self._handles[path] = checkpoint
         return self._handles[path]

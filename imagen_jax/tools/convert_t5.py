@@ -3,7 +3,7 @@
     python -m imagen_jax.tools.convert_t5 --folder /path/to/t5-v1_1-xxl --out /path/to/t5-v1_1-xxl-encoder \
         [--shard_gib 2] [--overwrite]
 
-Reads any folder `T5Encoder.from_pretrained` reads (pytorch_model.bin, sharded or not, through the
+Reads any folder `T5Encoder.from_pretrained` reads, local or gs:// (pytorch_model.bin, sharded or not, through the
 pickle-free reader; or safetensors), keeps the tensors the encoder uses (google/t5-v1_1-xxl: 4.76B of its 11.3B
 parameters, the decoder and lm_head are never read), in their stored dtype, and writes OUT/model.safetensors
 or, above --shard_gib, OUT/model-0000N-of-0000M.safetensors with model.safetensors.index.json, beside copies of
@@ -22,8 +22,6 @@ import shutil
 import sys
 import tempfile
 
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 def encoder_tensor_names(folder: str) -> list[str]:
     """The stored names of the tensors the encoder of `folder` (its config.json) reads, in a stable order."""
@@ -37,8 +35,10 @@ def convert(folder: str, out: str, *, shard_bytes: int = 2 * 2**30, overwrite: b
     """Writes the encoder tensors of `folder` to safetensors in `out`; returns the weight files written."""
     from safetensors.numpy import save_file
 
+    from imagen_jax import filesystem
     from imagen_jax.errors import OutputError
     from imagen_jax.text.t5 import stored_name
+    from imagen_jax.text.tokenizer import TOKENIZER_FILES
     from imagen_jax.text.weight_files import WeightFolder
 
     if os.path.exists(out) and not overwrite:
@@ -73,8 +73,8 @@ def convert(folder: str, out: str, *, shard_bytes: int = 2 * 2**30, overwrite: b
             flush()
         files = _name_shards(staging, shards, total)
         for extra in ("config.json", *TOKENIZER_FILES):
-            if os.path.isfile(os.path.join(folder, extra)):
-                shutil.copy(os.path.join(folder, extra), staging)
+            if filesystem.for_path(folder).exists(os.path.join(folder, extra)):  # a URL folder works too
+                shutil.copy(filesystem.local_copy(os.path.join(folder, extra)), os.path.join(staging, extra))
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(staging, out)

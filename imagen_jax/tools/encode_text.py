@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="encode_text", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--encoder", required=True, help="Hugging Face T5 folder (config.json, spiece.model, weights)")
+    parser.add_argument("--encoder", required=True, help="Hugging Face T5 folder (config.json, tokenizer, weights)")
     parser.add_argument(
         "--input", required=True, help="input shards: glob, brace pattern or comma list; local or gs://"
     )

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from imagen_jax import filesystem
 from imagen_jax.errors import ConfigError, UsageError, first_line
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import config as stage_config
@@ -125,7 +126,7 @@ def abstract_text(config: ml_collections.ConfigDict, t5_config: str, mesh: jax.s
     """T5 of the shape `t5_config` describes (a config.json, a T5 folder, or xxl/xl/large), on `mesh`, as the
     train step sees it; with data.precomputed_text no encoder, only its width."""
     path = T5_SHAPES.get(t5_config, t5_config)
-    if os.path.isdir(path):
+    if filesystem.for_path(path).isdir(path):  # a local or a URL folder
         path = os.path.join(path, "config.json")
     encoder = T5Encoder.abstract(path, dtype=compute_dtype(config.text.dtype))
     if config.data.precomputed_text:
