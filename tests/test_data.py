@@ -295,3 +295,15 @@ def test_random_crops_are_seeded_windows_of_the_resized_image(tmp_path):
     np.testing.assert_array_equal(np.stack([e["image"] for e in crops]), np.stack([e["image"] for e in again]))
     with pytest.raises(ValueError, match="crop_size \\(40\\) must be 0"):
         make_dataset(data_config(shard, image_size=32, crop_size=40), batch_size=1, seed=0)
+
+
+def test_an_image_stored_at_the_size_arrives_unchanged(tmp_path):
+    """img2dataset --image_size stores images at the training size: they skip the resize, pixel for pixel."""
+    from imagen_jax.data.pipeline import make_dataset
+
+    noise = np.random.default_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    shard = write_records(tmp_path / "s.tfrecord", [{"png": encode_image(noise, "PNG"), "txt": b"noise"}])
+    ds, _ = make_dataset(data_config(shard, image_size=10), batch_size=1, seed=0, repeat=False)
+    (batch,) = list(ds.as_numpy_iterator())
+    assert batch["image"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["image"][0], noise)

@@ -50,3 +50,11 @@ def test_close_stops_a_producer_blocked_on_a_full_queue():
     assert not feed._thread.is_alive()
     with pytest.raises(ValueError, match="depth must be >= 1"):
         Prefetch(lambda: 0, depth=0)
+
+
+def test_a_nice_feed_runs_at_a_lower_priority():
+    import os
+
+    feed = Prefetch(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), depth=1, nice=5)
+    assert next(feed) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)  # the thread's own, not the process's
+    feed.close()

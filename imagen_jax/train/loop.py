@@ -23,7 +23,7 @@ from imagen_jax.stage import sampling
 from imagen_jax.stage.checkpoint import Checkpointer
 from imagen_jax.stage.model import lowres_size
 from imagen_jax.train import setup as setup_lib
-from imagen_jax.train.feed import Prefetch
+from imagen_jax.train.feed import FEED_NICE, Prefetch
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.preemption import PreemptionWatch
 from imagen_jax.train.progress import Progress
@@ -231,7 +231,7 @@ def _train(
             f"step {done - max_bad}, the last finite one; lower train.learning_rate or check the data"
         )
 
-    feed = Prefetch(next_batch, depth=2, name="train-feed")
+    feed = Prefetch(next_batch, depth=2, name="train-feed", nice=FEED_NICE)
     streak = trainer.no_streak()
     previous = None  # (done, metrics, position) of the step dispatched before the current one
     try:
