@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion.guidance import check_percentile, check_threshold_mode, guided_prediction, threshold
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
@@ -164,15 +165,16 @@ def sample(
         percentile=float(percentile),
         guided=guidance_scale != 1.0,
     )
-    steps_arr = jnp.asarray(steps, jnp.int32)
-    scale, eta_arr = jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32)
-    start_lsnr = jnp.asarray(dpm_start_log_snr, jnp.float32)
+    # Host scalars (numpy), not arrays on one device, so that a multi-process run passes only global arrays.
+    steps_arr = np.asarray(steps, np.int32)
+    scale, eta_arr = np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32)
+    start_lsnr = np.asarray(dpm_start_log_snr, np.float32)
     kwargs = dict(model_kwargs or {})
     state = (x, jnp.zeros_like(x))
     for chunk in range(math.ceil(steps / chunk_size)):
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, steps)
         state = run(
-            params, state, key_steps, jnp.int32(start), jnp.int32(stop), steps_arr, text, text_mask, kwargs, scale,
+            params, state, key_steps, np.int32(start), np.int32(stop), steps_arr, text, text_mask, kwargs, scale,
             eta_arr, start_lsnr,
         )  # fmt: skip
         if progress is not None:
