@@ -7,7 +7,8 @@ stage's images to the next.
 
 T5 and every stage's weights are split over this host's devices (`stage.model.local_mesh`, by each config's
 mesh.rules, each tensor read straight into its shards) and each batch of prompts over the same devices; the
-images are those one device would make, bit for bit.
+images are bit for bit those one device makes from the same seeds at the same per-device batch
+(tests/test_sharded_sampling.py; on CPU, XLA picks kernels by shape, so other batch sizes differ in the last bits).
 """
 
 from __future__ import annotations

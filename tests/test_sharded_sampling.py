@@ -1,12 +1,9 @@
 """Sampling on a host's 8 (fake CPU) devices: T5 and both stages' weights split over them by the training rules,
 the batch split over them too (5 prompts padded to 8), and the images those of one device for the same seeds,
-bit for bit.
+bit for bit, with every sampler.
 
 One device is the reference at the per-device batch (one image per call here): XLA:CPU picks its matmul and
-reduction kernels by shape, so a batch of 8 on one device differs from 8 batches of 1 in the last bits. DDIM
-(eta 0) is exact; with DDPM and DPM-Solver++ the update step inside the compiled loop differs from the
-single-device program by up to ~2e-7 (the model evaluations and x0 estimates stay exact), so those are
-checked to that tolerance."""
+reduction kernels by shape, so a batch of 8 on one device differs from 8 batches of 1 in the last bits."""
 
 import json
 import os
@@ -43,16 +40,13 @@ SCRIPT = textwrap.dedent("""
     config = imagen.stages[0].config
     encoder = T5Encoder.from_pretrained(config.text.encoder)
     single = Imagen(encoder, [Stage.load(w, text_dim=16, mesh=one) for w in (base, sr)], one)
-    for samplers, exact in ((["ddim", "ddim"], True), (["ddpm", "dpmpp_2m"], False)):
+    for samplers in (["ddim", "ddpm"], ["dpmpp_2m", "dpmpp_2m"]):
         kwargs = dict(steps=[3, 2], guidance_scales=[2.0, 1.0], samplers=samplers)
         sharded = imagen(prompts, seeds, **kwargs)
         each = [single([p], [s], **kwargs) for p, s in zip(prompts, seeds)]  # one image per call, on one device
         alone = [np.concatenate(images) for images in zip(*each)]
         for mesh_images, one_images in zip(sharded, alone):
-            if exact:
-                np.testing.assert_array_equal(mesh_images, one_images)
-            else:
-                np.testing.assert_allclose(mesh_images, one_images, rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(mesh_images, one_images)
             np.testing.assert_array_equal(mesh_images[1], mesh_images[3])
     print("OK")
 """)

@@ -23,13 +23,14 @@ import numpy as np
 
 from imagen_jax.diffusion.guidance import check_percentile, check_threshold_mode, guided_prediction, threshold
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
-from imagen_jax.diffusion.schedule import alpha_sigma, check_schedule, log_snr
+from imagen_jax.diffusion.schedule import check_schedule, log_snr
 from imagen_jax.diffusion.solvers import (
     DPM_START_LOG_SNR,
     check_sampler,
     ddim_step,
     ddpm_step,
     dpmpp_2m_step,
+    step_alpha_sigma,
     time_grid,
 )
 
@@ -65,7 +66,7 @@ def _run_chunk(
         lsnr_prev, lsnr_t, lsnr_s = log_snr(times, schedule)
         t = times[1]
         pred = _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_scale, guided)
-        alpha_t, sigma_t = alpha_sigma(lsnr_t)
+        alpha_t, sigma_t = step_alpha_sigma(lsnr_t)
         x0 = threshold(pred_to_x0(pred.astype(jnp.float32), x, alpha_t, sigma_t, objective), thresholding, percentile)
         if sampler == "dpmpp_2m":
             x_s = dpmpp_2m_step(x, x0, x0_prev, lsnr_prev, lsnr_t, lsnr_s)
