@@ -36,8 +36,8 @@ def sample(
     config: ml_collections.ConfigDict,
     apply_fn: Callable,
     params: Any,
-    text: jax.Array,
-    text_mask: jax.Array,
+    text: np.ndarray | jax.Array,
+    text_mask: np.ndarray | jax.Array,
     seeds: Sequence[int],
     *,
     mesh: Mesh,
@@ -94,7 +94,9 @@ def sample(
     return mesh_lib.gather_rows(x, count, mesh)
 
 
-def encode(encoder: T5Encoder, ids: Any, mask: Any, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+def encode(
+    encoder: T5Encoder, ids: np.ndarray | jax.Array, mask: np.ndarray | jax.Array, mesh: Mesh
+) -> tuple[jax.Array, jax.Array]:
     """T5 embeddings [B,L,D] and mask [B,L] of token `ids` [B,L] (host data or global arrays on `mesh`), computed
     with the encoder's parameters where they are (on `mesh`) and the batch split over its batch axes; returned
     whole on every device of `mesh`, ready for `sample`. Every process must make the same call."""
