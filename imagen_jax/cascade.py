@@ -4,6 +4,11 @@ Each stage (`imagen_jax.stage.Stage`) is loaded from its training workdir (the c
 checkpoint and its EMA weights; no optimizer state is read) or from a folder written by
 `imagen_jax.tools.export`; the cascade checks their order and sizes, encodes the prompts once and feeds each
 stage's images to the next.
+
+T5 and every stage's weights are split over this host's devices (`stage.model.local_mesh`, by each config's
+mesh.rules, each tensor read straight into its shards) and each batch of prompts over the same devices; the
+images are bit for bit those one device makes from the same seeds at the same per-device batch
+(tests/test_sharded_sampling.py; on CPU, XLA picks kernels by shape, so other batch sizes differ in the last bits).
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from imagen_jax.errors import StageError
-from imagen_jax.stage.model import compute_dtype
+from imagen_jax.stage import sampling
+from imagen_jax.stage.model import compute_dtype, local_mesh
 from imagen_jax.stage.stage import Stage, StageSpec, stage_config
 from imagen_jax.text import T5Encoder
+from imagen_jax.train.setup import t5_shardings
 
 
 def check_cascade(stages: Sequence[StageSpec]) -> None:
@@ -51,10 +59,11 @@ def check_cascade(stages: Sequence[StageSpec]) -> None:
 class Imagen:
     """Text encoder + stages. `Imagen.load([base, sr1, ...])` then `imagen(prompts, seeds, ...)`."""
 
-    def __init__(self, encoder: T5Encoder, stages: list[Stage]):
+    def __init__(self, encoder: T5Encoder, stages: list[Stage], mesh: Mesh):
         check_cascade(stages)
         self.encoder = encoder
         self.stages = stages
+        self.mesh = mesh  # where the encoder's parameters live (the stages' too)
 
     @classmethod
     def load(cls, workdirs: Sequence[str]) -> Imagen:
@@ -62,12 +71,18 @@ class Imagen:
             raise StageError("Imagen.load needs at least the base stage's workdir")
         specs = [StageSpec(workdir=w, config=stage_config(w)) for w in workdirs]
         check_cascade(specs)  # before the encoder and any weights load
-        config = specs[0].config
-        encoder = T5Encoder.from_pretrained(config.text.encoder, dtype=compute_dtype(config.text.dtype))
-        return cls(encoder, [Stage.load(w, text_dim=encoder.dim) for w in workdirs])
+        config, mesh = specs[0].config, local_mesh()
+        encoder = T5Encoder.from_pretrained(
+            config.text.encoder,
+            dtype=compute_dtype(config.text.dtype),
+            place=lambda abstract: t5_shardings(config, abstract, mesh),
+        )
+        return cls(encoder, [Stage.load(w, text_dim=encoder.dim, mesh=mesh) for w in workdirs], mesh)
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        return self.encoder.encode(list(prompts), max_length=self.stages[0].config.text.max_length)
+        """T5 embeddings and mask of `prompts`, the batch split over the mesh (`stage.sampling.encode`)."""
+        ids, mask = self.encoder.tokenizer(list(prompts), self.stages[0].config.text.max_length)
+        return sampling.encode(self.encoder, ids, mask, self.mesh)
 
     def __call__(
         self,

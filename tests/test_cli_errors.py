@@ -18,6 +18,7 @@ from imagen_jax import config as config_lib
 from imagen_jax import filesystem, sample_files
 from imagen_jax.cascade import Imagen
 from imagen_jax.errors import UsageError
+from imagen_jax.stage.model import local_mesh
 from imagen_jax.stage.stage import Stage, stage_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,7 +281,7 @@ class FakeImagen:
                     "train": {"sample_steps": 2, "sample_guidance_scale": 1.0},
                 }
             )
-            self.stages.append(Stage(workdir=workdir, config=config, params=None, apply_fn=None, step=7))
+            self.stages.append(Stage(workdir=workdir, config=config, params=None, apply_fn=None, step=7, mesh=None))
 
     @classmethod
     def load(cls, workdirs):
@@ -365,13 +366,15 @@ def test_sample_folder_is_complete_or_has_no_index(tmp_path, monkeypatch):
 
 
 def test_stage_loads_from_workdir_and_export_and_names_a_misfit(stages):
-    from_workdir = Stage.load(stages["sr"], text_dim=16)
-    from_export = Stage.load(stages["sr_export"], text_dim=16)
+    from_workdir = Stage.load(stages["sr"], text_dim=16, mesh=local_mesh())
+    from_export = Stage.load(stages["sr_export"], text_dim=16, mesh=local_mesh())
     assert (from_workdir.step, from_workdir.lowres_size, from_workdir.image_size) == (1, 8, 16)
     assert from_export.config.to_dict() == from_workdir.config.to_dict() and from_export.step == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_export.params), jax.device_get(from_workdir.params))
     with pytest.raises(ValueError) as error:
-        Stage.load(stages["sr"], text_dim=24)  # a wrong T5 width: orbax's shape error, in one line with the path
+        Stage.load(
+            stages["sr"], text_dim=24, mesh=local_mesh()
+        )  # a wrong T5 width: orbax's shape error, in one line with the path
     message = str(error.value)
     assert "\n" not in message and message.startswith(
         f"{os.path.join(stages['sr'], 'checkpoints')}/1: cannot restore the EMA weights of the model its config "

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from imagen_jax.stage.model import local_mesh
 from imagen_jax.stage.stage import Stage, stage_config
 
 LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy")
@@ -21,7 +22,7 @@ def reference():
 
 @pytest.mark.parametrize("name", ["base", "base_export", "sr", "sr_export"])
 def test_legacy_stage_samples_the_same_images(name, reference):
-    stage = Stage.load(os.path.join(LEGACY, name), text_dim=MADE["text_dim"])
+    stage = Stage.load(os.path.join(LEGACY, name), text_dim=MADE["text_dim"], mesh=local_mesh())
     assert stage.step == 2
     kind = name.split("_")[0]
     x = stage.sample(

@@ -13,6 +13,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from imagen_jax.data import demo
 from imagen_jax.text.tiny import make_tiny_t5
@@ -23,20 +24,42 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    process_id, num_processes, port, assets, workdir, num_steps = sys.argv[1:7]
+    import numpy as np
+    process_id, num_processes, port, assets, workdir, num_steps, kind, sample_every = sys.argv[1:9]
     if int(num_processes) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=int(num_processes),
                                    process_id=int(process_id))
     from imagen_jax import config as config_lib
+    from imagen_jax.parallel import mesh as mesh_lib
+    from imagen_jax.stage import sampling
     from imagen_jax.train.loop import run
 
-    c = config_lib.load_config_file("configs/demo.py")
+    c = config_lib.load_config_file("configs/demo.py" if kind == "base" else "configs/demo_sr.py")
     c.data.train_shards, c.text.encoder = assets + "/data/*.tfrecord", assets + "/t5"
-    c.data.image_size, c.data.shuffle_buffer, c.model.dim, c.model.channel_mults = 8, 16, 16, (1, 2)
-    c.model.attn_resolutions, c.model.head_dim = (4,), 8
-    c.train.batch_size, c.train.num_steps, c.train.log_every, c.train.sample_every = 8, int(num_steps), 1, 0
+    c.data.shuffle_buffer, c.model.dim, c.model.head_dim = 16, 16, 8
+    if kind == "base":
+        c.data.image_size, c.model.channel_mults, c.model.attn_resolutions = 8, (1, 2), (4,)
+    else:
+        c.data.image_size, c.data.crop_size, c.model.lowres_size = 16, 8, 8
+    c.train.batch_size, c.train.num_steps, c.train.log_every = 8, int(num_steps), 1
+    c.train.sample_every, c.train.sample_steps = int(sample_every), 3
     c.train.checkpoint_every, c.train.warmup_steps, c.train.end_lr_fraction = 2, 0, 1.0
+
+    sample = sampling.sample
+
+    def recorded(config, apply_fn, params, text, text_mask, seeds, **kwargs):
+        # What each grid sampled from and made, as process 0 saw it: the test samples the same in one process.
+        images = sample(config, apply_fn, params, text, text_mask, seeds, **kwargs)
+        mesh = kwargs["mesh"]
+        whole = lambda x: mesh_lib.gather_rows(x, len(x), mesh) if isinstance(x, jax.Array) else x
+        if jax.process_index() == 0:
+            lowres = kwargs.get("lowres")
+            np.savez(f"{workdir}/grid_inputs.npz", text=whole(text), mask=whole(text_mask), seeds=np.asarray(seeds),
+                     images=images, **({} if lowres is None else {"lowres": np.asarray(lowres)}))
+        return images
+
+    sampling.sample = recorded
     run(c, workdir)
 """)
 
@@ -47,7 +70,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(assets, workdir, processes: int, num_steps: int) -> tuple[dict, str]:
+def _run(
+    assets, workdir, processes: int, num_steps: int, kind: str = "base", sample_every: int = 0
+) -> tuple[dict, str]:
     """Trains in `processes` processes; returns the last checkpoint's data item and a parameter checksum
     (read here, in one process: orbax restores are collectives), and process 0's stdout."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
@@ -64,6 +89,8 @@ def _run(assets, workdir, processes: int, num_steps: int) -> tuple[dict, str]:
                 str(assets),
                 str(workdir),
                 str(num_steps),
+                kind,
+                str(sample_every),
             ],
             cwd=REPO,
             env=env,
@@ -115,7 +142,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     port, workdir = _free_port(), tmp_path / "run"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(i), "2", str(port), str(tmp_path), str(workdir), "100000"],
+            [sys.executable, "-c", SCRIPT, str(i), "2", str(port), str(tmp_path), str(workdir), "100000", "base", "0"],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -133,3 +160,34 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     stopped = int(outputs[0][0].split("preempted: stopped after step ")[1].split()[0])
     step, _, data = latest_checkpoint(workdir)
     assert step == stopped > 3 and data["process_count"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_sample_grids_one_process_samples(tmp_path):
+    """A base and an SR stage train on two processes with sample grids on: every process samples (weights and
+    batch span both; the SR grid gathers its images instead of device_get on a cross-process batch), process 0
+    writes, and each grid holds the images one process samples from the same EMA weights and inputs."""
+    from imagen_jax import images as images_lib
+    from imagen_jax.stage import sampling
+    from imagen_jax.stage.model import local_mesh
+    from imagen_jax.stage.stage import Stage
+
+    demo.write_demo_shards(str(tmp_path / "data"), num_examples=32, image_size=16, num_shards=4, seed=0)
+    make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
+    for kind in ("base", "sr"):
+        workdir = tmp_path / kind
+        _run(tmp_path, workdir, processes=2, num_steps=2, kind=kind, sample_every=2)
+        grid = np.asarray(Image.open(workdir / "samples" / "step_0000002.png"))
+        made = dict(np.load(workdir / "grid_inputs.npz"))
+        stage = Stage.load(str(workdir), text_dim=16, mesh=local_mesh())  # the EMA weights of step 2
+        one = sampling.sample(
+            stage.config, stage.apply_fn, stage.params, made["text"], made["mask"], list(made["seeds"]),
+            mesh=stage.mesh, steps=3, guidance_scale=stage.config.train.sample_guidance_scale,
+            lowres=made.get("lowres"), size=made["images"].shape[1],
+        )  # fmt: skip
+        np.testing.assert_allclose(made["images"], one, rtol=0, atol=1e-6)
+        expected = images_lib.make_grid(images_lib.to_uint8(one), columns=None if kind == "base" else len(one))
+        if kind == "sr":  # the middle row of low-res | sample | target
+            size, pad = one.shape[1], 2
+            grid = grid[size + pad : 2 * (size + pad) + pad]
+        np.testing.assert_array_equal(grid, expected)

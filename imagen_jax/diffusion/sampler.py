@@ -19,16 +19,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion.guidance import check_percentile, check_threshold_mode, guided_prediction, threshold
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
-from imagen_jax.diffusion.schedule import alpha_sigma, check_schedule, log_snr
+from imagen_jax.diffusion.schedule import check_schedule, log_snr
 from imagen_jax.diffusion.solvers import (
     DPM_START_LOG_SNR,
     check_sampler,
     ddim_step,
     ddpm_step,
     dpmpp_2m_step,
+    step_alpha_sigma,
     time_grid,
 )
 
@@ -64,7 +66,7 @@ def _run_chunk(
         lsnr_prev, lsnr_t, lsnr_s = log_snr(times, schedule)
         t = times[1]
         pred = _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_scale, guided)
-        alpha_t, sigma_t = alpha_sigma(lsnr_t)
+        alpha_t, sigma_t = step_alpha_sigma(lsnr_t)
         x0 = threshold(pred_to_x0(pred.astype(jnp.float32), x, alpha_t, sigma_t, objective), thresholding, percentile)
         if sampler == "dpmpp_2m":
             x_s = dpmpp_2m_step(x, x0, x0_prev, lsnr_prev, lsnr_t, lsnr_s)
@@ -164,15 +166,16 @@ def sample(
         percentile=float(percentile),
         guided=guidance_scale != 1.0,
     )
-    steps_arr = jnp.asarray(steps, jnp.int32)
-    scale, eta_arr = jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32)
-    start_lsnr = jnp.asarray(dpm_start_log_snr, jnp.float32)
+    # Host scalars (numpy), not arrays on one device, so that a multi-process run passes only global arrays.
+    steps_arr = np.asarray(steps, np.int32)
+    scale, eta_arr = np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32)
+    start_lsnr = np.asarray(dpm_start_log_snr, np.float32)
     kwargs = dict(model_kwargs or {})
     state = (x, jnp.zeros_like(x))
     for chunk in range(math.ceil(steps / chunk_size)):
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, steps)
         state = run(
-            params, state, key_steps, jnp.int32(start), jnp.int32(stop), steps_arr, text, text_mask, kwargs, scale,
+            params, state, key_steps, np.int32(start), np.int32(stop), steps_arr, text, text_mask, kwargs, scale,
             eta_arr, start_lsnr,
         )  # fmt: skip
         if progress is not None:

@@ -76,10 +76,17 @@ def time_grid(
     return jnp.where(i == 0, first, jnp.where(i == steps - 1, 0.0, t))
 
 
+def step_alpha_sigma(lsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`alpha_sigma` for a sampler step, behind an optimization barrier. Without it XLA rewrites x / sigma into
+    x * rsqrt(...) in some programs and not in others (the same loop partitioned over devices, say), and rsqrt
+    rounds differently: sampling on a mesh would then differ from one device in the last bits."""
+    return jax.lax.optimization_barrier(alpha_sigma(lsnr))
+
+
 def ddpm_step(x_t: jax.Array, x0: jax.Array, lsnr_t: jax.Array, lsnr_s: jax.Array, noise: jax.Array) -> jax.Array:
     """Ancestral step (Ho et al. 2020): a draw from the posterior q(x_s | x_t, x0), in VDM's log-SNR form."""
-    alpha_t, _ = alpha_sigma(lsnr_t)
-    alpha_s, sigma_s = alpha_sigma(lsnr_s)
+    alpha_t, _ = step_alpha_sigma(lsnr_t)
+    alpha_s, sigma_s = step_alpha_sigma(lsnr_s)
     # c = 1 - SNR_t / SNR_s: the share of x_s's noise that x_t does not determine.
     c = -jnp.expm1(lsnr_t - lsnr_s)
     mean = alpha_s * ((1.0 - c) / alpha_t * x_t + c * x0)
@@ -94,8 +101,8 @@ def ddim_step(
     v = eta^2 times the ancestral posterior variance: eta = 0 is the deterministic DDIM ODE step, eta = 1
     is exactly the ancestral step. eps is recomputed from the given x0, so a thresholded x0 stays consistent.
     """
-    alpha_t, sigma_t = alpha_sigma(lsnr_t)
-    alpha_s, sigma_s = alpha_sigma(lsnr_s)
+    alpha_t, sigma_t = step_alpha_sigma(lsnr_t)
+    alpha_s, sigma_s = step_alpha_sigma(lsnr_s)
     eps = (x_t - alpha_t * x0) / sigma_t
     c = -jnp.expm1(lsnr_t - lsnr_s)
     share = jnp.square(eta) * c  # v / sigma_s^2, in [0, 1] for eta in [0, 1]
@@ -121,6 +128,6 @@ def dpmpp_2m_step(
     has_prev = h_prev > 0
     weight = jnp.where(has_prev, h / (2.0 * jnp.where(has_prev, h_prev, 1.0)), 0.0)
     d = x0 + weight * (x0 - x0_prev)
-    _, sigma_t = alpha_sigma(lsnr_t)
-    alpha_s, sigma_s = alpha_sigma(lsnr_s)
+    _, sigma_t = step_alpha_sigma(lsnr_t)
+    alpha_s, sigma_s = step_alpha_sigma(lsnr_s)
     return (sigma_s / sigma_t) * x_t - alpha_s * jnp.expm1(-h) * d

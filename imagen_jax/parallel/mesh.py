@@ -7,11 +7,13 @@ divide is replicated instead, so small layers of a big model never fail to shard
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -95,3 +97,41 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assembles each host's local batch into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def padded_rows(count: int, mesh: Mesh) -> int:
+    """The smallest batch >= `count` that `batch_sharding` splits evenly."""
+    split = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    return -(-count // split) * split
+
+
+def place_rows(x: np.ndarray | jax.Array, rows: int, mesh: Mesh) -> jax.Array:
+    """`x` [B, ...] as a global array of `rows` >= B rows split over the batch axes of `mesh`, the extra rows
+    copies of row 0 (`padded_rows`; callers trim them off again).
+
+    `x` is a global array on `mesh` (e.g. a slice of a training batch, which may span processes), or host
+    data that every process holds whole (numpy, or an array on one local device)."""
+    sharding = batch_sharding(mesh)
+    if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
+        return _pad_rows(x, rows, sharding)
+    host = np.asarray(x)
+    host = np.concatenate([host, np.repeat(host[:1], rows - len(host), axis=0)])
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def gather_rows(x: jax.Array, rows: int, mesh: Mesh) -> np.ndarray:
+    """The first `rows` rows of a global array on `mesh`, whole on every process (an all-gather: every process
+    must call it, as with any computation on a global array)."""
+    whole = _first_rows(x, rows, replicated(mesh))
+    return np.asarray(whole.addressable_data(0))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pad_rows(x: jax.Array, rows: int, sharding: NamedSharding) -> jax.Array:
+    extra = jnp.repeat(x[:1], rows - x.shape[0], axis=0)
+    return jax.lax.with_sharding_constraint(jnp.concatenate([x, extra]), sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _first_rows(x: jax.Array, rows: int, sharding: NamedSharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x[:rows], sharding)

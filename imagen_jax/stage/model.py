@@ -138,9 +138,13 @@ def stage_model(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) ->
 
 
 def local_mesh() -> Mesh:
-    """This host's devices, all on the data axis: where sampling and export put a stage's weights (every
-    parameter whole on every device, as fsdp and tensor have size 1)."""
-    return mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), jax.local_devices())
+    """This host's devices, all on the fsdp axis: where sampling and export put T5 and a stage's weights.
+
+    The config's mesh.rules then split each parameter over the devices as in training (so a T5-XXL beside
+    three U-Nets fits chips that could not each hold a copy) and the batch is split over the same devices.
+    No tensor axis: the layers gather their weights and compute each example whole on one device, which
+    keeps the images bit for bit those of one device."""
+    return mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}), jax.local_devices())
 
 
 def shape_differences(have: Any, want: Any, source: str) -> list[str]:

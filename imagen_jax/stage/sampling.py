@@ -1,5 +1,10 @@
 """Sampling one stage: the single path that sample.py's cascade and the training loop's sample grids share.
 
+Sampling runs on a mesh: the parameters stay where their shardings put them (training's, or
+`model.local_mesh`'s on one host), the batch is split over the mesh's batch axes (padded to a multiple of
+their size with copies of its first example, trimmed off again) and the images come back whole to every
+process. In a multi-process run every process must make the same call, like a training step.
+
 Image i depends only on seeds[i], its text and (SR stages) its low-res input: its sampling noise and its
 low-res augmentation noise both derive from seeds[i], kept apart by `AUGMENT_STREAM`. SR stages take the
 noise-augmentation level of their input from `config.diffusion.sr_noise_level` unless the caller gives one.
@@ -7,18 +12,22 @@ noise-augmentation level of their input from `config.diffusion.sr_noise_level` u
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from imagen_jax.diffusion import augment
 from imagen_jax.diffusion import sample as diffusion_sample
 from imagen_jax.errors import StageError
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage.model import lowres_size
+from imagen_jax.text import T5Encoder
 
 AUGMENT_STREAM = 0x5EED
 
@@ -27,10 +36,11 @@ def sample(
     config: ml_collections.ConfigDict,
     apply_fn: Callable,
     params: Any,
-    text: jax.Array,
-    text_mask: jax.Array,
+    text: np.ndarray | jax.Array,
+    text_mask: np.ndarray | jax.Array,
     seeds: Sequence[int],
     *,
+    mesh: Mesh,
     steps: int,
     guidance_scale: float,
     sampler: str = "ddpm",
@@ -38,41 +48,66 @@ def sample(
     sr_noise_level: float | None = None,
     size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> jax.Array:
-    """Images in [-1,1], [B,size,size,3] (size: data.image_size, or e.g. a training crop for SR stages).
+) -> np.ndarray:
+    """Images in [-1,1], [B,size,size,3] (size: data.image_size, or e.g. a training crop for SR stages), on
+    every process. `params` live on `mesh`; text, mask and lowres are host data or global arrays on `mesh`
+    (`mesh_lib.place_rows`).
 
     SR stages need `lowres` [B,s,s,3] with s = `lowres_size(config, size)`; it is noise-augmented at
     `sr_noise_level` (default: the config's)."""
     size = int(config.data.image_size) if size is None else int(size)
-    seeds = jnp.asarray(seeds, dtype=jnp.uint32)
-    keys = jax.vmap(jax.random.key)(seeds)
+    count = len(seeds)
+    rows = mesh_lib.padded_rows(count, mesh)
+    place = lambda x: mesh_lib.place_rows(x, rows, mesh)  # noqa: E731
+    keys = jax.vmap(jax.random.key)(place(np.asarray(seeds, dtype=np.uint32)))
     model_kwargs = None
     low = lowres_size(config, size)
     if low is not None:
-        expected = (len(seeds), low, low, 3)
+        expected = (count, low, low, 3)
         if lowres is None or tuple(lowres.shape) != expected:
             got = None if lowres is None else tuple(lowres.shape)
             raise StageError(f"this {size}px super-resolution stage needs low-res input of shape {expected}, got {got}")
         level = config.diffusion.sr_noise_level if sr_noise_level is None else sr_noise_level
         augment_keys = jax.vmap(lambda k: jax.random.fold_in(k, AUGMENT_STREAM))(keys)
-        z, aug_t = augment.sampling_augmentation(jnp.asarray(lowres), level, augment_keys, config.diffusion.schedule)
+        z, aug_t = augment.sampling_augmentation(place(lowres), level, augment_keys, config.diffusion.schedule)
         model_kwargs = {"lowres": z, "lowres_t": aug_t}
-    return diffusion_sample(
-        apply_fn,
-        params,
-        text,
-        text_mask,
-        keys,
-        shape=(len(seeds), size, size, 3),
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sampler=sampler,
-        schedule=config.diffusion.schedule,
-        objective=config.diffusion.objective,
-        thresholding=config.diffusion.thresholding,
-        percentile=config.diffusion.dynamic_threshold_percentile,
-        dpm_start_log_snr=config.diffusion.dpm_start_log_snr,
-        progress=progress,
-        chunk_size=None if progress is None else max(1, steps // 10),
-        model_kwargs=model_kwargs,
-    )
+    with activation_layout(mesh):  # activations split like the batch, as in training
+        x = diffusion_sample(
+            apply_fn,
+            params,
+            place(text),
+            place(text_mask),
+            keys,
+            shape=(rows, size, size, 3),
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            schedule=config.diffusion.schedule,
+            objective=config.diffusion.objective,
+            thresholding=config.diffusion.thresholding,
+            percentile=config.diffusion.dynamic_threshold_percentile,
+            dpm_start_log_snr=config.diffusion.dpm_start_log_snr,
+            progress=progress,
+            chunk_size=None if progress is None else max(1, steps // 10),
+            model_kwargs=model_kwargs,
+        )
+    return mesh_lib.gather_rows(x, count, mesh)
+
+
+def encode(
+    encoder: T5Encoder, ids: np.ndarray | jax.Array, mask: np.ndarray | jax.Array, mesh: Mesh
+) -> tuple[jax.Array, jax.Array]:
+    """T5 embeddings [B,L,D] and mask [B,L] of token `ids` [B,L] (host data or global arrays on `mesh`), computed
+    with the encoder's parameters where they are (on `mesh`) and the batch split over its batch axes; returned
+    whole on every device of `mesh`, ready for `sample`. Every process must make the same call."""
+    count = len(ids)
+    rows = mesh_lib.padded_rows(count, mesh)
+    ids, mask = mesh_lib.place_rows(ids, rows, mesh), mesh_lib.place_rows(mask, rows, mesh)
+    with activation_layout(mesh):
+        return _encode(encoder.apply, encoder.state, ids, mask, count, mesh_lib.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _encode(apply: Callable, state: Any, ids: jax.Array, mask: jax.Array, count: int, out: Any):
+    text = apply(state, ids, mask)[:count]
+    return jax.lax.with_sharding_constraint((text, mask[:count]), out)

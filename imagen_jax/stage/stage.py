@@ -2,7 +2,8 @@
 (no optimizer state is read) or from an export folder (`imagen_jax.stage.export`).
 
 `StageSpec` is the config alone, enough to check a cascade's wiring before any weights load; `Stage` adds the
-weights, placed on this host's devices, and samples through `stage.sampling.sample`.
+weights, placed on a mesh (`model.local_mesh`: split over this host's devices by the config's mesh.rules), and
+samples through `stage.sampling.sample` with the batch split over the same devices.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from imagen_jax.errors import MissingError, StageError, first_line
 from imagen_jax.stage import export as export_lib
 from imagen_jax.stage import sampling
 from imagen_jax.stage.checkpoint import Checkpointer, checkpoint_dir
 from imagen_jax.stage.config import complete
-from imagen_jax.stage.model import MODEL_KINDS, local_mesh, lowres_size, shape_differences, stage_model
+from imagen_jax.stage.model import MODEL_KINDS, lowres_size, shape_differences, stage_model
 
 
 @dataclasses.dataclass
@@ -54,10 +56,12 @@ class Stage(StageSpec):
     params: Any
     apply_fn: Callable
     step: int
+    mesh: Mesh  # where params live; sampling splits the batch over it
 
     @classmethod
-    def load(cls, workdir: str, *, text_dim: int) -> Stage:
-        """A workdir's latest checkpoint, or an export folder; `text_dim`: the stage's T5 width."""
+    def load(cls, workdir: str, *, text_dim: int, mesh: Mesh) -> Stage:
+        """A workdir's latest checkpoint, or an export folder, its weights read straight into their shardings
+        on `mesh`; `text_dim`: the stage's T5 width."""
         if export_lib.is_export(workdir):
             config, params, metadata = export_lib.read_export(workdir)
             config = checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", config)
@@ -65,24 +69,23 @@ class Stage(StageSpec):
                 raise StageError(
                     f"{workdir}: exported for a T5 of width {metadata['text_dim']}, the encoder has {text_dim}"
                 )
-            model = stage_model(config, text_dim, local_mesh())
+            model = stage_model(config, text_dim, mesh)
             differences = shape_differences(params, model.abstract_params, "export")
             if differences:
                 raise StageError(
                     f"{workdir}: weights do not fit the model its config describes (first: {differences[0]})"
                 )
             params = jax.device_put(params, model.param_shardings)
-            return cls(
-                workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=int(metadata["step"])
-            )
+            step = int(metadata["step"])
+            return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step, mesh=mesh)
         checkpointer, step = open_checkpoint(workdir)
         try:
             config = checkpoint_config(checkpointer, workdir, step)
-            model = stage_model(config, text_dim, local_mesh())
+            model = stage_model(config, text_dim, mesh)
             params = restore_ema(checkpointer, workdir, step, model.abstract_params, text_dim)
         finally:
             checkpointer.close()
-        return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step)
+        return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step, mesh=mesh)
 
     def sample(
         self,
@@ -98,13 +101,14 @@ class Stage(StageSpec):
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Images in [-1,1], [B,S,S,3] (see `stage.sampling.sample`; the SR noise level defaults to the config's)."""
-        x = sampling.sample(
+        return sampling.sample(
             self.config,
             self.apply_fn,
             self.params,
             text,
             text_mask,
             seeds,
+            mesh=self.mesh,
             steps=steps,
             guidance_scale=guidance_scale,
             sampler=sampler,
@@ -112,7 +116,6 @@ class Stage(StageSpec):
             sr_noise_level=sr_noise_level,
             progress=progress,
         )
-        return np.asarray(jax.device_get(x))
 
 
 def restore_ema(checkpointer: Checkpointer, workdir: str, step: int, abstract_params: Any, text_dim: int) -> Any:

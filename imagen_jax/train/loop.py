@@ -6,8 +6,8 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
 from imagen_jax import config as config_lib
@@ -130,22 +130,25 @@ def _train(
     progress.echo(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
     # Base stages draw the config's prompts; without an encoder (precomputed text), the current batch's captions.
     prompts = [] if encoder is None else list(config.train.sample_prompts)
-    sample_text = encoder.encode(prompts, max_length=config.text.max_length) if prompts else None
+    sample_text = None
+    if prompts:  # on the mesh, like every computation of a multi-process run
+        sample_text = sampling.encode(encoder, *encoder.tokenizer(prompts, config.text.max_length), mesh)
     apply_fn = trainer.model.apply_fn
 
     def batch_text(batch: dict, n: int) -> tuple[jax.Array, jax.Array]:
         if encoder is None:
             return batch["text"][:n], batch["mask"][:n]
-        return encoder.apply(encoder.state, batch["ids"][:n], batch["mask"][:n]), batch["mask"][:n]
+        return sampling.encode(encoder, batch["ids"][:n], batch["mask"][:n], mesh)
 
     def write_samples(step: int, batch: dict, captions: list[bytes]) -> None:
-        """Base: the config's sample prompts. SR: the first images of the batch, as low-res input | sample | target."""
+        """Base: the config's sample prompts. SR: the first images of the batch, as low-res input | sample | target.
+        Every process samples (the weights and the batch span them all); process 0 writes."""
         settings = dict(steps=config.train.sample_steps, guidance_scale=config.train.sample_guidance_scale)
         seeds = [config.seed + i for i in range(max(len(prompts), min(4, local_batch)))]
         low = lowres_size(config, batch["image"].shape[1])
         if low is not None:
             n = min(4, local_batch)
-            target = jax.device_get(batch["image"])[:n]
+            target = mesh_lib.gather_rows(batch["image"], n, mesh)
             lowres = augment.downsample(target, low)
             text_n, mask_n = batch_text(batch, n)
             x = sampling.sample(
@@ -155,21 +158,19 @@ def _train(
                 text_n,
                 mask_n,
                 seeds[:n],
+                mesh=mesh,
                 lowres=lowres,
                 size=target.shape[1],
                 **settings,
             )
-            shown = jnp.concatenate([upsample_lowres(lowres, target.shape[1]), x, target])
-            grid, caption = (
-                images_lib.make_grid(images_lib.to_uint8(jax.device_get(shown)), columns=n),
-                "low-res | sample | target",
-            )
+            shown = np.concatenate([upsample_lowres(lowres, target.shape[1]), x, target])
+            grid, caption = images_lib.make_grid(images_lib.to_uint8(shown), columns=n), "low-res | sample | target"
         elif prompts or encoder is None:
             n = len(prompts) or min(4, local_batch)
             text_n, mask_n = sample_text if prompts else batch_text(batch, n)
-            x = sampling.sample(config, apply_fn, state["ema"], text_n, mask_n, seeds[:n], **settings)
+            x = sampling.sample(config, apply_fn, state["ema"], text_n, mask_n, seeds[:n], mesh=mesh, **settings)
             shown = prompts or [c.decode("utf-8", "replace") for c in captions[:n]]
-            grid, caption = images_lib.make_grid(images_lib.to_uint8(jax.device_get(x))), " | ".join(shown)
+            grid, caption = images_lib.make_grid(images_lib.to_uint8(x)), " | ".join(shown)
         else:
             return
         if jax.process_index() == 0:
