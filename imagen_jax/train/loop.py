@@ -148,7 +148,7 @@ def _train(
         low = lowres_size(config, batch["image"].shape[1])
         if low is not None:
             n = min(4, local_batch)
-            target = mesh_lib.gather_rows(batch["image"], n, mesh)
+            target = images_lib.from_uint8(mesh_lib.gather_rows(batch["image"], n, mesh))  # uint8 from the feed
             lowres = augment.downsample(target, low)
             text_n, mask_n = batch_text(batch, n)
             x = sampling.sample(
