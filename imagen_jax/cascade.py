@@ -21,10 +21,9 @@ from jax.sharding import Mesh
 
 from imagen_jax.errors import StageError
 from imagen_jax.stage import sampling
-from imagen_jax.stage.model import compute_dtype, local_mesh
+from imagen_jax.stage.model import compute_dtype, local_mesh, t5_shardings
 from imagen_jax.stage.stage import Stage, StageSpec, stage_config
 from imagen_jax.text import T5Encoder
-from imagen_jax.train.setup import t5_shardings
 
 
 def check_cascade(stages: Sequence[StageSpec]) -> None:

@@ -137,6 +137,12 @@ def stage_model(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) ->
     return StageModel(graphdef, abstract, shardings)
 
 
+def t5_shardings(config: ml_collections.ConfigDict, state: Any, mesh: Mesh) -> Any:
+    """Where each parameter of a T5 (abstract) `state` lives on `mesh`: its logical names (embed, mlp,
+    heads_x_dim, ...) mapped by the config's mesh.rules, like the U-Net's (training and sampling alike)."""
+    return mesh_lib.state_shardings(state, mesh, mesh_lib.rules_dict(config.mesh.rules))
+
+
 def local_mesh() -> Mesh:
     """This host's devices, all on the fsdp axis: where sampling and export put T5 and a stage's weights.
 

@@ -27,7 +27,7 @@ from imagen_jax import filesystem
 from imagen_jax.errors import ConfigError, UsageError, first_line
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import config as stage_config
-from imagen_jax.stage.model import compute_dtype, train_size
+from imagen_jax.stage.model import compute_dtype, t5_shardings, train_size
 from imagen_jax.text import T5Encoder
 from imagen_jax.train import setup as setup_lib
 
@@ -131,7 +131,7 @@ def abstract_text(config: ml_collections.ConfigDict, t5_config: str, mesh: jax.s
     encoder = T5Encoder.abstract(path, dtype=compute_dtype(config.text.dtype))
     if config.data.precomputed_text:
         return setup_lib.Text(None, {}, {}, encoder.dim, f"precomputed T5 embeddings of width {encoder.dim}")
-    shardings = setup_lib.t5_shardings(config, encoder.state, mesh)
+    shardings = t5_shardings(config, encoder.state, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), encoder.state, shardings)
     return setup_lib.Text(encoder, params, shardings, encoder.dim, f"T5 of {path} (shapes only)")
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import config as stage_config
-from imagen_jax.stage.model import StageModel, compute_dtype, stage_model
+from imagen_jax.stage.model import StageModel, compute_dtype, stage_model, t5_shardings
 from imagen_jax.text import T5Config, T5Encoder
 from imagen_jax.train import optimizer as optimizer_lib
 from imagen_jax.train import state as state_lib
@@ -68,12 +68,6 @@ def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
         encoder.dim,
         f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})",
     )
-
-
-def t5_shardings(config: ml_collections.ConfigDict, state: Any, mesh: Mesh) -> Any:
-    """Where each parameter of a T5 (abstract) `state` lives on `mesh`: its logical names (embed, mlp,
-    heads_x_dim, ...) mapped by the config's mesh.rules, like the U-Net's."""
-    return mesh_lib.state_shardings(state, mesh, mesh_lib.rules_dict(config.mesh.rules))
 
 
 @dataclasses.dataclass(frozen=True)
