@@ -18,41 +18,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+
+from imagen_jax.sample_args import add_prompt_flags, add_stage_flags, read_prompts, stage_values
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-_KIND_NAMES = {int: "an int", float: "a float", str: "a string"}
-
-
-def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                from_file = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            parser.error(f"cannot read --prompts_file {args.prompts_file!r}: {e}")
-        if not from_file:
-            parser.error(f"--prompts_file {args.prompts_file!r} has no prompts (every line is blank)")
-        prompts += from_file
-    return prompts
-
-
-def per_stage(value: str | None, count: int, kind: Callable, name: str) -> list | None:
-    """'a' -> [a] * count; 'a,b,c' -> one per stage; None -> None (the stages' configs decide). Wrong counts or
-    types: ValueError naming the flag."""
-    if value is None:
-        return None
-    parts = [p.strip() for p in str(value).split(",")]
-    if len(parts) not in (1, count):
-        raise ValueError(f"--{name} has {len(parts)} values for {count} stages (give one, or one per stage)")
-    try:
-        parsed = [kind(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--{name} {value!r}: each value must be {_KIND_NAMES.get(kind, kind.__name__)}") from None
-    return parsed * count if len(parsed) == 1 else parsed
 
 
 def main(argv: list[str]) -> int:
@@ -63,36 +33,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--sr_workdir", action="append", default=[], help="a super-resolution stage, in order; repeatable"
     )
-    parser.add_argument("--prompt", action="append", help="a prompt; repeat for more")
-    parser.add_argument("--prompts_file", help="text file (UTF-8) with one prompt per line")
-    parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
-    parser.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
-    parser.add_argument(
-        "--guidance_scale",
-        default=None,
-        help="classifier-free guidance: one value, or one per stage (a,b,c); default: configs'",
-    )
-    parser.add_argument("--steps", default=None, help="sampler steps: one value, or one per stage (default: configs')")
-    parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m: one, or one per stage (default ddpm)")
-    parser.add_argument(
-        "--sr_noise_level",
-        type=float,
-        default=None,
-        help="augmentation time of SR inputs, in [0, 1] (default: each SR config's "
-        "diffusion.sr_noise_level, 0.2 unless set)",
-    )
-    parser.add_argument("--batch_size", type=int, default=16, help="images sampled at once")
+    add_prompt_flags(parser)
+    add_stage_flags(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run in --out")
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
     stages = [args.workdir, *args.sr_workdir]
-    try:
-        steps = per_stage(args.steps, len(stages), int, "steps")
-        scales = per_stage(args.guidance_scale, len(stages), float, "guidance_scale")
-        samplers = per_stage(args.sampler, len(stages), str, "sampler")
-    except ValueError as e:
-        parser.error(str(e))
+    steps, scales, samplers = stage_values(args, len(stages), parser)
 
     from imagen_jax.cli import main_guard
     from imagen_jax.sample_files import check_arguments, check_writable, sample_to_folder

@@ -65,10 +65,14 @@ class Imagen:
         self.mesh = mesh  # where the encoder's parameters live (the stages' too)
 
     @classmethod
-    def load(cls, workdirs: Sequence[str]) -> Imagen:
+    def load(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None) -> Imagen:
+        """The stages of `workdirs` (each its latest checkpoint, or `steps[i]`; or an export folder) and their T5."""
         if not workdirs:
             raise StageError("Imagen.load needs at least the base stage's workdir")
-        specs = [StageSpec(workdir=w, config=stage_config(w)) for w in workdirs]
+        steps = list(steps) if steps is not None else [None] * len(workdirs)
+        if len(steps) != len(workdirs):
+            raise StageError(f"{len(steps)} checkpoint steps for {len(workdirs)} stages")
+        specs = [StageSpec(workdir=w, config=stage_config(w, s)) for w, s in zip(workdirs, steps)]
         check_cascade(specs)  # before the encoder and any weights load
         config, mesh = specs[0].config, local_mesh()
         encoder = T5Encoder.from_pretrained(
@@ -76,7 +80,8 @@ class Imagen:
             dtype=compute_dtype(config.text.dtype),
             place=lambda abstract: t5_shardings(config, abstract, mesh),
         )
-        return cls(encoder, [Stage.load(w, text_dim=encoder.dim, mesh=mesh) for w in workdirs], mesh)
+        stages = [Stage.load(w, text_dim=encoder.dim, mesh=mesh, step=s) for w, s in zip(workdirs, steps)]
+        return cls(encoder, stages, mesh)
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """T5 embeddings and mask of `prompts`, the batch split over the mesh (`stage.sampling.encode`)."""

@@ -160,12 +160,14 @@ def sample_to_folder(
     sr_noise_level: float | None = None,
     batch_size: int = 16,
     overwrite: bool = False,
+    checkpoint_steps: Sequence[int | None] | None = None,
 ) -> list[str]:
     """Samples num_images per prompt through the cascade (image i of the run: seed + i) into `out`.
 
     steps / guidance_scales / samplers: one value per stage; None takes each stage's config
     (train.sample_steps, train.sample_guidance_scale) and 'ddpm'. sr_noise_level: None takes each SR stage
-    config's diffusion.sr_noise_level. A folder with another run's images needs `overwrite`.
+    config's diffusion.sr_noise_level. A folder with another run's images needs `overwrite`. checkpoint_steps:
+    one per stage (None: the latest), for workdirs.
     Returns the final images' file names, as samples.json lists them.
     """
     from tqdm import tqdm
@@ -184,7 +186,7 @@ def sample_to_folder(
         samplers=samplers,
     )
     check_writable(out, overwrite=overwrite)
-    imagen = Imagen.load(list(workdirs))
+    imagen = Imagen.load(list(workdirs), checkpoint_steps)
     stages = imagen.stages
     n = len(stages)
     steps_, scales, samplers_ = stage_settings(n, steps, guidance_scales, samplers, [s.config for s in stages])

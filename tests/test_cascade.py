@@ -11,9 +11,9 @@ from PIL import Image
 from imagen_jax import config as config_lib
 from imagen_jax.cascade import check_cascade
 from imagen_jax.data import demo
+from imagen_jax.sample_args import per_stage
 from imagen_jax.stage.stage import Stage
 from imagen_jax.text.tiny import make_tiny_t5
-from sample import per_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

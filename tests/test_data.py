@@ -245,10 +245,14 @@ def test_classifiers_recover_every_rendered_combination(size):
     for color, shape, position in itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS):
         image = demo.render(color, shape, position, size, rng)
         assert image.shape == (size, size, 3) and image.dtype == np.uint8
-        assert demo.classify_color(image) == color, (color, shape, position)
-        assert demo.classify_position(image) == position, (color, shape, position)
+        jpeg = np.asarray(Image.open(io.BytesIO(demo._encode_jpeg(image))))  # As the training shards store it.
+        for version in (image, jpeg):
+            assert demo.classify_color(version) == color, (color, shape, position)
+            assert demo.classify_shape(version) == shape, (color, shape, position)
+            assert demo.classify_position(version) == position, (color, shape, position)
         as_float = image.astype(np.float32) / 127.5 - 1.0  # Model space gives the same answer.
         assert demo.classify_color(as_float) == color
+        assert demo.classify_shape(as_float) == shape
 
 
 def test_renders_vary_with_jitter():
@@ -264,6 +268,7 @@ def test_classifiers_give_a_valid_answer_for_noise_and_blank_images():
     for image in (noise, blank, rng.uniform(-1, 1, (16, 16, 3))):
         assert demo.classify_color(image) in demo.COLORS
         assert demo.classify_position(image) in demo.POSITIONS
+        assert demo.classify_shape(image) in demo.SHAPES
     with pytest.raises(ValueError, match=r"\(32, 32\)"):
         demo.classify_color(np.zeros((32, 32)))
 

@@ -59,10 +59,12 @@ class Stage(StageSpec):
     mesh: Mesh  # where params live; sampling splits the batch over it
 
     @classmethod
-    def load(cls, workdir: str, *, text_dim: int, mesh: Mesh) -> Stage:
-        """A workdir's latest checkpoint, or an export folder, its weights read straight into their shardings
-        on `mesh`; `text_dim`: the stage's T5 width."""
+    def load(cls, workdir: str, *, text_dim: int, mesh: Mesh, step: int | None = None) -> Stage:
+        """A workdir's checkpoint at `step` (default: the latest), or an export folder, its weights read straight
+        into their shardings on `mesh`; `text_dim`: the stage's T5 width."""
         if export_lib.is_export(workdir):
+            if step is not None:
+                raise StageError(f"{workdir} is an export folder (one step); a checkpoint step cannot be chosen")
             config, params, metadata = export_lib.read_export(workdir)
             config = checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", config)
             if metadata["text_dim"] != text_dim:
@@ -78,7 +80,7 @@ class Stage(StageSpec):
             params = jax.device_put(params, model.param_shardings)
             step = int(metadata["step"])
             return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step, mesh=mesh)
-        checkpointer, step = open_checkpoint(workdir)
+        checkpointer, step = open_checkpoint(workdir, step)
         try:
             config = checkpoint_config(checkpointer, workdir, step)
             model = stage_model(config, text_dim, mesh)
@@ -178,11 +180,12 @@ def _require(source: str, config: ml_collections.ConfigDict, key: str) -> None:
         node = node[part]
 
 
-def stage_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config of a workdir's latest checkpoint, or of an export folder (checked to describe a stage)."""
+def stage_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config of a workdir's checkpoint at `step` (default: the latest), or of an export folder (checked to
+    describe a stage)."""
     if export_lib.is_export(workdir):
         return checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", export_lib.read_config(workdir))
-    checkpointer, step = open_checkpoint(workdir)
+    checkpointer, step = open_checkpoint(workdir, step)
     try:
         return checkpoint_config(checkpointer, workdir, step)
     finally:

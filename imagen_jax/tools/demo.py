@@ -102,7 +102,14 @@ def run_demo(workdir: str, base, sr, *, num_examples: int) -> dict:
         batch_size=32,
         overwrite=True,
     )
-    results = eval_demo.evaluate(train_dir, guidance_scale=guidance, steps=steps, out=os.path.join(workdir, "eval"))
+    results = eval_demo.evaluate(
+        train_dir,
+        guidance_scale=guidance,
+        steps=steps,
+        out=os.path.join(workdir, "eval"),
+        sr_workdir=sr_dir,
+        sr_steps=sr.train.sample_steps,
+    )
     results["super_resolution"] = eval_demo.evaluate_sr(train_dir, sr_dir, steps=sr.train.sample_steps)
     results["train_minutes"] = (trained - start) / 60
     results["total_minutes"] = (time.perf_counter() - start) / 60

@@ -1,12 +1,13 @@
 """Does a model trained on the demo shapes follow its prompts? Samples every demo caption and scores it.
-With --sr_workdir it also scores the super-resolution stage's fidelity and sharpness.
+With --sr_workdir it also scores the cascade's larger output and the super-resolution stage's fidelity,
+sharpness and brightness bias.
 
     python -m imagen_jax.tools.eval_demo --workdir runs/demo/train [--guidance_scale 3] [--steps 64] \
         [--sr_workdir runs/demo/train_sr --sr_steps 32]
 
 For each of the demo's captions (6 colours x 3 shapes x 5 positions) it samples `--per_prompt` images and
-reads back the shape's colour and position with `imagen_jax.data.demo`'s classifiers; it reports the share
-that match the prompt, with guidance and, as the baseline, without (guidance scale 1).
+reads back the shape's colour, shape and position with `imagen_jax.data.demo`'s classifiers; it reports the
+share that match the prompt, with guidance and, as the baseline, without (guidance scale 1).
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ if TYPE_CHECKING:
     from imagen_jax.cascade import Imagen
 
 
+def scores(samples: np.ndarray, triples: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Share of samples whose colour, shape and position (read back by `data.demo`'s classifiers) match."""
+    from imagen_jax.data import demo
+
+    readers = {"color": demo.classify_color, "shape": demo.classify_shape, "position": demo.classify_position}
+    return {
+        f"{name}_accuracy": float(np.mean([read(image) == t[i] for image, t in zip(samples, triples)]))
+        for i, (name, read) in enumerate(readers.items())
+    }
+
+
 def evaluate(
     workdir: str,
     *,
@@ -35,14 +47,18 @@ def evaluate(
     baseline: bool = True,
     out: str | None = None,
     sampler: str = "ddpm",
+    sr_workdir: str | None = None,
+    sr_steps: int = 32,
     imagen: Imagen | None = None,
 ) -> dict:
-    """Colour and position accuracy of samples for every demo caption; writes a grid under `out`."""
+    """Colour, shape and position accuracy of samples for every demo caption; writes a grid per scale under
+    `out`. With `sr_workdir`, the guided samples also go through the SR stage and its larger output is scored
+    too (`cascade`): super-resolution must keep what the base stage drew."""
     from imagen_jax import images as images_lib
     from imagen_jax.cascade import Imagen
     from imagen_jax.data import demo
 
-    imagen = imagen or Imagen.load([workdir])
+    imagen = imagen or Imagen.load([workdir] + ([sr_workdir] if sr_workdir else []))
     triples = [t for t in itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS) for _ in range(per_prompt)]
     prompts = [demo.caption(*t) for t in triples]
     results = {
@@ -54,23 +70,37 @@ def evaluate(
     }
     scales = [guidance_scale] + ([1.0] if baseline and guidance_scale != 1.0 else [])
     for scale in scales:
-        samples = []
+        cascade = len(imagen.stages) > 1 and scale == guidance_scale
+        stages = imagen.stages if cascade else imagen.stages[:1]
+        run = imagen if cascade else Imagen(imagen.encoder, stages, imagen.mesh)
+        outputs: list[list[np.ndarray]] = [[] for _ in stages]
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             seeds = list(range(seed + start, seed + start + len(chunk)))
-            (x,) = imagen(chunk, seeds, steps=[steps], guidance_scales=[scale], samplers=[sampler])
-            samples.append(images_lib.to_uint8(x))
-        samples = np.concatenate(samples)
-        color_ok = [demo.classify_color(img) == t[0] for img, t in zip(samples, triples)]
-        position_ok = [demo.classify_position(img) == t[2] for img, t in zip(samples, triples)]
-        key = f"guidance_{scale:g}"
-        results[key] = {"color_accuracy": float(np.mean(color_ok)), "position_accuracy": float(np.mean(position_ok))}
-        if out:
-            os.makedirs(out, exist_ok=True)
-            images_lib.save_png(
-                images_lib.make_grid(samples, columns=len(demo.POSITIONS) * per_prompt),
-                os.path.join(out, f"eval_{key}.png"),
+            images = run(
+                chunk,
+                seeds,
+                steps=[steps, sr_steps][: len(stages)],
+                guidance_scales=[scale, 1.0][: len(stages)],
+                samplers=[sampler, "ddpm"][: len(stages)],
             )
+            for collected, x in zip(outputs, images):
+                collected.append(images_lib.to_uint8(x))
+        key = f"guidance_{scale:g}"
+        for index, collected in enumerate(outputs):
+            samples = np.concatenate(collected)
+            if index == 0:
+                results[key] = scores(samples, triples)
+            else:
+                results[key]["cascade"] = {"image_size": samples.shape[1], "sr_steps": sr_steps}
+                results[key]["cascade"].update(scores(samples, triples))
+            if out:
+                os.makedirs(out, exist_ok=True)
+                suffix = "" if index == 0 else f"_{samples.shape[1]}px"
+                images_lib.save_png(
+                    images_lib.make_grid(samples, columns=len(demo.POSITIONS) * per_prompt),
+                    os.path.join(out, f"eval_{key}{suffix}.png"),
+                )
     return results
 
 
@@ -100,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             baseline=not args.no_baseline,
             out=os.path.join(args.workdir, "eval"),
+            sr_workdir=args.sr_workdir,
+            sr_steps=args.sr_steps,
         )
         if args.sr_workdir:
             results["super_resolution"] = evaluate_sr(

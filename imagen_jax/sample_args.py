@@ -1,0 +1,80 @@
+"""The sampling flags that sample.py and tools.compare share, parsed before JAX is imported: prompts from
+flags or a file, and per-stage settings ('5' for every stage, or '5,8,8' one per stage)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+_KIND_NAMES = {int: "an int", float: "a float", str: "a string"}
+
+
+def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", help="a prompt; repeat for more")
+    parser.add_argument("--prompts_file", help="text file (UTF-8) with one prompt per line")
+
+
+def add_stage_flags(parser: argparse.ArgumentParser) -> None:
+    """The per-stage sampler settings and the batch flags (read back with `stage_values`)."""
+    parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
+    parser.add_argument(
+        "--guidance_scale",
+        default=None,
+        help="classifier-free guidance: one value, or one per stage (a,b,c); default: configs'",
+    )
+    parser.add_argument("--steps", default=None, help="sampler steps: one value, or one per stage (default: configs')")
+    parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m: one, or one per stage (default ddpm)")
+    parser.add_argument(
+        "--sr_noise_level",
+        type=float,
+        default=None,
+        help="augmentation time of SR inputs, in [0, 1] (default: each SR config's "
+        "diffusion.sr_noise_level, 0.2 unless set)",
+    )
+    parser.add_argument("--batch_size", type=int, default=16, help="images sampled at once")
+
+
+def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """--prompt values, then the lines of --prompts_file; an unreadable or empty file is a parser error."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                from_file = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read --prompts_file {args.prompts_file!r}: {e}")
+        if not from_file:
+            parser.error(f"--prompts_file {args.prompts_file!r} has no prompts (every line is blank)")
+        prompts += from_file
+    return prompts
+
+
+def per_stage(value: str | None, count: int, kind: Callable, name: str) -> list | None:
+    """'a' -> [a] * count; 'a,b,c' -> one per stage; None -> None (the stages' configs decide). Wrong counts or
+    types: ValueError naming the flag."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) not in (1, count):
+        raise ValueError(f"--{name} has {len(parts)} values for {count} stages (give one, or one per stage)")
+    try:
+        parsed = [kind(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--{name} {value!r}: each value must be {_KIND_NAMES.get(kind, kind.__name__)}") from None
+    return parsed * count if len(parsed) == 1 else parsed
+
+
+def stage_values(
+    args: argparse.Namespace, count: int, parser: argparse.ArgumentParser
+) -> tuple[list | None, list | None, list | None]:
+    """(steps, guidance scales, samplers) for `count` stages from the flags of `add_stage_flags`."""
+    try:
+        return (
+            per_stage(args.steps, count, int, "steps"),
+            per_stage(args.guidance_scale, count, float, "guidance_scale"),
+            per_stage(args.sampler, count, str, "sampler"),
+        )
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # parser.error exits; this keeps type checkers sure the function returns
