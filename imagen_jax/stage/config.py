@@ -105,6 +105,21 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
         "a bowl of ramen, studio lighting",
     )
 
+    # Evaluation during training (base stages; tools.evaluate scores whole cascades): every `every` steps the
+    # EMA weights sample `num_images` captions at each guidance scale, on all processes, and FID (and KID when the
+    # reference keeps its features; CLIP score with a CLIP folder) go to TensorBoard as eval/fid_g<scale>, ...
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # steps between evaluations (0 = never)
+    c.eval.num_images = 1000  # captions sampled per guidance scale (FID's bias grows as this shrinks)
+    c.eval.guidance_scales = (3.0,)
+    c.eval.captions = ""  # COCO captions JSON, a .txt file (one per line) or shards (eval/sources.py)
+    c.eval.reference = ""  # reference statistics of real images at data.image_size (tools.fid_reference)
+    c.eval.inception = ""  # FID Inception weights, .safetensors (tools.convert_inception)
+    c.eval.clip = ""  # a Hugging Face CLIPModel folder for the CLIP score ("" = no CLIP score)
+    c.eval.steps = 0  # sampler steps (0 = train.sample_steps)
+    c.eval.batch_size = 64  # images sampled and scored at once (global; split over the mesh)
+    c.eval.seed = 0  # caption subset and sampling seeds: the same images at every evaluation
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)
     c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style); batch is split over data x fsdp

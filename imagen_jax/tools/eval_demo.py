@@ -150,6 +150,16 @@ def high_frequency_energy(images: np.ndarray) -> float:
     return float(np.mean(lap**2))
 
 
+def speckle_fraction(images: np.ndarray, threshold: float = 0.25) -> float:
+    """Share of pixels (any channel) more than `threshold` (in [-1, 1] units; 0.25 = 32 grey levels) from the
+    median of their 3x3 neighbourhood: isolated dots stand out, edges (which a median keeps) do not."""
+    x = np.asarray(images, np.float64)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = x.shape[1:3]
+    windows = np.stack([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)])
+    return float(np.mean((np.abs(x - np.median(windows, axis=0)) > threshold).any(axis=-1)))
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2)."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
@@ -210,6 +220,10 @@ def evaluate_sr(
             high_frequency_energy(targets) / high_frequency_energy(bicubic), 3
         ),
         "psnr_output_vs_target_db": round(psnr(out, targets), 2),
+        # Mean of (output downsampled - input) in grey levels: > 0 means the SR stage brightens what it is given.
+        "brightness_shift_grey_levels": round(float(np.mean(back - lowres)) * 127.5, 2),
+        "speckle_fraction_sr": round(speckle_fraction(out), 4),
+        "speckle_fraction_target": round(speckle_fraction(targets), 4),
         "psnr_bicubic_vs_target_db": round(psnr(bicubic, targets), 2),
     }
 

@@ -25,6 +25,7 @@ from imagen_jax.stage.model import lowres_size
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.feed import FEED_NICE, Prefetch
 from imagen_jax.train.metrics import MetricWriter
+from imagen_jax.train.periodic_eval import PeriodicEval
 from imagen_jax.train.preemption import PreemptionWatch
 from imagen_jax.train.progress import Progress
 
@@ -179,6 +180,12 @@ def _train(
         writer.image(step, "samples", grid)
         writer.text(step, "samples", caption)
 
+    # Periodic FID/KID/CLIP score (config.eval), from the EMA weights, on every process; process 0 logs it.
+    periodic_eval = None
+    if config.eval.every:
+        periodic_eval = PeriodicEval(config, mesh, encoder, apply_fn, log)
+        log(f"evaluating every {config.eval.every} steps: {len(periodic_eval.captions)} captions per guidance scale")
+
     # ----------------------------------------------------------------------------------------------
     # Train. The devices always have the next step queued: step n's results are read (which waits for
     # step n) only after step n+1 is dispatched, and the next batches are read, tokenised and put on the
@@ -249,6 +256,8 @@ def _train(
             previous = (done, metrics, position)
             if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
                 write_samples(done, batch, captions)
+            if periodic_eval is not None and (periodic_eval.due(done) or done == num_steps):
+                writer.scalars(done, periodic_eval(state["ema"]), suffix="(evaluation)")
             preempted = preemption.reached(done)
             if done == num_steps or preempted:
                 if observe(done, metrics):  # the last step ended a streak

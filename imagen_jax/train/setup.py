@@ -180,6 +180,28 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
             )
         T5Config.from_json(os.path.join(config.text.encoder, "config.json"))  # names the file when it is bad
     _validate_data(config)
+    _validate_eval(config)
+
+
+def _validate_eval(config: ml_collections.ConfigDict) -> None:
+    """config.eval: off (every=0), or a base stage with a T5 and every file it needs named."""
+    _at_least(config, "eval.every", 0)
+    if not config.eval.every:
+        return
+    for key, minimum in (("eval.num_images", 2), ("eval.batch_size", 1), ("eval.steps", 0), ("eval.seed", 0)):
+        _at_least(config, key, minimum)
+    if stage_config.model_kind(config).super_resolution:
+        raise ConfigError(
+            "config.eval.every is set on a super-resolution stage: evaluation during training samples base stages "
+            "from captions; score a cascade with python -m imagen_jax.tools.evaluate"
+        )
+    if config.data.precomputed_text:
+        raise ConfigError("config.eval.every needs a T5 to encode its captions; it is unset with data.precomputed_text")
+    for key in ("captions", "reference", "inception"):
+        if not config.eval[key]:
+            raise ConfigError(f"config.eval.{key} is empty but config.eval.every={config.eval.every}")
+    if not config.eval.guidance_scales:
+        raise ConfigError("config.eval.guidance_scales is empty")
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,79 @@
+"""config.eval during training: FID, KID and CLIP score of the EMA weights' samples, beside the loss.
+
+Every process takes part (the weights and each sampled batch span the mesh); the figures come back whole on
+every process and the loop's writer (process 0) logs them as eval/fid_g<scale>, eval/kid_g<scale>,
+eval/clip_score_g<scale>. The captions and seeds are the same at every evaluation, so the curve shows the
+model changing, not the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from imagen_jax import images as images_lib
+from imagen_jax.eval import evaluation, reference_stats
+from imagen_jax.eval import scorer as scorer_lib
+from imagen_jax.eval.sources import read_captions
+from imagen_jax.stage import sampling
+
+
+class PeriodicEval:
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
+        encoder: Any,
+        apply_fn: Callable,
+        log: Callable[[str], None],
+    ):
+        self.config, self.mesh, self.encoder, self.apply_fn, self.log = config, mesh, encoder, apply_fn, log
+        settings = config.eval
+        self.captions = read_captions(settings.captions, int(settings.num_images), int(settings.seed))
+        self.reference = reference_stats.load(settings.reference)
+        self.scorer = scorer_lib.Scorer(settings.inception, mesh, settings.clip or None)
+        reference_stats.check_compatible(
+            self.reference,
+            resize=scorer_lib.RESIZE,
+            weights_id=self.scorer.weights_id,
+            weights_sha256=self.scorer.weights_sha256,
+            feature_layer=scorer_lib.FEATURE_LAYER,
+        )
+        evaluation.check_sizes(int(config.data.image_size), self.reference)
+
+    def due(self, step: int) -> bool:
+        return step % int(self.config.eval.every) == 0
+
+    def __call__(self, ema: Any) -> dict[str, float]:
+        """The figures for the EMA parameters `ema`, keyed for TensorBoard."""
+        config = self.config
+        steps = int(config.eval.steps) or int(config.train.sample_steps)
+
+        def sample(chunk: list[str], seeds: list[int], scale: float) -> np.ndarray:
+            ids, mask = self.encoder.tokenizer(chunk, config.text.max_length)
+            text, mask = sampling.encode(self.encoder, ids, mask, self.mesh)
+            x = sampling.sample(
+                config, self.apply_fn, ema, text, mask, seeds, mesh=self.mesh, steps=steps, guidance_scale=scale
+            )
+            return images_lib.to_uint8(x)
+
+        figures: dict[str, float] = {}
+        for scale in config.eval.guidance_scales:
+            features, clip = evaluation.score_scale(
+                sample,
+                self.scorer,
+                self.captions,
+                float(scale),
+                batch_size=int(config.eval.batch_size),
+                seed=int(config.eval.seed),
+                log=lambda _: None,
+            )
+            result = evaluation.summarise(features, clip, self.reference)
+            for name in ("fid", "kid", "clip_score", "precision", "recall"):
+                if name in result:
+                    figures[f"eval/{name}_g{float(scale):g}"] = float(result[name])
+        return figures
