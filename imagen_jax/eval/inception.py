@@ -5,7 +5,7 @@ The network is TensorFlow's `inception-2015-12-05` graph, which FID was defined 
 torch-fidelity port it; it differs from torchvision's InceptionV3 where the TF graph does: its average pools
 ignore the zero padding (count_include_pad=False) and the last block (Mixed_7c) max-pools its pool branch.
 Preprocessing is torch-fidelity's, which reproduces the graph's: one bilinear resize to 299x299 exactly as
-TensorFlow 1.x computes it (no antialiasing, half-pixel offsets absent: source = dest * in/out), then
+TensorFlow 1.x computes it (no antialiasing, no half-pixel centres: source = dest * in / out), then
 (x - 128) / 128. Layout NHWC; each batch norm (inference form, eps 1e-3) is folded into its convolution at load
 time, in float64. Convolutions run at full float32 precision on every backend (FID is sensitive to small
 feature changes; accelerators would otherwise multiply in bfloat16 or TF32).
