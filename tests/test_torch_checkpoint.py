@@ -29,6 +29,27 @@ def test_views_offsets_and_dtypes_as_torch_saved_them():
     checkpoint.close()
 
 
+@pytest.mark.parametrize("name", ["tiny_zip.pth", "tiny_legacy.pth"])
+def test_both_torch_save_formats(name):
+    """torch.save's zip archive and its pre-1.6 legacy stream (the FID Inception weights' format) read alike:
+    tests/fixtures/make_inception_fixtures.py."""
+    checkpoint = TorchCheckpoint(os.path.join(FIXTURES, "..", "inception", name))
+    want = np.load(os.path.join(FIXTURES, "..", "inception", "tiny.npz"))
+    assert sorted(checkpoint.keys()) == sorted(want.files)
+    for key in want.files:
+        np.testing.assert_array_equal(checkpoint.get(key).astype(want[key].dtype), want[key], err_msg=key)
+    assert checkpoint.get("bf16").dtype == ml_dtypes.bfloat16 and checkpoint.get("ids").dtype == np.int64
+    assert checkpoint.get("transposed").shape == (4, 3)
+    checkpoint.close()
+
+
+def test_a_truncated_legacy_file_is_refused(tmp_path):
+    data = open(os.path.join(FIXTURES, "..", "inception", "tiny_legacy.pth"), "rb").read()
+    (tmp_path / "cut.pth").write_bytes(data[:-10])
+    with pytest.raises(WeightsError, match=r"cut.pth: truncated: its storages need \d+ bytes, the file has \d+$"):
+        TorchCheckpoint(str(tmp_path / "cut.pth"))
+
+
 class _Exploit:
     def __init__(self, sentinel):
         self.sentinel = sentinel
@@ -65,7 +86,7 @@ def test_a_pickle_that_calls_a_function_is_refused_and_never_runs(tmp_path):
 def test_files_that_are_not_tensor_archives_get_one_line_errors(tmp_path):
     legacy = tmp_path / "legacy.bin"
     legacy.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(WeightsError, match="legacy.bin: not a zip-format PyTorch checkpoint"):
+    with pytest.raises(WeightsError, match="legacy.bin: not a PyTorch checkpoint .neither a zip archive nor torch.s"):
         TorchCheckpoint(str(legacy))
     with pytest.raises(WeightsError, match="not a state dict of tensors"):
         TorchCheckpoint(_archive(tmp_path / "ints.bin", pickle.dumps({"a": 1}, protocol=2)))

@@ -1,11 +1,15 @@
-"""PyTorch checkpoints (`pytorch_model.bin`) read as data, never as code.
+"""PyTorch checkpoints (`pytorch_model.bin`, `.pth`) read as data, never as code.
 
-A PyTorch checkpoint is a zip archive: `<name>/data.pkl`, a pickle of the state dict, and `<name>/data/<key>`,
-each a storage's raw bytes. `torch.load` runs the pickle, and a pickle can call any function. Here it is read by
-an unpickler that knows four things (an ordered dict, a tensor rebuilt from a storage, a parameter wrapping one,
-and the storage types) and refuses every other global or persistent id with a one-line `WeightsError`, so
-nothing a file names is ever imported or called. Tensors come back as `LazyTensor`s (storage, offset, shape,
-strides) and are read from the archive one at a time, when asked for: loading T5-XXL holds one tensor at a time.
+Two layouts exist. Since torch 1.6, `torch.save` writes a zip archive: `<name>/data.pkl`, a pickle of the state
+dict, and `<name>/data/<key>`, each a storage's raw bytes. Before, it wrote the legacy stream: five pickles back
+to back (a magic number, the protocol version, system info, the state dict, the list of storage keys), then each
+storage in that order as an int64 element count and its raw bytes; files released around 2019 (the FID Inception
+weights among them) are in this layout. `torch.load` runs the pickle, and a pickle can call any function. Here
+every pickle is read by an unpickler that knows four things (an ordered dict, a tensor rebuilt from a storage, a
+parameter wrapping one, and the storage types) and refuses every other global or persistent id with a one-line
+`WeightsError`, so nothing a file names is ever imported or called. Tensors come back as `LazyTensor`s (storage,
+offset, shape, strides) and are read from the file one at a time, when asked for: loading T5-XXL holds one tensor
+at a time.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import os
 import pickle
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -73,55 +78,125 @@ class _Refused(Exception):
     pass
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's legacy stream
+_LEGACY_PROTOCOL = 1001
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError)
+
+
 class _TensorUnpickler(pickle.Unpickler):
+    """Rebuilds tensors and nothing else. A zip archive's storage ids are ('storage', type, key, location, numel);
+    the legacy stream's carry a sixth field, a view of another storage, which torch stopped writing in 0.4: refused.
+    `storages` collects every storage named, by key."""
+
+    def __init__(self, file: Any, legacy: bool = False) -> None:
+        super().__init__(file)
+        self._fields = 6 if legacy else 5
+        self.storages: dict[str, _Storage] = {}
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
             raise _Refused(f"pickled global {module}.{name}")
         return _ALLOWED[(module, name)]
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == self._fields
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and (self._fields == 5 or pid[5] is None)
+        ):
             raise _Refused(f"persistent id {str(pid)[:80]}")
-        return _Storage(str(pid[2]), pid[1].dtype, int(pid[4]))
+        return self.storages.setdefault(str(pid[2]), _Storage(str(pid[2]), pid[1].dtype, int(pid[4])))
 
 
 class TorchCheckpoint:
-    """One `pytorch_model.bin` (zip format): its tensor names, and each tensor read on demand as a NumPy array."""
+    """One PyTorch checkpoint (zip archive or legacy stream): its tensor names, and each tensor read on demand as a
+    NumPy array."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self._zip = zipfile.ZipFile(path)
-        except zipfile.BadZipFile:
-            raise WeightsError(
-                f"{path}: not a zip-format PyTorch checkpoint (files saved by torch < 1.6 are not read; re-save "
-                "it with a current torch or convert it to safetensors)"
-            ) from None
-        pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise WeightsError(f"{path}: expected one <name>/data.pkl in the archive, found {len(pickles)}")
-        self._prefix = pickles[0][: -len("data.pkl")]
-        try:
-            state = _TensorUnpickler(io.BytesIO(self._zip.read(pickles[0]))).load()
-        except _Refused as e:
-            raise WeightsError(f"{path}: refused {e}: only tensors are read from PyTorch checkpoints") from None
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-            raise WeightsError(f"{path}: unreadable state dict pickle ({type(e).__name__}: {e})") from None
+        self._zip: zipfile.ZipFile | None = None
+        self._file: BinaryIO | None = None
+        self._where: dict[str, tuple[int, int]] = {}  # legacy: storage key -> (byte offset, elements stored)
+        state = self._open_zip() if zipfile.is_zipfile(path) else self._open_legacy()
         if not isinstance(state, dict) or not all(isinstance(v, LazyTensor) for v in state.values()):
+            self.close()
             raise WeightsError(f"{path}: the pickle is not a state dict of tensors")
         self.tensors: dict[str, LazyTensor] = dict(state)
+
+    def _unpickle(self, file: Any, legacy: bool = False) -> tuple[Any, dict[str, _Storage]]:
+        unpickler = _TensorUnpickler(file, legacy)
+        try:
+            return unpickler.load(), unpickler.storages
+        except _Refused as e:
+            self.close()
+            raise WeightsError(f"{self.path}: refused {e}: only tensors are read from PyTorch checkpoints") from None
+        except _PICKLE_ERRORS as e:
+            self.close()
+            raise WeightsError(f"{self.path}: unreadable state dict pickle ({type(e).__name__}: {e})") from None
+
+    def _open_zip(self) -> Any:
+        self._zip = zipfile.ZipFile(self.path)
+        pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            self.close()
+            raise WeightsError(f"{self.path}: expected one <name>/data.pkl in the archive, found {len(pickles)}")
+        self._prefix = pickles[0][: -len("data.pkl")]
+        return self._unpickle(io.BytesIO(self._zip.read(pickles[0])))[0]
+
+    def _open_legacy(self) -> Any:
+        self._file = f = open(self.path, "rb")  # closed by close()
+        try:
+            magic = _TensorUnpickler(f).load()
+        except (_Refused, *_PICKLE_ERRORS):
+            magic = None
+        if magic != _LEGACY_MAGIC:
+            self.close()
+            raise WeightsError(
+                f"{self.path}: not a PyTorch checkpoint (neither a zip archive nor torch's legacy format)"
+            )
+        protocol, sys_info = self._unpickle(f)[0], self._unpickle(f)[0]
+        if protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+            self.close()
+            raise WeightsError(
+                f"{self.path}: a legacy PyTorch file of protocol {protocol} ({sys_info}); only little-endian protocol "
+                f"{_LEGACY_PROTOCOL} files are read"
+            )
+        state, storages = self._unpickle(f, legacy=True)
+        keys = self._unpickle(f)[0]
+        if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
+            self.close()
+            raise WeightsError(f"{self.path}: the storage list does not match the storages the state dict names")
+        size, end = os.fstat(f.fileno()).st_size, f.tell()
+        for key in map(str, keys):
+            f.seek(end)
+            head = f.read(8)
+            numel = int.from_bytes(head, "little", signed=True) if len(head) == 8 else size
+            self._where[key] = (end + 8, numel)
+            end += 8 + max(numel, 0) * storages[key].dtype.itemsize
+        if end > size:
+            self.close()
+            raise WeightsError(f"{self.path}: truncated: its storages need {end} bytes, the file has {size}")
+        return state
+
+    def _read(self, name: str, storage: _Storage) -> bytes:
+        if self._zip is not None:
+            try:
+                return self._zip.read(f"{self._prefix}data/{storage.key}")
+            except KeyError:
+                raise WeightsError(f"{self.path}: storage {storage.key} of tensor '{name}' is missing") from None
+        offset, numel = self._where[storage.key]
+        self._file.seek(offset)
+        return self._file.read(max(numel, 0) * storage.dtype.itemsize)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor `name` as a contiguous array (its storage is read from the archive, nothing else)."""
+        """The tensor `name` as a contiguous array (its storage is read from the file, nothing else)."""
         t = self.tensors[name]
-        try:
-            raw = self._zip.read(f"{self._prefix}data/{t.storage.key}")
-        except KeyError:
-            raise WeightsError(f"{self.path}: storage {t.storage.key} of tensor '{name}' is missing") from None
-        flat = np.frombuffer(raw, dtype=t.storage.dtype)
+        flat = np.frombuffer(self._read(name, t.storage), dtype=t.storage.dtype)
         last = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.strides) if n > 0)
         if flat.size < t.storage.numel or t.offset < 0 or min(t.strides, default=0) < 0 or last >= max(flat.size, 1):
             raise WeightsError(f"{self.path}: tensor '{name}' lies outside its storage ({flat.size} elements)")
@@ -130,4 +205,6 @@ class TorchCheckpoint:
         return np.array(view, order="C")  # a copy: owns its memory, C-contiguous, writable
 
     def close(self) -> None:
-        self._zip.close()
+        for handle in (self._zip, self._file):
+            if handle is not None:
+                handle.close()
