@@ -122,9 +122,7 @@ def frechet_distance(mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov
     if mean1.shape != mean2.shape:
         raise MetricsError(f"FID: statistics of {mean1.shape[0]} and {mean2.shape[0]} dimensions cannot be compared")
     # eig(S1 S2) = eig(R^T S2 R) for S1 = R R^T; R = P L from pivoted Cholesky, L's first `rank` columns.
-    lower, pivots, rank, info = lapack.dpstrf(cov1, lower=1)
-    if info < 0:
-        raise MetricsError(f"FID: LAPACK dpstrf rejected the covariance (argument {-info})")
+    lower, pivots, rank, _ = lapack.dpstrf(cov1, lower=1)  # stops at the numerical rank (tolerance D eps max S1_ii)
     root = np.empty((cov1.shape[0], rank))
     root[pivots - 1] = np.tril(lower)[:, :rank]
     inner = root.T @ cov2 @ root
