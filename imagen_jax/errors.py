@@ -42,6 +42,11 @@ class DataError(ImagenError, ValueError):
     a stream that delivers no example."""
 
 
+class MetricsError(ImagenError, ValueError):
+    """Features or reference statistics cannot be compared: sizes differ, too few samples, or a reference file
+    was made with another resize method or other Inception weights."""
+
+
 class TrainingDiverged(ImagenError):
     """Too many consecutive non-finite steps; the message says where the last good state is."""
 
