@@ -6,7 +6,8 @@ A `.npz` archive of plain arrays, read with allow_pickle=False (nothing in it is
   covariance  float64 [D, D]   unbiased (ddof=1)
   count       int64 []         number of images
   features    float32 [N, D]   optional: KID and precision/recall need the features, FID only the moments
-  metadata    str []           JSON: format, version, resize, weights_id, weights_sha256, feature_layer, source
+  metadata    str []           JSON: format, version, resize, weights_id, weights_sha256, feature_layer, source,
+                               image_size (the images' side before Inception's resize)
 FID is only comparable between features made the same way, so the metadata records how: the resize method, the
 Inception weights (id and the weight file's sha256) and the feature layer; `check_compatible` refuses a file
 made otherwise. `source` describes the images (data set, split, count, crop) for people, and is not checked.
@@ -45,6 +46,7 @@ class ReferenceStats:
     weights_sha256: str
     feature_layer: str
     source: str
+    image_size: int = 0  # side of the images before Inception's resize (samples must match; 0 = not recorded)
     features: np.ndarray | None = None
     path: str = ""  # the file it was loaded from: errors name it
 
@@ -84,6 +86,7 @@ def save(path: str, stats: ReferenceStats) -> None:
         if not isinstance(getattr(stats, field), str):
             raise MetricsError(f"{path}: metadata field '{field}' must be a string, got {getattr(stats, field)!r}")
     metadata = {"format": FORMAT, "version": VERSION, **{field: getattr(stats, field) for field in METADATA_FIELDS}}
+    metadata["image_size"] = int(stats.image_size)
     arrays = {"mean": mean, "covariance": covariance, "count": np.int64(stats.count), "metadata": json.dumps(metadata)}
     if features is not None:
         arrays["features"] = features
@@ -119,9 +122,14 @@ def load(path: str, *, load_features: bool = True) -> ReferenceStats:
     for field in METADATA_FIELDS:
         if not isinstance(metadata.get(field), str):
             raise MetricsError(f"{path}: metadata field '{field}' is missing or not a string")
+    image_size = metadata.get("image_size", 0)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 0:
+        raise MetricsError(f"{path}: metadata field 'image_size' is {image_size!r}, not a size in pixels")
     _check_arrays(path, mean, covariance, count, features)
     fields = {field: metadata[field] for field in METADATA_FIELDS}
-    return ReferenceStats(mean=mean, covariance=covariance, count=count, features=features, path=path, **fields)
+    return ReferenceStats(
+        mean=mean, covariance=covariance, count=count, features=features, path=path, image_size=image_size, **fields
+    )
 
 
 def check_compatible(
