@@ -346,7 +346,7 @@ class CLIP:
     projections are `module.image_features` / `module.text_features`.
     """
 
-    def __init__(self, module: CLIPModule, tokenizer: CLIPTokenizer | None, processing: ImageProcessing) -> None:
+    def __init__(self, module: CLIPModule, tokenizer: CLIPTokenizer, processing: ImageProcessing) -> None:
         self.module = module
         self.tokenizer = tokenizer
         self.processing = processing
@@ -355,18 +355,15 @@ class CLIP:
         self._texts = jax.jit(self.text_embeds)
 
     @classmethod
-    def from_pretrained(cls, path: str, resize: str = "torchvision") -> CLIP:
+    def from_pretrained(cls, path: str) -> CLIP:
         """Loads a Hugging Face CLIPModel folder, local or at a URL: config.json, the image processor settings
         (preprocessor_config.json or processor_config.json), the tokenizer (tokenizer.json, or vocab.json and
         merges.txt) and safetensors or pytorch_model.bin weights, single or sharded (text/weight_files.py). Only
-        the two towers and projections are read (not logit_scale).
-
-        `resize` picks whose uint8 bicubic resize the preprocessing reproduces (eval/clip_preprocess.py):
-        "torchvision" (what transformers 5's CLIPProcessor, and so torchmetrics' CLIPScore, uses when torchvision
-        is installed) or "pil" (its PIL backend, and transformers 4's CLIPImageProcessor).
+        the two towers and projections are read (not logit_scale). Images are preprocessed as transformers 5's
+        torchvision-backed CLIPImageProcessor does, which torchmetrics' CLIPScore uses (eval/clip_preprocess.py).
         """
         cfg = CLIPConfig.from_json(os.path.join(path, "config.json"))
-        processing = ImageProcessing.from_folder(path, resize)
+        processing = ImageProcessing.from_folder(path)
         if (processing.crop_height, processing.crop_width) != (cfg.vision.image_size,) * 2:
             raise WeightsError(
                 f"{path}: the image processor crops {processing.crop_height}x{processing.crop_width} images but the "
@@ -380,6 +377,7 @@ class CLIP:
 
     @property
     def dim(self) -> int:
+        """The embedding width (projection_dim)."""
         return self.module.cfg.projection_dim
 
     def image_embeds(self, state: nnx.State, images: jax.Array) -> jax.Array:

@@ -1,15 +1,14 @@
-"""CLIP image preprocessing in JAX, bit for bit as Hugging Face's CLIPImageProcessor on uint8 images.
+"""CLIP image preprocessing in JAX, bit for bit as transformers' CLIPImageProcessor computes it on uint8 images.
 
-The processor resizes the shortest side (bicubic, antialiased), centre-crops, rescales and normalises. Which code
-resizes depends on transformers: version 5's `CLIPImageProcessor` (what `CLIPProcessor.from_pretrained` gives
-when torchvision is installed, hence what torchmetrics' CLIPScore uses) calls torchvision's resize, which on a
-uint8 CPU tensor (torchmetrics moves images to the CPU first) runs torch's PIL-derived uint8 kernel; its PIL
-backend (`CLIPImageProcessorPil`, also transformers 4's default) calls Pillow. Both are separable fixed-point
-filters, width first, each pass rounding to uint8; they differ only in the fixed-point precision of the weights
-(Pillow: 22 bits; torch: int16 with the most bits the axis's largest weight allows), which moves ~1% of pixels
-by one level. Here both are integer arithmetic on int32 (exact on any backend), chosen by `backend`; the
-normalisation is a 256-entry float32 table per channel computed as each backend computes it, so the processor's
-pixel values come out exactly. Float images are not taken: their processing differs again, and samples are uint8.
+The processor resizes the shortest side (bicubic, antialiased), centre-crops, rescales and normalises. In
+transformers 5 `CLIPProcessor.from_pretrained` gives the torchvision-backed `CLIPImageProcessor` whenever
+torchvision is installed, so that is what torchmetrics' CLIPScore uses; it resizes with torchvision, which on a
+uint8 CPU tensor (torchmetrics moves images to the CPU first) runs torch's Pillow-derived uint8 kernel: separable
+fixed-point filters, width first, each pass rounded to uint8, the weights in int16 at the most bits the axis's
+largest weight allows. That is reproduced here in int32 arithmetic (exact on any backend); the normalisation is a
+256-entry float32 table per channel computed as torchvision computes it, so the pixel values come out exactly.
+Not reproduced: transformers' PIL backend (no torchvision, or transformers 4) resizes with Pillow, whose 22-bit
+weights (and, in Pillow 13, pass order) move ~1% of pixels by one level; nor float images (processed otherwise).
 """
 
 from __future__ import annotations
@@ -27,28 +26,24 @@ import numpy as np
 from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 
-BACKENDS = ("torchvision", "pil")
 BICUBIC = 3  # PILImageResampling.BICUBIC, the only resampling CLIP checkpoints use
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_PIL_PRECISION = 22  # Pillow's PRECISION_BITS for 8-bit images: 32 - 8 - 2
 
 
-def _keys_cubic(x: float, backend: str) -> float:
-    """The Keys cubic (a = -0.5) both use for antialiased bicubic, in each one's order of operations."""
+def _keys_cubic(x: float) -> float:
+    """The Keys cubic (a = -0.5) of antialiased bicubic, in torch's order of operations (`aa_filter`)."""
     a = -0.5
     x = abs(x)
     if x < 1.0:
         return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
     if x < 2.0:
-        if backend == "pil":
-            return (((x - 5.0) * x + 8.0) * x - 4.0) * a
         return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
     return 0.0
 
 
 @functools.lru_cache(maxsize=64)
-def resize_weights(in_size: int, out_size: int, backend: str) -> tuple[np.ndarray, np.ndarray, int]:
+def resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """One axis of the antialiased bicubic resize: (first input index [out], int32 fixed-point weights [out, K],
     precision bits). Output i reads inputs first[i] + k for k < K (weights past the input's end are 0)."""
     scale = in_size / out_size
@@ -61,27 +56,24 @@ def resize_weights(in_size: int, out_size: int, backend: str) -> tuple[np.ndarra
         center = scale * (i + 0.5)
         lo = max(int(center - support + 0.5), 0)
         n = min(max(min(int(center + support + 0.5), in_size) - lo, 0), taps)
-        w = [_keys_cubic((j + lo - center + 0.5) * inv_scale, backend) for j in range(n)]
+        w = [_keys_cubic((j + lo - center + 0.5) * inv_scale) for j in range(n)]
         total = sum(w)
         first[i] = lo
         weights[i, :n] = [v / total for v in w] if total != 0.0 else w
-    if backend == "pil":
-        precision = _PIL_PRECISION
-    else:  # the largest precision under which the largest weight still fits int16
-        precision = 0
-        while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
-            precision += 1
+    precision = 0  # the most bits under which the largest weight still fits int16
+    while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
     scaled = weights * (1 << precision)
     fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
     return first, fixed, precision
 
 
-def _resize_axis(x: jax.Array, axis: int, out_size: int, backend: str) -> jax.Array:
+def _resize_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
     """One pass along `axis` of int32 pixels: sum of taps times fixed-point weights, rounded, clamped to 0..255."""
     in_size = x.shape[axis]
     if in_size == out_size:
         return x
-    first, fixed, precision = resize_weights(in_size, out_size, backend)
+    first, fixed, precision = resize_weights(in_size, out_size)
     shape = [1] * x.ndim
     shape[axis] = out_size
     acc = jnp.full((), 1 << (precision - 1), jnp.int32)
@@ -91,13 +83,12 @@ def _resize_axis(x: jax.Array, axis: int, out_size: int, backend: str) -> jax.Ar
     return jnp.clip(jnp.right_shift(acc, precision), 0, 255)
 
 
-def resize_uint8(images: jax.Array, height: int, width: int, backend: str = "torchvision") -> jax.Array:
-    """uint8 [B, H, W, C] -> uint8 [B, height, width, C], antialiased bicubic as `backend` computes it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown resize backend '{backend}' (expected one of {', '.join(BACKENDS)})")
+@functools.partial(jax.jit, static_argnames=("height", "width"))
+def resize_uint8(images: jax.Array, height: int, width: int) -> jax.Array:
+    """uint8 [B, H, W, C] -> uint8 [B, height, width, C], antialiased bicubic exactly as torchvision on the CPU."""
     x = images.astype(jnp.int32)
-    x = _resize_axis(x, 2, width, backend)  # width first, as both do
-    x = _resize_axis(x, 1, height, backend)
+    x = _resize_axis(x, 2, width)  # width first, as torch does
+    x = _resize_axis(x, 1, height)
     return x.astype(jnp.uint8)
 
 
@@ -138,14 +129,9 @@ class ImageProcessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     rescale_factor: float
-    backend: str = "torchvision"
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown resize backend '{self.backend}' (expected one of {', '.join(BACKENDS)})")
 
     @classmethod
-    def from_folder(cls, folder: str, backend: str = "torchvision") -> ImageProcessing:
+    def from_folder(cls, folder: str) -> ImageProcessing:
         """Reads the folder's image processor settings where transformers 5 looks: the "image_processor" object of
         processor_config.json (what its save_pretrained writes), else preprocessor_config.json (hub checkpoints).
         Missing keys take CLIPImageProcessor's defaults. Settings outside what CLIP checkpoints use (another
@@ -186,9 +172,7 @@ class ImageProcessing:
         rescale = raw.get("rescale_factor", 1 / 255)
         if not isinstance(rescale, int | float) or rescale <= 0:
             raise WeightsError(f"{path}: 'rescale_factor' is {rescale!r}, expected a positive number")
-        return cls(
-            shortest_edge, crop_height, crop_width, stats["image_mean"], stats["image_std"], float(rescale), backend
-        )
+        return cls(shortest_edge, crop_height, crop_width, stats["image_mean"], stats["image_std"], float(rescale))
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """The shortest side becomes `shortest_edge`, the other `int(shortest_edge * long / short)`."""
@@ -197,21 +181,16 @@ class ImageProcessing:
         return int(self.shortest_edge * height / width), self.shortest_edge
 
     def table(self) -> np.ndarray:
-        """float32 [256, 3]: each uint8 level rescaled and normalised per channel, rounded as the backend rounds.
-        torchvision folds the rescale into the statistics, (v - mean/r) / (std/r), in float32; the PIL backend
-        rescales in float64, rounds to float32, then normalises in float32."""
-        levels = np.arange(256)
-        mean, std = np.array(self.mean, np.float32), np.array(self.std, np.float32)
-        if self.backend == "torchvision":
-            inverse = np.float32(1.0 / self.rescale_factor)
-            return (levels[:, None].astype(np.float32) - mean * inverse) / (std * inverse)
-        rescaled = (levels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        return (rescaled[:, None] - mean) / std
+        """float32 [256, 3]: each uint8 level rescaled and normalised per channel as torchvision rounds it, with the
+        rescale folded into the statistics: (v - mean / r) / (std / r), all in float32."""
+        inverse = np.float32(1.0 / self.rescale_factor)
+        mean, std = np.array(self.mean, np.float32) * inverse, np.array(self.std, np.float32) * inverse
+        return (np.arange(256, dtype=np.float32)[:, None] - mean) / std
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """uint8 [B, H, W, 3] -> float32 [B, crop_height, crop_width, 3], the processor's pixel values (NHWC)."""
         height, width = self.resized_size(*images.shape[1:3])
-        resized = resize_uint8(images, height, width, self.backend)
+        resized = resize_uint8(images, height, width)
         top, left = (height - self.crop_height) // 2, (width - self.crop_width) // 2
         cropped = jax.lax.slice_in_dim(resized, top, top + self.crop_height, axis=1)
         cropped = jax.lax.slice_in_dim(cropped, left, left + self.crop_width, axis=2)
