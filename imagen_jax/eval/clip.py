@@ -386,12 +386,12 @@ class CLIP:
         if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"CLIP images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
         features = nnx.merge(self.graphdef, state).image_features(self.processing(images))
-        return _unit(jax.lax.stop_gradient(features))
+        return unit(jax.lax.stop_gradient(features))
 
     def text_embeds(self, state: nnx.State, token_ids: jax.Array) -> jax.Array:
         """Token ids [B, L] from `tokenize` -> unit-length float32 [B, projection_dim]."""
         features = nnx.merge(self.graphdef, state).text_features(token_ids)
-        return _unit(jax.lax.stop_gradient(features))
+        return unit(jax.lax.stop_gradient(features))
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> int32 [B, max_position_embeddings], cut and padded as torchmetrics' CLIPScore does
@@ -407,6 +407,6 @@ class CLIP:
         return self._texts(self.state, jnp.asarray(self.tokenize(texts)))
 
 
-def _unit(x: jax.Array) -> jax.Array:
+def unit(x: jax.Array) -> jax.Array:
     """x / ||x||, as torchmetrics normalises both embeddings before their dot product."""
     return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))

@@ -19,6 +19,7 @@ import numpy as np
 from imagen_jax import filesystem
 from imagen_jax import images as images_lib
 from imagen_jax.errors import MetricsError
+from imagen_jax.eval import clip_score
 from imagen_jax.eval import metrics as metrics_lib
 from imagen_jax.eval.reference_stats import ReferenceStats
 from imagen_jax.eval.scorer import Scorer
@@ -35,6 +36,7 @@ def batch_path(out: str, scale: float, index: int) -> str:
 
 
 def _save_batch(path: str, features: np.ndarray, clip: np.ndarray | None) -> None:
+    filesystem.for_path(path).makedirs(os.path.dirname(path))
     buffer = io.BytesIO()
     arrays = {"features": features} | ({} if clip is None else {"clip_scores": clip})
     np.savez(buffer, **arrays)
@@ -118,7 +120,7 @@ def summarise(
         precision, recall = metrics_lib.precision_recall(features, reference.features)
         result |= {"kid": kid, "kid_std": kid_std, "kid_subset_size": size, "precision": precision, "recall": recall}
     if clip is not None:
-        result["clip_score"] = float(np.mean(clip))
+        result["clip_score"] = clip_score.mean_score(float(np.sum(clip, dtype=np.float64)), len(clip))
     return result
 
 

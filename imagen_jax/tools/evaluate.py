@@ -149,13 +149,22 @@ def evaluate(settings: dict, guidance_scales: list[float], out: str) -> dict:
     samplers = settings["samplers"] or ["ddpm"] * n
 
     def sample(chunk: list[str], seeds: list[int], scale: float):
-        outputs = imagen(chunk, seeds, steps=steps, guidance_scales=[scale, *settings["sr_guidance_scales"]], samplers=samplers)
+        outputs = imagen(
+            chunk, seeds, steps=steps, guidance_scales=[scale, *settings["sr_guidance_scales"]], samplers=samplers
+        )
         return images_lib.to_uint8(outputs[-1])
 
     shard = (jax.process_index(), jax.process_count())
     for scale in guidance_scales:
         evaluation.score_scale(
-            sample, scorer, captions, scale, batch_size=settings["batch_size"], seed=settings["seed"], out=out, shard=shard
+            sample,
+            scorer,
+            captions,
+            scale,
+            batch_size=settings["batch_size"],
+            seed=settings["seed"],
+            out=out,
+            shard=shard,
         )
     multihost_utils.sync_global_devices("evaluate: every batch scored")
     results = {

@@ -84,7 +84,11 @@ def make_reference(
     start = last = time.perf_counter()
     for batch in source.batches(batch_size, num_images):
         features = scorer.features(batch)
-        stats = metrics_lib.FeatureStatistics.of(features) if stats is None else stats + metrics_lib.FeatureStatistics.of(features)
+        stats = (
+            metrics_lib.FeatureStatistics.of(features)
+            if stats is None
+            else stats + metrics_lib.FeatureStatistics.of(features)
+        )
         if keep_features:
             kept.append(features)
         if time.perf_counter() - last > 10:
