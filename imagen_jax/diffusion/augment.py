@@ -40,15 +40,18 @@ def augment_lowres(lowres: jax.Array, aug_t: jax.Array, key: jax.Array, schedule
     return q_sample(lowres.astype(jnp.float32), aug_t, noise, schedule)
 
 
-def training_augmentation(lowres: jax.Array, key: jax.Array, schedule: str) -> tuple[jax.Array, jax.Array]:
-    """Random augmentation for a training batch: returns (augmented lowres, aug_t ~ U(0,1) per example).
-    key: one for the batch, or [B] keys (each example's draws then depend on its key alone)."""
+def training_augmentation(
+    lowres: jax.Array, key: jax.Array, schedule: str, max_t: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Random augmentation for a training batch: returns (augmented lowres, aug_t ~ U(0, max_t) per example).
+    key: one for the batch, or [B] keys (each example's draws then depend on its key alone). The paper draws
+    from U(0, 1); a smaller max_t spends a short training run on the levels sampling uses."""
     if key.ndim:
         keys = jax.vmap(jax.random.split)(key)
-        aug_t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys[:, 0])
+        aug_t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 0.0, max_t))(keys[:, 0])
         return augment_lowres(lowres, aug_t, keys[:, 1], schedule), aug_t
     t_key, noise_key = jax.random.split(key)
-    aug_t = jax.random.uniform(t_key, (lowres.shape[0],), jnp.float32)
+    aug_t = jax.random.uniform(t_key, (lowres.shape[0],), jnp.float32, 0.0, max_t)
     return augment_lowres(lowres, aug_t, noise_key, schedule), aug_t
 
 

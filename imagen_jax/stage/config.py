@@ -61,6 +61,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     # SR stages: noise-augmentation time of the low-res input when sampling (training grids and sample.py's
     # default), in [0, 1]; the paper samples with ~0.1-0.3. Base stages ignore it.
     c.diffusion.sr_noise_level = 0.2
+    # SR stages, training: augmentation times are drawn from U(0, sr_train_noise_max) (the paper: U(0, 1)). Lower
+    # spends a short run on the levels sampling uses (at 1.0, half the examples' low-res input is mostly noise).
+    c.diffusion.sr_train_noise_max = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 2048  # global batch, split over processes and data-parallel devices
@@ -201,7 +204,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, "text.max_length")
     _positive(config, "data.image_size")
     _positive(config, "data.crop_size", minimum=0)
-    for key in ("diffusion.cond_drop_prob", "diffusion.sr_noise_level"):
+    for key in ("diffusion.cond_drop_prob", "diffusion.sr_noise_level", "diffusion.sr_train_noise_max"):
         value = _get(config, key)
         if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"config.{key}={value!r} must be in [0, 1]")

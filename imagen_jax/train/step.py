@@ -84,7 +84,7 @@ def make_train_step(
         if lowres is not None:
             z = augment.downsample(part["image"], lowres)
             model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(
-                z, part["augment_key"], dcfg.schedule
+                z, part["augment_key"], dcfg.schedule, float(dcfg.sr_train_noise_max)
             )
         return diffusion_loss(
             apply_fn,
