@@ -284,7 +284,7 @@ class FakeImagen:
             self.stages.append(Stage(workdir=workdir, config=config, params=None, apply_fn=None, step=7, mesh=None))
 
     @classmethod
-    def load(cls, workdirs):
+    def load(cls, workdirs, steps=None):
         return cls(workdirs)
 
     def __call__(self, prompts, seeds, *, steps, guidance_scales, samplers, sr_noise_level, progress):

@@ -1,6 +1,6 @@
 """House rules that a reviewer would otherwise check by eye: imports run downward only.
 
-Layers, bottom to top: models, diffusion, text, data, parallel (the building blocks) < stage (a U-Net of the
+Layers, bottom to top: models, diffusion, text, data, parallel, eval (the building blocks) < stage (a U-Net of the
 cascade with its config, checkpoint and sampling) < train, cascade < tools and the entry points. The building
 blocks never import the stage, train, the cascade or tools; the stage never imports train, the cascade or
 tools; the cascade never imports train. Checked on the source (every `import` statement, also inside functions),
@@ -13,7 +13,7 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILDING_BLOCKS = ("models", "diffusion", "text", "data", "parallel")
+BUILDING_BLOCKS = ("models", "diffusion", "text", "data", "parallel", "eval")
 UPPER = ("stage", "train", "cascade", "tools", "sample_files")
 FORBIDDEN = {
     **{block: UPPER for block in BUILDING_BLOCKS},

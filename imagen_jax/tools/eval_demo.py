@@ -173,11 +173,12 @@ def evaluate_sr(
     steps: int,
     sampler: str = "ddpm",
     count: int = 60,
-    sr_noise_level: float = 0.2,
+    sr_noise_level: float | None = None,
     seed: int = 0,
 ) -> dict:
     """SR fidelity on fresh renders: the SR output, downsampled back, against its input (PSNR), and its
-    sharpness against bicubic upsampling of the same input (high-frequency energy ratio)."""
+    sharpness against bicubic upsampling of the same input (high-frequency energy ratio). The noise level
+    defaults to the SR config's (diffusion.sr_noise_level)."""
     import jax
     import jax.numpy as jnp
 
@@ -187,6 +188,8 @@ def evaluate_sr(
 
     imagen = Imagen.load([base_workdir, sr_workdir])
     sr = imagen.stages[1]
+    if sr_noise_level is None:
+        sr_noise_level = float(sr.config.diffusion.sr_noise_level)
     rng = np.random.default_rng(seed + 12345)
     triples = list(itertools.product(demo.COLORS, demo.SHAPES, demo.POSITIONS))
     picks = [triples[i] for i in rng.permutation(len(triples))[:count]]
