@@ -15,6 +15,7 @@ from imagen_jax.tools.bench_data import benchmark_data
 from imagen_jax.tools.bench_step import benchmark
 
 
+@pytest.mark.slow  # a benchmark run through the CLI: ~35 s
 def test_bench_reports_throughput_and_flops():
     c = config_lib.load_config_file("configs/demo.py")
     c.data.image_size, c.model.dim, c.model.channel_mults = 8, 16, (1, 2)

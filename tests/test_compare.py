@@ -37,6 +37,7 @@ def test_a_stage_loads_the_checkpoint_step_asked_for():
         Stage.load(os.path.join(LEGACY, "base_export"), text_dim=16, mesh=local_mesh(), step=2)
 
 
+@pytest.mark.slow  # samples two models end to end: ~12-30 s
 def test_compare_writes_both_sides_and_a_blind_rating_page(tmp_path, capsys):
     make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
     for side in "ab":  # the same exported model twice: every pair must then be two identical images

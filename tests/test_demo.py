@@ -42,8 +42,12 @@ def test_demo_samples_follow_prompts(tmp_path):
     assert (tmp_path / "samples" / "grid.png").exists() and (tmp_path / "samples" / "samples.json").exists()
     assert len(list((tmp_path / "samples" / "16px").iterdir())) == 24  # the base stage's images
 
-    # FID through the public commands: real vs real (disjoint shards) far below an untrained model's samples,
-    # the trained model in between.
+    check_evaluation(tmp_path)
+
+
+def check_evaluation(tmp_path) -> None:
+    """FID through the public commands on a demo workdir: real vs real (disjoint shards) far below an untrained
+    model's samples, the trained model in between."""
     ev = tmp_path / "evaluation"
     ev.mkdir()
     make_random_inception(str(ev / "inception.safetensors"))

@@ -65,6 +65,7 @@ def test_fid_reference_writes_checked_statistics(setup, capsys):
     assert stats.features.std(0).mean() > 1e-3  # random weights still tell images apart
 
 
+@pytest.mark.slow  # samples and scores twice end to end: ~25-60 s
 def test_evaluate_writes_results_resumes_and_refuses_other_settings(setup, capsys):
     stats = reference(setup, "stats_for_evaluate")
     out = setup / "eval"

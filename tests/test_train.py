@@ -218,6 +218,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(assets, tmp_path):
     assert f"step {done + 1}:" in resumed.stdout and "step 1:" not in resumed.stdout
 
 
+@pytest.mark.slow  # several train.py processes: ~40 s
 def test_train_cli_bad_paths_are_one_line_errors(assets, tmp_path):
     base = ["train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w")]
     proc = _cli(*base, f"--config.text.encoder={tmp_path / 'no_t5'}", f"--config.data.train_shards={tmp_path}/*.rec")
@@ -324,6 +325,7 @@ def test_a_diverging_run_stops_with_a_checkpoint_of_the_last_good_state(assets, 
         np.testing.assert_array_equal(params, ema)  # Never updated: EMA and params are still the init.
 
 
+@pytest.mark.slow  # trains the tiny model: ~35 s
 def test_the_loop_dispatches_each_step_before_reading_the_last_and_feeds_from_a_thread(assets, tmp_path, monkeypatch):
     """Step n's results are read only after step n+1 is on the device queue (so the device never idles while the
     host reads, logs or counts); batches are put on the devices by the feed thread, not between two steps."""
