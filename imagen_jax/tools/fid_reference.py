@@ -84,11 +84,8 @@ def make_reference(
     start = last = time.perf_counter()
     for batch in source.batches(batch_size, num_images):
         features = scorer.features(batch)
-        stats = (
-            metrics_lib.FeatureStatistics.of(features)
-            if stats is None
-            else stats + metrics_lib.FeatureStatistics.of(features)
-        )
+        stats = stats or metrics_lib.FeatureStatistics(features.shape[1])
+        stats.update(features)
         if keep_features:
             kept.append(features)
         if time.perf_counter() - last > 10:
