@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--config", required=True, help="configs/<stage>.py")
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and samples go here (local or gs://)")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    parser.add_argument("--distributed", action="store_true", help="join a multi-host run (parallel/distributed.py)")
     args, overrides = parser.parse_known_args(argv)
 
     from imagen_jax import config as config_lib
@@ -37,17 +37,10 @@ def main(argv: list[str]) -> int:
             config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
         except ConfigError as e:
             raise UsageError(str(e)) from None
-        import jax
-
         if args.distributed:
-            try:
-                jax.distributed.initialize()
-            except (RuntimeError, ValueError) as e:
-                raise UsageError(
-                    f"--distributed: jax.distributed.initialize() found no cluster to join ({e}); run "
-                    "it on every host of a TPU pod slice, or set JAX_COORDINATOR_ADDRESS, "
-                    "JAX_NUM_PROCESSES and JAX_PROCESS_ID"
-                ) from None
+            from imagen_jax.parallel import distributed
+
+            distributed.initialize()
         from imagen_jax.train.loop import run
 
         run(config, args.workdir)  # Returns normally after SIGTERM too: checkpoint written, exit status 0.

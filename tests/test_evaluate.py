@@ -7,6 +7,9 @@ import itertools
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +22,8 @@ from imagen_jax.eval.inception_weights import make_random_inception
 from imagen_jax.text.tiny import make_tiny_t5
 from imagen_jax.tools import evaluate, fid_reference
 
-LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy")
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +137,46 @@ def test_scorer_matches_the_one_device_functions(setup):
     np.testing.assert_allclose(scorer.features(images), expected, rtol=1e-5, atol=1e-5)
     _, pairs = clip_score.clip_score(CLIP.from_pretrained(str(setup / "clip")), images, captions)
     np.testing.assert_allclose(scorer.clip_scores(images, captions), pairs, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow  # two processes start, sample and score; then one process does the same: ~60-90 s
+def test_two_processes_share_the_batches_and_score_what_one_process_scores(setup, tmp_path):
+    """tools.evaluate --distributed over localhost: each process samples its own batches on its own devices,
+    process 0 writes the results, and they are the figures one process computes alone."""
+    stats = reference(setup, "stats_for_two")
+    argv = ["--workdir", str(setup / "base"), "--captions", str(setup / "captions.txt"), "--num_images", "8"]
+    argv += [
+        "--reference",
+        str(stats),
+        "--inception",
+        str(setup / "inception.safetensors"),
+        "--clip",
+        str(setup / "clip"),
+    ]
+    argv += ["--guidance_scale", "2", "--steps", "2", "--batch_size", "4"]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+        env |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)}
+        command = [sys.executable, "-m", "imagen_jax.tools.evaluate", *argv, "--out", str(tmp_path / "two")]
+        procs.append(subprocess.Popen([*command, "--distributed"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "guidance 2: 4/8 images sampled and scored" in outputs[0][0]  # batch 0 on process 0,
+    assert "guidance 2: 8/8 images sampled and scored" in outputs[1][0]  # batch 1 on process 1,
+    assert "4/8" not in outputs[1][0] and '"guidance"' not in outputs[1][0]  # which prints no results.
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+
+    assert evaluate.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    for name, value in one["guidance"]["2"].items():
+        np.testing.assert_allclose(two["guidance"]["2"][name], value, rtol=1e-4, err_msg=name)
+    for index in range(2):
+        with np.load(tmp_path / "two" / "guidance_2" / f"batch_{index:05d}.npz") as a:
+            with np.load(tmp_path / "one" / "guidance_2" / f"batch_{index:05d}.npz") as b:
+                np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ import pytest
 
 import train
 from imagen_jax.data import demo
+from imagen_jax.errors import UsageError
 from imagen_jax.text.tiny import make_tiny_t5
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,3 +173,12 @@ def test_tool_errors_share_the_cli_prefix_and_exit_codes(tmp_path, capsys):
         f"demo: error: config file '{tmp_path / 'missing.py'}' does not exist"
     ]
     assert not (tmp_path / "demo").exists()
+
+
+def test_distributed_process_numbers_must_be_integers(monkeypatch):
+    from imagen_jax.parallel import distributed
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(UsageError, match=r"JAX_NUM_PROCESSES='two' and JAX_PROCESS_ID='0' must both be integers"):
+        distributed.initialize()

@@ -2,6 +2,9 @@
 one-line config errors before anything is built."""
 
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from imagen_jax.eval.clip_tiny import make_tiny_clip
 from imagen_jax.eval.inception_weights import make_random_inception
 from imagen_jax.tools.fid_reference import make_reference
 from imagen_jax.train import setup as setup_lib
-from tests.test_train import assets, tiny_config  # noqa: F401  (the module's shards and T5)
+from tests.test_train import REPO, assets, tiny_config  # noqa: F401  (the module's shards and T5)
 
 
 def eval_config(assets, tmp_path):
@@ -71,3 +74,40 @@ def test_eval_settings_are_checked_before_training(assets, tmp_path):
     sr.eval.update(every=5, captions="c.txt", reference="r.npz", inception="i.safetensors")
     with pytest.raises(config_lib.ConfigError, match="eval.every is set on a super-resolution stage"):
         setup_lib.validate(sr)
+
+
+@pytest.mark.slow  # two processes train 2 steps and evaluate; then one process evaluates the same weights: ~90 s
+def test_two_processes_evaluate_together_and_log_what_one_process_computes(assets, tmp_path):
+    """train.py --distributed over localhost with config.eval on: both processes sample and score every batch on
+    the shared mesh, process 0 logs the figures, and they are what one process computes from the same EMA."""
+    from imagen_jax.cascade import Imagen
+    from imagen_jax.train.periodic_eval import PeriodicEval
+
+    config = eval_config(assets, tmp_path)
+    config.eval.guidance_scales = (3.0,)
+    (tmp_path / "two.py").write_text(
+        f"import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({config.to_dict()!r})\n"
+    )
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+        env |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)}
+        command = [sys.executable, "train.py", "--config", str(tmp_path / "two.py"), "--workdir", str(tmp_path / "run")]
+        procs.append(subprocess.Popen([*command, "--distributed"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "processes: 2" in outputs[0][0] and "(evaluation)" not in outputs[1][0]
+    line = next(line for line in outputs[0][0].splitlines() if line.endswith("(evaluation)"))
+    logged = dict(item.split("=") for item in line[len("step 2: ") : -len("; (evaluation)")].split(", "))
+
+    imagen = Imagen.load([str(tmp_path / "run")])  # one process, the EMA weights of step 2
+    stage = imagen.stages[0]
+    alone = PeriodicEval(stage.config, imagen.mesh, imagen.encoder, stage.apply_fn, print)(stage.params)
+    assert sorted(alone) == sorted(logged)
+    for name, value in alone.items():
+        np.testing.assert_allclose(float(logged[name]), value, rtol=1e-3, err_msg=name)

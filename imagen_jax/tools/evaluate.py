@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="caption subset seed; caption i samples with seed + i")
     parser.add_argument("--batch_size", type=int, default=32, help="images sampled and scored at once")
     parser.add_argument("--out", required=True, help="output folder (local or gs://)")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    parser.add_argument("--distributed", action="store_true", help="join a multi-host run (parallel/distributed.py)")
     args = parser.parse_args(argv)
     stages = [args.workdir, *args.sr_workdir]
     try:
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         if args.distributed:
-            jax.distributed.initialize()
+            from imagen_jax.parallel import distributed
+
+            distributed.initialize()
         results = evaluate(settings, scales, args.out)
         if jax.process_index() == 0:
             print(json.dumps(results, indent=2))
