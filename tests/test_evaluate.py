@@ -7,9 +7,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,9 +18,9 @@ from imagen_jax.eval.clip_tiny import make_tiny_clip
 from imagen_jax.eval.inception_weights import make_random_inception
 from imagen_jax.text.tiny import make_tiny_t5
 from imagen_jax.tools import evaluate, fid_reference
+from tests.processes import run_distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy")
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +42,13 @@ def setup(tmp_path_factory):
         (images / f"{i:02d}.png").write_bytes(buffer.getvalue())
     (root / "captions.txt").write_text("\n".join(demo.all_captions()))
     return root
+
+
+def evaluate_argv(setup, stats) -> list[str]:
+    """tools.evaluate's arguments for 8 captions of the tiny stage, scored with the random Inception and CLIP."""
+    argv = ["--workdir", str(setup / "base"), "--captions", str(setup / "captions.txt"), "--num_images", "8"]
+    argv += ["--reference", str(stats), "--inception", str(setup / "inception.safetensors")]
+    return [*argv, "--clip", str(setup / "clip")]
 
 
 def reference(setup, name, *extra):
@@ -73,15 +77,7 @@ def test_fid_reference_writes_checked_statistics(setup, capsys):
 def test_evaluate_writes_results_resumes_and_refuses_other_settings(setup, capsys):
     stats = reference(setup, "stats_for_evaluate")
     out = setup / "eval"
-    argv = ["--workdir", str(setup / "base"), "--captions", str(setup / "captions.txt"), "--num_images", "8"]
-    argv += [
-        "--reference",
-        str(stats),
-        "--inception",
-        str(setup / "inception.safetensors"),
-        "--clip",
-        str(setup / "clip"),
-    ]
+    argv = evaluate_argv(setup, stats)
     argv += ["--guidance_scale", "1,2", "--steps", "2", "--batch_size", "4", "--out", str(out)]
     assert evaluate.main(argv) == 0
     printed = capsys.readouterr().out
@@ -144,32 +140,12 @@ def test_two_processes_share_the_batches_and_score_what_one_process_scores(setup
     """tools.evaluate --distributed over localhost: each process samples its own batches on its own devices,
     process 0 writes the results, and they are the figures one process computes alone."""
     stats = reference(setup, "stats_for_two")
-    argv = ["--workdir", str(setup / "base"), "--captions", str(setup / "captions.txt"), "--num_images", "8"]
-    argv += [
-        "--reference",
-        str(stats),
-        "--inception",
-        str(setup / "inception.safetensors"),
-        "--clip",
-        str(setup / "clip"),
-    ]
+    argv = evaluate_argv(setup, stats)
     argv += ["--guidance_scale", "2", "--steps", "2", "--batch_size", "4"]
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
-        env |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)}
-        command = [sys.executable, "-m", "imagen_jax.tools.evaluate", *argv, "--out", str(tmp_path / "two")]
-        procs.append(subprocess.Popen([*command, "--distributed"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "guidance 2: 4/8 images sampled and scored" in outputs[0][0]  # batch 0 on process 0,
-    assert "guidance 2: 8/8 images sampled and scored" in outputs[1][0]  # batch 1 on process 1,
-    assert "4/8" not in outputs[1][0] and '"guidance"' not in outputs[1][0]  # which prints no results.
+    outputs = run_distributed(["-m", "imagen_jax.tools.evaluate", *argv, "--out", str(tmp_path / "two")])
+    assert "guidance 2: 4/8 images sampled and scored" in outputs[0]  # batch 0 on process 0,
+    assert "guidance 2: 8/8 images sampled and scored" in outputs[1]  # batch 1 on process 1,
+    assert "4/8" not in outputs[1] and '"guidance"' not in outputs[1]  # which prints no results.
     two = json.loads((tmp_path / "two" / "results.json").read_text())
 
     assert evaluate.main([*argv, "--out", str(tmp_path / "one")]) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from PIL import Image
 from imagen_jax.data import demo
 from imagen_jax.text.tiny import make_tiny_t5
 from tests.checkpoint_helpers import latest_checkpoint
+from tests.processes import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,19 +64,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _run(
     assets, workdir, processes: int, num_steps: int, kind: str = "base", sample_every: int = 0
 ) -> tuple[dict, str]:
     """Trains in `processes` processes; returns the last checkpoint's data item and a parameter checksum
     (read here, in one process: orbax restores are collectives), and process 0's stdout."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [
@@ -139,7 +133,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     demo.write_demo_shards(str(tmp_path / "data"), num_examples=64, image_size=8, num_shards=4, seed=0)
     make_tiny_t5(str(tmp_path / "t5"), demo.all_captions(), d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
-    port, workdir = _free_port(), tmp_path / "run"
+    port, workdir = free_port(), tmp_path / "run"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", SCRIPT, str(i), "2", str(port), str(tmp_path), str(workdir), "100000", "base", "0"],

@@ -2,9 +2,6 @@
 one-line config errors before anything is built."""
 
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,8 @@ from imagen_jax.eval.clip_tiny import make_tiny_clip
 from imagen_jax.eval.inception_weights import make_random_inception
 from imagen_jax.tools.fid_reference import make_reference
 from imagen_jax.train import setup as setup_lib
-from tests.test_train import REPO, assets, tiny_config  # noqa: F401  (the module's shards and T5)
+from tests.processes import run_distributed
+from tests.test_train import assets, tiny_config  # noqa: F401  (the module's shards and T5)
 
 
 def eval_config(assets, tmp_path):
@@ -88,21 +86,9 @@ def test_two_processes_evaluate_together_and_log_what_one_process_computes(asset
     (tmp_path / "two.py").write_text(
         f"import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({config.to_dict()!r})\n"
     )
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
-        env |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)}
-        command = [sys.executable, "train.py", "--config", str(tmp_path / "two.py"), "--workdir", str(tmp_path / "run")]
-        procs.append(subprocess.Popen([*command, "--distributed"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "processes: 2" in outputs[0][0] and "(evaluation)" not in outputs[1][0]
-    line = next(line for line in outputs[0][0].splitlines() if line.endswith("(evaluation)"))
+    outputs = run_distributed(["train.py", "--config", str(tmp_path / "two.py"), "--workdir", str(tmp_path / "run")])
+    assert "processes: 2" in outputs[0] and "(evaluation)" not in outputs[1]
+    line = next(line for line in outputs[0].splitlines() if line.endswith("(evaluation)"))
     logged = dict(item.split("=") for item in line[len("step 2: ") : -len("; (evaluation)")].split(", "))
 
     imagen = Imagen.load([str(tmp_path / "run")])  # one process, the EMA weights of step 2
