@@ -156,3 +156,22 @@ def test_two_processes_share_the_batches_and_score_what_one_process_scores(setup
         with np.load(tmp_path / "two" / "guidance_2" / f"batch_{index:05d}.npz") as a:
             with np.load(tmp_path / "one" / "guidance_2" / f"batch_{index:05d}.npz") as b:
                 np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-5)
+
+
+def test_references_made_another_way_or_size_are_refused(setup):
+    from imagen_jax.errors import MetricsError
+    from imagen_jax.eval.evaluation import check_reference
+    from imagen_jax.eval.scorer import Scorer
+    from imagen_jax.stage.model import local_mesh
+
+    scorer = Scorer(str(setup / "inception.safetensors"), local_mesh())
+    made = dict(resize="tf1_bilinear_299", weights_id="random-seed-0", weights_sha256=scorer.weights_sha256)
+    good = reference_stats.ReferenceStats(
+        np.zeros(4), np.eye(4), 2, **made, feature_layer="pool3_2048", source="s", image_size=8, path="r.npz"
+    )
+    check_reference(good, scorer, 8)
+    with pytest.raises(MetricsError, match="r.npz: reference images were 8px, the samples are 16px"):
+        check_reference(good, scorer, 16)
+    for field, value in [("resize", "pil_bicubic_299"), ("weights_id", "random-seed-1"), ("feature_layer", "logits")]:
+        with pytest.raises(MetricsError, match=f"r.npz: made with {field} {value!r}, this evaluation uses"):
+            check_reference(dataclasses.replace(good, **{field: value}), scorer, 8)

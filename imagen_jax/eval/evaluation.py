@@ -19,8 +19,9 @@ import numpy as np
 from imagen_jax import filesystem
 from imagen_jax import images as images_lib
 from imagen_jax.errors import MetricsError
-from imagen_jax.eval import clip_score
+from imagen_jax.eval import clip_score, reference_stats
 from imagen_jax.eval import metrics as metrics_lib
+from imagen_jax.eval import scorer as scorer_lib
 from imagen_jax.eval.reference_stats import ReferenceStats
 from imagen_jax.eval.scorer import Scorer
 from imagen_jax.files import write_atomically
@@ -124,8 +125,16 @@ def summarise(
     return result
 
 
-def check_sizes(images_size: int, reference: ReferenceStats) -> None:
-    """Samples and reference images must be the same size before Inception's resize, or FID measures the resize."""
+def check_reference(reference: ReferenceStats, scorer: Scorer, images_size: int) -> None:
+    """Refuses reference statistics whose features were made another way than `scorer` makes them (resize,
+    Inception weights, layer), or from images of another size than the samples: FID would measure the difference."""
+    reference_stats.check_compatible(
+        reference,
+        resize=scorer_lib.RESIZE,
+        weights_id=scorer.weights_id,
+        weights_sha256=scorer.weights_sha256,
+        feature_layer=scorer_lib.FEATURE_LAYER,
+    )
     if reference.image_size and reference.image_size != images_size:
         raise MetricsError(
             f"{reference.path}: reference images were {reference.image_size}px, the samples are {images_size}px; "

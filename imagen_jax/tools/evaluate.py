@@ -135,14 +135,7 @@ def evaluate(settings: dict, guidance_scales: list[float], out: str) -> dict:
     reference = reference_stats.load(settings["reference"])
     imagen = Imagen.load(settings["stages"])
     scorer = scorer_lib.Scorer(settings["inception"], imagen.mesh, settings["clip"])
-    reference_stats.check_compatible(
-        reference,
-        resize=scorer_lib.RESIZE,
-        weights_id=scorer.weights_id,
-        weights_sha256=scorer.weights_sha256,
-        feature_layer=scorer_lib.FEATURE_LAYER,
-    )
-    evaluation.check_sizes(imagen.stages[-1].image_size, reference)
+    evaluation.check_reference(reference, scorer, imagen.stages[-1].image_size)
     if jax.process_index() == 0:
         check_settings(out, settings)
     multihost_utils.sync_global_devices("evaluate: settings checked")

@@ -36,14 +36,7 @@ class PeriodicEval:
         self.captions = read_captions(settings.captions, int(settings.num_images), int(settings.seed))
         self.reference = reference_stats.load(settings.reference)
         self.scorer = scorer_lib.Scorer(settings.inception, mesh, settings.clip or None)
-        reference_stats.check_compatible(
-            self.reference,
-            resize=scorer_lib.RESIZE,
-            weights_id=self.scorer.weights_id,
-            weights_sha256=self.scorer.weights_sha256,
-            feature_layer=scorer_lib.FEATURE_LAYER,
-        )
-        evaluation.check_sizes(int(config.data.image_size), self.reference)
+        evaluation.check_reference(self.reference, self.scorer, int(config.data.image_size))
 
     def due(self, step: int) -> bool:
         return step % int(self.config.eval.every) == 0
