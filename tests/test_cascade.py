@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fake_stage(name, image_size, lowres_size=None):
     model = {"kind": "efficient_unet", "lowres_size": lowres_size} if lowres_size else {"kind": "unet"}
     config = ml_collections.ConfigDict({"data": {"image_size": image_size}, "model": model})
-    return Stage(config=config, params=None, apply_fn=None, step=0, workdir=name, mesh=None)
+    return Stage(config=config, params=None, denoiser=None, step=0, workdir=name, mesh=None)
 
 
 def test_check_cascade_names_both_stages_on_a_size_mismatch():

@@ -281,7 +281,7 @@ class FakeImagen:
                     "train": {"sample_steps": 2, "sample_guidance_scale": 1.0},
                 }
             )
-            self.stages.append(Stage(workdir=workdir, config=config, params=None, apply_fn=None, step=7, mesh=None))
+            self.stages.append(Stage(workdir=workdir, config=config, params=None, denoiser=None, step=7, mesh=None))
 
     @classmethod
     def load(cls, workdirs, steps=None):

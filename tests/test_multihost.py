@@ -48,9 +48,9 @@ SCRIPT = textwrap.dedent("""
 
     sample = sampling.sample
 
-    def recorded(config, apply_fn, params, text, text_mask, seeds, **kwargs):
+    def recorded(config, denoiser, params, text, text_mask, seeds, **kwargs):
         # What each grid sampled from and made, as process 0 saw it: the test samples the same in one process.
-        images = sample(config, apply_fn, params, text, text_mask, seeds, **kwargs)
+        images = sample(config, denoiser, params, text, text_mask, seeds, **kwargs)
         mesh = kwargs["mesh"]
         whole = lambda x: mesh_lib.gather_rows(x, len(x), mesh) if isinstance(x, jax.Array) else x
         if jax.process_index() == 0:
@@ -175,7 +175,7 @@ def test_two_processes_write_the_sample_grids_one_process_samples(tmp_path):
         made = dict(np.load(workdir / "grid_inputs.npz"))
         stage = Stage.load(str(workdir), text_dim=16, mesh=local_mesh())  # the EMA weights of step 2
         one = sampling.sample(
-            stage.config, stage.apply_fn, stage.params, made["text"], made["mask"], list(made["seeds"]),
+            stage.config, stage.denoiser, stage.params, made["text"], made["mask"], list(made["seeds"]),
             mesh=stage.mesh, steps=3, guidance_scale=stage.config.train.sample_guidance_scale,
             lowres=made.get("lowres"), size=made["images"].shape[1],
         )  # fmt: skip

@@ -1,5 +1,6 @@
 """Continuous-time Gaussian diffusion: log-SNR schedules, training loss, guidance, DDPM, DDIM and DPM-Solver++."""
 
+from imagen_jax.diffusion.denoiser import Denoiser, fused
 from imagen_jax.diffusion.guidance import (
     THRESHOLD_MODES,
     dynamic_threshold,
@@ -21,6 +22,7 @@ from imagen_jax.diffusion.schedule import SCHEDULES, alpha_sigma, log_snr
 from imagen_jax.diffusion.solvers import SAMPLERS
 
 __all__ = [
+    "Denoiser",
     "OBJECTIVES",
     "SAMPLERS",
     "SCHEDULES",
@@ -28,6 +30,7 @@ __all__ = [
     "alpha_sigma",
     "diffusion_loss",
     "dynamic_threshold",
+    "fused",
     "guided_prediction",
     "log_snr",
     "pred_to_eps",

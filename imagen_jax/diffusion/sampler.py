@@ -1,8 +1,10 @@
 """Sampling loops for the ancestral DDPM, DDIM and DPM-Solver++(2M) samplers, one XLA loop per chunk of steps.
 
-Each of the `steps` model evaluations (one call, on the batch doubled for classifier-free guidance)
-converts the prediction to x0, thresholds it, and hands it to the sampler's update rule (solvers.py,
-which also documents the time grids); the last evaluation returns the thresholded x0 itself.
+The text conditioning is computed once per call, before the loop (denoiser.py): for classifier-free guidance
+the conditional contexts and the null text's, concatenated along the batch. Each of the `steps` model
+evaluations (one call, on the batch doubled for guidance) converts the prediction to x0, thresholds it, and
+hands it to the sampler's update rule (solvers.py, which also documents the time grids); the last evaluation
+returns the thresholded x0 itself.
 
 Speed: the step loop is a `lax.fori_loop` inside `jax.jit` whose bounds are traced, so every chunk (the
 last partial one included), every step count and every chunk size reuse one executable per sampler.
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion.denoiser import Denoiser, fused
 from imagen_jax.diffusion.guidance import check_percentile, check_threshold_mode, guided_prediction, threshold
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
 from imagen_jax.diffusion.schedule import check_schedule, log_snr
@@ -37,26 +40,34 @@ from imagen_jax.diffusion.solvers import (
 ProgressFn = Callable[[int, int], None]
 
 
-def _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_scale, guided):
+@functools.partial(jax.jit, static_argnames=("denoiser", "guided"))
+def _condition(params, text, text_mask, *, denoiser, guided):
+    """The context of every step: the text's; with guidance, [text's; null text's] along the batch."""
+    context = denoiser.condition(params, text, text_mask)
+    if not guided:
+        return context
+    null = denoiser.null_condition(params, text, text_mask)
+    return jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), context, null)
+
+
+def _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided):
     """One model call; with guidance, on [cond; uncond] concatenated along the batch."""
     batch = x.shape[0]
     if not guided:
-        drop = jnp.zeros((batch,), bool)
-        return apply_fn(params, x, jnp.full((batch,), t), text, text_mask, drop, **model_kwargs)
+        return denoiser.denoise(params, x, jnp.full((batch,), t), context, **model_kwargs)
     twice = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731
-    drop = jnp.concatenate([jnp.zeros((batch,), bool), jnp.ones((batch,), bool)])
     kwargs = jax.tree.map(twice, dict(model_kwargs))
-    pred = apply_fn(params, twice(x), jnp.full((2 * batch,), t), twice(text), twice(text_mask), drop, **kwargs)
+    pred = denoiser.denoise(params, twice(x), jnp.full((2 * batch,), t), context, **kwargs)
     return guided_prediction(pred[:batch], pred[batch:], guidance_scale)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "sampler", "schedule", "objective", "thresholding", "percentile", "guided"),
+    static_argnames=("denoiser", "sampler", "schedule", "objective", "thresholding", "percentile", "guided"),
 )
 def _run_chunk(
-    params, state, key, start, stop, steps, text, text_mask, model_kwargs, guidance_scale, eta, start_log_snr,
-    *, apply_fn, sampler, schedule, objective, thresholding, percentile, guided,
+    params, state, key, start, stop, steps, context, model_kwargs, guidance_scale, eta, start_log_snr,
+    *, denoiser, sampler, schedule, objective, thresholding, percentile, guided,
 ):  # fmt: skip
     """Runs evaluations [start, stop) of `steps` on state (x at time_grid(start), previous x0); key: one per example."""
 
@@ -65,7 +76,7 @@ def _run_chunk(
         times = time_grid(i + jnp.arange(-1, 2), steps, sampler, schedule, start_log_snr)  # previous, this, next
         lsnr_prev, lsnr_t, lsnr_s = log_snr(times, schedule)
         t = times[1]
-        pred = _predict(apply_fn, params, x, t, text, text_mask, model_kwargs, guidance_scale, guided)
+        pred = _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided)
         alpha_t, sigma_t = step_alpha_sigma(lsnr_t)
         x0 = threshold(pred_to_x0(pred.astype(jnp.float32), x, alpha_t, sigma_t, objective), thresholding, percentile)
         if sampler == "dpmpp_2m":
@@ -90,7 +101,7 @@ def _check_eta(sampler: str, eta: float) -> None:
 
 
 def sample(
-    apply_fn: ApplyFn,
+    model: Denoiser | ApplyFn,
     params: Any,
     text: jax.Array,
     text_mask: jax.Array,
@@ -117,8 +128,10 @@ def sample(
     sampler again) or 'dpmpp_2m' (DPM-Solver++(2M), deterministic; ~20 steps do what DDPM needs hundreds
     for; its grid starts at log-SNR `dpm_start_log_snr`, see solvers.py). `steps` is the number of model
     evaluations for every sampler.
-    `apply_fn(params, x_t, t, text, text_mask, drop_text, **model_kwargs)` is a jit static argument: pass
-    the same function object every call (not a fresh lambda or functools.partial) or each call recompiles.
+    `model` is a `Denoiser` (text conditioning once, then one call per step) or a plain
+    `apply_fn(params, x_t, t, text, text_mask, drop_text, **model_kwargs)` (sampled as `fused(apply_fn)`).
+    It is a jit static argument: pass the same object every call (not a fresh lambda or functools.partial)
+    or each call recompiles.
     `shape` is the full batch shape [B, H, W, C]. `model_kwargs` leaves (e.g. the low-res image of an SR
     stage) must have the batch as leading axis; they are doubled along with x for guidance.
     `guidance_scale` 1.0 runs the conditional model alone; any other value costs one model call on a
@@ -156,15 +169,18 @@ def sample(
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected the sample shape {tuple(shape)}")
     else:
         x = jnp.asarray(noise, jnp.float32)
+    denoiser = model if isinstance(model, Denoiser) else fused(model)
+    guided = guidance_scale != 1.0
+    context = _condition(params, text, text_mask, denoiser=denoiser, guided=guided)
     run = functools.partial(
         _run_chunk,
-        apply_fn=apply_fn,
+        denoiser=denoiser,
         sampler=sampler,
         schedule=schedule,
         objective=objective,
         thresholding=thresholding,
         percentile=float(percentile),
-        guided=guidance_scale != 1.0,
+        guided=guided,
     )
     # Host scalars (numpy), not arrays on one device, so that a multi-process run passes only global arrays.
     steps_arr = np.asarray(steps, np.int32)
@@ -175,8 +191,8 @@ def sample(
     for chunk in range(math.ceil(steps / chunk_size)):
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, steps)
         state = run(
-            params, state, key_steps, np.int32(start), np.int32(stop), steps_arr, text, text_mask, kwargs, scale,
-            eta_arr, start_lsnr,
+            params, state, key_steps, np.int32(start), np.int32(stop), steps_arr, context, kwargs, scale, eta_arr,
+            start_lsnr,
         )  # fmt: skip
         if progress is not None:
             state[0].block_until_ready()

@@ -81,7 +81,6 @@ from imagen_jax.models.layers import (
     GroupNorm,
     ResBlock,
     SelfAttention,
-    TextConditioning,
     TimeEmbedding,
     Upsample,
     call_remat,
@@ -89,6 +88,7 @@ from imagen_jax.models.layers import (
     conv,
     fold_key,
 )
+from imagen_jax.models.text_context import KeysValues, TextConditioning, TextContext
 from imagen_jax.parallel.activations import constrain
 
 Array = jax.Array
@@ -158,7 +158,10 @@ class SRBlock(nnx.Module):
         )
         self.ffn = FeedForward(out_channels, ffn_mult, rngs=rngs, dtype=dtype) if ffn_mult else None
 
-    def __call__(self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None) -> Array:
+    def __call__(
+        self, x: Array, emb: Array, context: Array | KeysValues | None, mask: Array, dropout_key: Array | None
+    ) -> Array:
+        """``context``: what `TextContext.per_block` gives this block (tokens, or its keys and values)."""
         x = self.res(x, emb, dropout_key)
         if self.self_attn is not None:
             x = call_remat(self.self_attn, x, policy=self.attention_policy)
@@ -171,7 +174,9 @@ class SRBlock(nnx.Module):
 
 class EfficientUNet(TextConditioning, nnx.Module):
     """Text- and low-res-conditional Efficient U-Net:
-    ``model(x, t, text, text_mask, drop_text, dropout_key, *, lowres, lowres_t)``."""
+    ``model(x, t, text, text_mask, drop_text, dropout_key, *, lowres, lowres_t)``, or, with the text's part
+    computed once (``context = model.text_context(text, text_mask, precompute=True)``),
+    ``model.denoise(x, t, context, dropout_key, lowres=..., lowres_t=...)``."""
 
     def __init__(
         self,
@@ -293,9 +298,21 @@ class EfficientUNet(TextConditioning, nnx.Module):
         drop_text [B] bool selects the examples conditioned on the learned null text instead
         (classifier-free guidance); dropout_key enables dropout (None = deterministic).
         """
+        context = self.text_context(text, text_mask, drop_text)
+        return self.denoise(x, t, context, dropout_key, lowres=lowres, lowres_t=lowres_t)
+
+    def blocks_in_call_order(self) -> list[SRBlock]:
+        """The blocks that may cross-attend, in the order `denoise` calls them."""
+        return [*itertools.chain.from_iterable(self.down), *itertools.chain.from_iterable(self.up)]
+
+    def denoise(
+        self, x: Array, t: Array, context: TextContext, dropout_key: Array | None = None, *, lowres: Array,
+        lowres_t: Array,
+    ) -> Array:  # fmt: skip
+        """`__call__` with the text's part given (`text_context`), as a sampler reuses it at every step."""
         self._check_inputs(x, lowres)
-        context, mask = self.text_context(text, text_mask, drop_text)
-        emb = self.time_embed(t) + self.lowres_time_embed(lowres_t) + self.text_pool(context, mask)
+        emb = self.time_embed(t) + self.lowres_time_embed(lowres_t) + context.pooled
+        texts, mask = context.per_block(), context.mask
 
         cond = upsample_lowres(lowres, x.shape[1:3])
         h = constrain(self.input_conv(constrain(jnp.concatenate([x.astype(jnp.float32), cond], -1).astype(self.dtype))))
@@ -304,7 +321,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
         for downsample, blocks in zip(self.downsamples, self.down):
             h = constrain(downsample(h))
             for blk in blocks:
-                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             skips.append(h)
         skips.pop()  # the lowest level turns straight around
 
@@ -312,7 +329,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
             if i > 0:
                 h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
             for blk in blocks:
-                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             h = upsample(h)
 
         h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))

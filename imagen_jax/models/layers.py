@@ -271,20 +271,6 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *, kind: 
     return jax.lax.map(one, blocks).swapaxes(0, 1).reshape(q.shape[:2] + v.shape[2:])
 
 
-def drop_to_null_text(context: Array, mask: Array, null_token: Array, drop_text: Array | None) -> tuple[Array, Array]:
-    """Classifier-free guidance: rows where ``drop_text`` [B] is True get the learned
-    ``null_token`` [1, C] as their only valid token (position 0; the mask keeps one valid key so
-    attention stays well defined); other rows, and all rows when ``drop_text`` is None, pass."""
-    if drop_text is None:
-        return context, mask
-    first = jnp.arange(context.shape[1]) == 0
-    null = jnp.where(first[:, None], null_token, 0.0).astype(context.dtype)
-    drop = jnp.asarray(drop_text, bool)
-    context = jnp.where(drop[:, None, None], null[None], context)
-    mask = jnp.where(drop[:, None], first[None], mask)
-    return context, mask
-
-
 def _split_heads(x: Array, head_dim: int) -> Array:
     return x.reshape(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
 
@@ -391,11 +377,18 @@ class CrossAttention(nnx.Module):
         self.v = dense(context_dim, channels, rngs=rngs, dtype=dtype)
         self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
 
-    def __call__(self, x: Array, context: Array, mask: Array) -> Array:
-        b, hgt, wid, c = x.shape
-        q = constrain(_split_heads(self.q(self.norm(x).reshape(b, hgt * wid, c)), self.head_dim), inner=2)
+    def keys_values(self, context: Array) -> tuple[Array, Array]:
+        """Keys and values [B, L, heads, head_dim] of context tokens [B, L, context_dim]: the same at every
+        sampling step, so a sampler computes them once per prompt."""
         k = constrain(_split_heads(self.k(context), self.head_dim), inner=2)
         v = constrain(_split_heads(self.v(context), self.head_dim), inner=2)
+        return k, v
+
+    def __call__(self, x: Array, context: Array | tuple[Array, Array], mask: Array) -> Array:
+        """``context``: the tokens, or their precomputed ``keys_values``."""
+        b, hgt, wid, c = x.shape
+        q = constrain(_split_heads(self.q(self.norm(x).reshape(b, hgt * wid, c)), self.head_dim), inner=2)
+        k, v = context if isinstance(context, tuple) else self.keys_values(context)
         o = attention(q, k, v, mask, kind=self.attention, chunk=self.attention_chunk)
         return constrain(x + self.out(constrain(o, inner=2).reshape(b, hgt, wid, c)))
 
@@ -482,24 +475,3 @@ class Upsample(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return constrain(self.conv(x))
-
-
-class TextConditioning:
-    """The text path both U-Nets share, mixed into each so its parameters keep top-level names
-    (text_proj, text_norm, null_text, text_pool): T5 tokens are projected to the model width and
-    normalised into the context tokens every cross-attention reads; dropped rows get the learned null
-    token (classifier-free guidance); the attention pool turns the context into a conditioning vector.
-    """
-
-    def init_text_conditioning(
-        self, text_dim: int, dim: int, emb_dim: int, *, head_dim: int, rngs: nnx.Rngs, dtype: jnp.dtype
-    ) -> None:
-        self.text_proj = dense(text_dim, dim, rngs=rngs, dtype=dtype, kernel_names=("text_embed", "channels_out"))
-        self.text_norm = LayerNorm(dim, rngs=rngs, dtype=dtype)
-        self.null_text = param(rngs, nnx.initializers.normal(1.0), (1, dim), (None, "channels_out"))
-        self.text_pool = AttentionPool(dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
-
-    def text_context(self, text: Array, text_mask: Array, drop_text: Array | None) -> tuple[Array, Array]:
-        """Projected, normalised text tokens and their mask; dropped rows get the null token."""
-        context = constrain(self.text_norm(self.text_proj(text.astype(self.dtype))))
-        return drop_to_null_text(context, text_mask.astype(bool), self.null_text[...], drop_text)

@@ -53,7 +53,6 @@ from imagen_jax.models.layers import (
     GroupNorm,
     ResBlock,
     SelfAttention,
-    TextConditioning,
     TimeEmbedding,
     Upsample,
     call_remat,
@@ -61,6 +60,7 @@ from imagen_jax.models.layers import (
     conv,
     fold_key,
 )
+from imagen_jax.models.text_context import KeysValues, TextConditioning, TextContext
 from imagen_jax.parallel.activations import constrain
 
 Array = jax.Array
@@ -110,7 +110,10 @@ class UNetBlock(nnx.Module):
             else None
         )
 
-    def __call__(self, x: Array, emb: Array, context: Array, mask: Array, dropout_key: Array | None) -> Array:
+    def __call__(
+        self, x: Array, emb: Array, context: Array | KeysValues | None, mask: Array, dropout_key: Array | None
+    ) -> Array:
+        """``context``: what `TextContext.per_block` gives this block (tokens, or its keys and values)."""
         x = self.res(x, emb, dropout_key)
         if self.self_attn is not None:
             x = call_remat(self.self_attn, x, policy=self.attention_policy)
@@ -119,7 +122,9 @@ class UNetBlock(nnx.Module):
 
 
 class UNet(TextConditioning, nnx.Module):
-    """Text-conditional U-Net: ``model(x, t, text, text_mask, drop_text, dropout_key)``."""
+    """Text-conditional U-Net: ``model(x, t, text, text_mask, drop_text, dropout_key)``, or, with the text's
+    part computed once (``context = model.text_context(text, text_mask, precompute=True)``),
+    ``model.denoise(x, t, context, dropout_key)``."""
 
     def __init__(
         self,
@@ -214,27 +219,35 @@ class UNet(TextConditioning, nnx.Module):
         drop_text [B] bool selects the examples conditioned on the learned null text instead
         (classifier-free guidance); dropout_key enables dropout (None = deterministic).
         """
-        context, mask = self.text_context(text, text_mask, drop_text)
-        emb = self.time_embed(t) + self.text_pool(context, mask)
+        return self.denoise(x, t, self.text_context(text, text_mask, drop_text), dropout_key)
+
+    def blocks_in_call_order(self) -> list[UNetBlock]:
+        """The blocks that may cross-attend, in the order `denoise` calls them."""
+        return [*itertools.chain.from_iterable(self.down), self.mid, *itertools.chain.from_iterable(self.up)]
+
+    def denoise(self, x: Array, t: Array, context: TextContext, dropout_key: Array | None = None) -> Array:
+        """`__call__` with the text's part given (`text_context`), as a sampler reuses it at every step."""
+        emb = self.time_embed(t) + context.pooled
+        texts, mask = context.per_block(), context.mask
 
         keys = itertools.count()  # one dropout stream per res block, in call order
         h = constrain(self.input_conv(constrain(x.astype(self.dtype))))
         skips = [h]
         for level, blocks in enumerate(self.down):
             for blk in blocks:
-                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
                 skips.append(h)
 
-        h = call_remat(self.mid, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+        h = call_remat(self.mid, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
         h = self.mid_res(h, emb, fold_key(dropout_key, next(keys)))
 
         for level, blocks in enumerate(self.up):
             for blk in blocks:
                 h = constrain(jnp.concatenate([h, skips.pop()], axis=-1))
-                h = call_remat(blk, h, emb, context, mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
             if level < len(self.upsamples):
                 h = self.upsamples[level](h)
 

@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from imagen_jax.diffusion.denoiser import Denoiser
 from imagen_jax.errors import ConfigError
 from imagen_jax.models import efficient_unet, unet
 from imagen_jax.parallel import mesh as mesh_lib
@@ -104,6 +105,23 @@ def make_apply_fn(graphdef: nnx.GraphDef) -> Callable:
     return apply_fn
 
 
+def make_denoiser(graphdef: nnx.GraphDef) -> Denoiser:
+    """The U-Net as the samplers call it: its text conditioning (keys and values of every cross-attention
+    included) computed once per prompt, the unconditional half's from the null text alone, and a per-step call
+    that reuses it; denoise takes the conditioning of `make_apply_fn`."""
+
+    def condition(params, text, text_mask):
+        return nnx.merge(graphdef, params).text_context(text, text_mask, precompute=True)
+
+    def null_condition(params, text, text_mask):
+        return nnx.merge(graphdef, params).null_text_context(*text_mask.shape)
+
+    def denoise(params, x_t, t, context, **conditioning):
+        return nnx.merge(graphdef, params).denoise(x_t, t, context, **conditioning)
+
+    return Denoiser(condition, null_condition, denoise)
+
+
 @dataclasses.dataclass(frozen=True)
 class StageModel:
     """What jitted functions close over: the U-Net's structure and its parameters' shapes and shardings."""
@@ -113,10 +131,10 @@ class StageModel:
     param_shardings: dict  # pure dict of NamedSharding, same tree
 
     @functools.cached_property
-    def apply_fn(self) -> Callable:
-        """One function object per model: the samplers take it as a jit static argument, so a fresh closure
-        per call would recompile every time."""
-        return make_apply_fn(self.graphdef)
+    def denoiser(self) -> Denoiser:
+        """One object per model: the samplers take it as a jit static argument, so a fresh one per call would
+        recompile every time."""
+        return make_denoiser(self.graphdef)
 
     @property
     def num_params(self) -> int:

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from imagen_jax.diffusion import augment
+from imagen_jax.diffusion import Denoiser, augment
 from imagen_jax.diffusion import sample as diffusion_sample
 from imagen_jax.errors import StageError
 from imagen_jax.parallel import mesh as mesh_lib
@@ -34,7 +34,7 @@ AUGMENT_STREAM = 0x5EED
 
 def sample(
     config: ml_collections.ConfigDict,
-    apply_fn: Callable,
+    denoiser: Denoiser,
     params: Any,
     text: np.ndarray | jax.Array,
     text_mask: np.ndarray | jax.Array,
@@ -73,7 +73,7 @@ def sample(
         model_kwargs = {"lowres": z, "lowres_t": aug_t}
     with activation_layout(mesh):  # activations split like the batch, as in training
         x = diffusion_sample(
-            apply_fn,
+            denoiser,
             params,
             place(text),
             place(text_mask),

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from imagen_jax.diffusion import Denoiser
 from imagen_jax.errors import MissingError, StageError, first_line
 from imagen_jax.stage import export as export_lib
 from imagen_jax.stage import sampling
@@ -54,7 +55,7 @@ class Stage(StageSpec):
     """One trained diffusion U-Net with its config and EMA weights."""
 
     params: Any
-    apply_fn: Callable
+    denoiser: Denoiser
     step: int
     mesh: Mesh  # where params live; sampling splits the batch over it
 
@@ -79,7 +80,7 @@ class Stage(StageSpec):
                 )
             params = jax.device_put(params, model.param_shardings)
             step = int(metadata["step"])
-            return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step, mesh=mesh)
+            return cls(workdir=workdir, config=config, params=params, denoiser=model.denoiser, step=step, mesh=mesh)
         checkpointer, step = open_checkpoint(workdir, step)
         try:
             config = checkpoint_config(checkpointer, workdir, step)
@@ -87,7 +88,7 @@ class Stage(StageSpec):
             params = restore_ema(checkpointer, workdir, step, model.abstract_params, text_dim)
         finally:
             checkpointer.close()
-        return cls(workdir=workdir, config=config, params=params, apply_fn=model.apply_fn, step=step, mesh=mesh)
+        return cls(workdir=workdir, config=config, params=params, denoiser=model.denoiser, step=step, mesh=mesh)
 
     def sample(
         self,
@@ -105,7 +106,7 @@ class Stage(StageSpec):
         """Images in [-1,1], [B,S,S,3] (see `stage.sampling.sample`; the SR noise level defaults to the config's)."""
         return sampling.sample(
             self.config,
-            self.apply_fn,
+            self.denoiser,
             self.params,
             text,
             text_mask,

@@ -134,7 +134,7 @@ def _train(
     sample_text = None
     if prompts:  # on the mesh, like every computation of a multi-process run
         sample_text = sampling.encode(encoder, *encoder.tokenizer(prompts, config.text.max_length), mesh)
-    apply_fn = trainer.model.apply_fn
+    denoiser = trainer.model.denoiser
 
     def batch_text(batch: dict, n: int) -> tuple[jax.Array, jax.Array]:
         if encoder is None:
@@ -154,7 +154,7 @@ def _train(
             text_n, mask_n = batch_text(batch, n)
             x = sampling.sample(
                 config,
-                apply_fn,
+                denoiser,
                 state["ema"],
                 text_n,
                 mask_n,
@@ -169,7 +169,7 @@ def _train(
         elif prompts or encoder is None:
             n = len(prompts) or min(4, local_batch)
             text_n, mask_n = sample_text if prompts else batch_text(batch, n)
-            x = sampling.sample(config, apply_fn, state["ema"], text_n, mask_n, seeds[:n], mesh=mesh, **settings)
+            x = sampling.sample(config, denoiser, state["ema"], text_n, mask_n, seeds[:n], mesh=mesh, **settings)
             shown = prompts or [c.decode("utf-8", "replace") for c in captions[:n]]
             grid, caption = images_lib.make_grid(images_lib.to_uint8(x)), " | ".join(shown)
         else:
@@ -183,7 +183,7 @@ def _train(
     # Periodic FID/KID/CLIP score (config.eval), from the EMA weights, on every process; process 0 logs it.
     periodic_eval = None
     if config.eval.every:
-        periodic_eval = PeriodicEval(config, mesh, encoder, apply_fn, log)
+        periodic_eval = PeriodicEval(config, mesh, encoder, denoiser, log)
         log(f"evaluating every {config.eval.every} steps: {len(periodic_eval.captions)} captions per guidance scale")
 
     # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import images as images_lib
+from imagen_jax.diffusion import Denoiser
 from imagen_jax.eval import evaluation, reference_stats
 from imagen_jax.eval import scorer as scorer_lib
 from imagen_jax.eval.sources import read_captions
@@ -28,10 +29,10 @@ class PeriodicEval:
         config: ml_collections.ConfigDict,
         mesh: jax.sharding.Mesh,
         encoder: Any,
-        apply_fn: Callable,
+        denoiser: Denoiser,
         log: Callable[[str], None],
     ):
-        self.config, self.mesh, self.encoder, self.apply_fn, self.log = config, mesh, encoder, apply_fn, log
+        self.config, self.mesh, self.encoder, self.denoiser, self.log = config, mesh, encoder, denoiser, log
         settings = config.eval
         self.captions = read_captions(settings.captions, int(settings.num_images), int(settings.seed))
         self.reference = reference_stats.load(settings.reference)
@@ -50,7 +51,7 @@ class PeriodicEval:
             ids, mask = self.encoder.tokenizer(chunk, config.text.max_length)
             text, mask = sampling.encode(self.encoder, ids, mask, self.mesh)
             x = sampling.sample(
-                config, self.apply_fn, ema, text, mask, seeds, mesh=self.mesh, steps=steps, guidance_scale=scale
+                config, self.denoiser, ema, text, mask, seeds, mesh=self.mesh, steps=steps, guidance_scale=scale
             )
             return images_lib.to_uint8(x)
 
