@@ -93,7 +93,7 @@ def test_two_processes_evaluate_together_and_log_what_one_process_computes(asset
 
     imagen = Imagen.load([str(tmp_path / "run")])  # one process, the EMA weights of step 2
     stage = imagen.stages[0]
-    alone = PeriodicEval(stage.config, imagen.mesh, imagen.encoder, stage.apply_fn, print)(stage.params)
+    alone = PeriodicEval(stage.config, imagen.mesh, imagen.encoder, stage.denoiser, print)(stage.params)
     assert sorted(alone) == sorted(logged)
     for name, value in alone.items():
         np.testing.assert_allclose(float(logged[name]), value, rtol=1e-3, err_msg=name)
