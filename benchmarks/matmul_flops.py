@@ -3,7 +3,8 @@ projects (torch's FlopCounterMode counts the same two kinds of op on the peer's 
 
 XLA's cost analysis also counts element-wise work, reductions and the optimizer's arithmetic, which torch's counter
 does not see; counting only `dot_general` and `conv_general_dilated` in the jaxpr (2 x multiply-adds each, nested
-jaxprs included, scans times their length) compares like with like.
+jaxprs included, scans times their length) compares like with like. A padded convolution counts its whole kernel
+window at every output position, as torch's counter does (XLA's skips the taps that fall on padding).
 """
 
 from __future__ import annotations
