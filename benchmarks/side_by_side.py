@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             PeerWorker(args.peer_python)  # raises the one-line hint
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         start = time.perf_counter()
-        results = {name: run_model(name, whats, args.rounds, args.train_steps, args.peer_python) for name in models}
+        results = {}
+        for name in models:
+            results[name] = run_model(name, whats, args.rounds, args.train_steps, args.peer_python)
+            log(report({name: results[name]}))  # a model's figures survive an interrupted run
     except HarnessError as e:
         print(f"side_by_side: error: {e}", file=sys.stderr)
         return 1
