@@ -282,6 +282,8 @@ def test_timestep_embedding_closed_form():
         ({"attn_resolutions": (4,)}, "attn_resolutions [4]"),
         ({"channel_mults": (1, 2, 2, 2, 2, 2)}, "not divisible"),
         ({"head_dim": 6}, "not a multiple of head_dim 6"),
+        ({"attn_placement": "everywhere"}, "attn_placement 'everywhere' is not one of every_block, level_end"),
+        ({"ffn_mult": -1}, "ffn_mult must be >= 0"),
     ],
 )
 def test_bad_config_names_the_problem(override, message):
@@ -294,3 +296,45 @@ def test_missing_field():
     del cfg["head_dim"]
     with pytest.raises(ValueError, match="missing config.model field"):
         _abstract(cfg)
+
+
+# imagen-pytorch's layout (benchmarks/layouts.py): attention at each level's end with a feed-forward, the resampling
+# convs changing the width, skips from res blocks only.
+PEER_LAYOUT = dict(TINY, channel_mults=(1, 2, 4), num_res_blocks=2, attn_placement="level_end", resample_width=True,
+                   resample_skips=False, ffn_mult=2)  # fmt: skip
+
+
+def _kernel_shapes(model) -> dict[str, tuple]:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_imagen_pytorch_layout_widths_blocks_and_attention():
+    """Each resolution's way down runs one level narrower and its downsample widens; the way up has the level widths
+    and its upsamples narrow; the way up has num_res_blocks per level; attention + FFN only in each level's last."""
+    model = _abstract(PEER_LAYOUT)
+    shapes = _kernel_shapes(model)
+    d = 16
+    assert [shapes[f"['down'][{i}][1]['res']['conv2']['kernel']"] for i in range(3)] == [
+        (3, 3, d, d), (3, 3, d, d), (3, 3, 2 * d, 2 * d)]  # fmt: skip
+    assert [shapes[f"['downsamples'][{i}]['conv']['kernel']"][2:] for i in range(2)] == [(d, d), (d, 2 * d)]
+    assert shapes["['mid']['res']['conv1']['kernel']"] == (3, 3, 2 * d, 4 * d)
+    assert [shapes[f"['upsamples'][{i}]['conv']['kernel']"][2:] for i in range(2)] == [(4 * d, 2 * d), (2 * d, d)]
+    assert [len(blocks) for blocks in model.up] == [2, 2, 2]
+    # up level at 4px: 4d from the mid + a 2d skip from the way down at 4px
+    assert shapes["['up'][0][0]['res']['conv1']['kernel']"] == (3, 3, 6 * d, 4 * d)
+    attends = [[blk.self_attn is not None for blk in blocks] for blocks in (*model.down, *model.up)]
+    no, last = [False, False], [False, True]  # attention at 8 px: the second level down, the second up
+    assert attends == [no, last, no, no, last, no]
+    assert model.down[1][1].ffn is not None and model.down[1][0].ffn is None and model.mid.ffn is not None
+
+
+def test_imagen_pytorch_layout_runs_and_default_fields_keep_adm():
+    """The layout's forward pass has the image's shape; the new fields at their defaults build exactly the parameters
+    a config without them does (old configs and checkpoints)."""
+    graphdef, abstract_state = nnx.split(_abstract(PEER_LAYOUT, image_size=IMAGE))
+    x, t, text, mask = _inputs()
+    out = jax.jit(lambda s: nnx.merge(graphdef, s)(x, t, text, mask))(random_state(abstract_state))
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    explicit = dict(TINY, attn_placement="every_block", resample_width=False, resample_skips=True, ffn_mult=0)
+    assert _kernel_shapes(_abstract(explicit)) == _kernel_shapes(_abstract(TINY))

@@ -10,9 +10,10 @@ text cross-attention at the chosen feature-map resolutions.
   channel_mults     per-level width multipliers; each level but the last ends with a downsample.
   num_res_blocks    residual blocks per level on the way down; the way up uses
                     ``num_res_blocks + 1`` per level (ADM), the extra one consuming the skip from
-                    the downsample / input conv.
+                    the downsample / input conv (unless ``resample_skips`` is False).
   attn_resolutions  feature-map sizes (e.g. 32, 16, 8 at image size 64) where every res block is
-                    followed by self-attention and text cross-attention. The middle block
+                    followed by self-attention and text cross-attention (``attn_placement``: or only
+                    each level's last). The middle block
                     (res, self-attn, cross-attn, res) always has attention.
   head_dim          channels per attention head (heads = width / head_dim; ADM uses 64).
   dropout           dropout rate inside res blocks, active only when a ``dropout_key`` is passed.
@@ -20,6 +21,22 @@ text cross-attention at the chosen feature-map resolutions.
   out_channels      channels predicted (3 for eps / v prediction).
   kind              optional; must be ``"unet"`` (the training code dispatches on it; the SR
                     stages' ``"efficient_unet"`` is built by ``build_sr_unet``).
+  attn_placement    optional, ``"every_block"`` (default, ADM): attention follows every res block of
+                    an attention level; ``"level_end"``: only the last res block of such a level, on
+                    each path (imagen-pytorch's layout: one transformer block per level).
+  resample_width    optional, False (default, ADM): resampling keeps the width and the first res
+                    block of a level changes it; True: the resampling convs change it (imagen-pytorch's
+                    layout): the downsample ending a level widens to that level's width, so each
+                    resolution's way down runs one level narrower (the first level at ``dim``; the
+                    middle block widens to the last level's width), and the upsample ending a level on
+                    the way up narrows to the next level's width.
+  resample_skips    optional, True (default, ADM): the input conv's and every downsample's outputs
+                    are skips too, so the way up has ``num_res_blocks + 1`` blocks per level; False:
+                    only res blocks' outputs are skips and the way up has ``num_res_blocks`` per level
+                    (imagen-pytorch's layout).
+  ffn_mult          optional, 0 (default: none): a per-pixel feed-forward layer (hidden width
+                    ``ffn_mult * width``) after each attention, completing a transformer block
+                    (imagen-pytorch's; the Efficient U-Net's field of the same name).
 
 Architecture choices (documented because the paper leaves them open):
   * resampling is ADM's ``conv_resample`` (stride-2 3x3 conv down, nearest x2 + 3x3 conv up), not
@@ -50,6 +67,7 @@ from flax import nnx
 from imagen_jax.models.layers import (
     CrossAttention,
     Downsample,
+    FeedForward,
     GroupNorm,
     ResBlock,
     SelfAttention,
@@ -75,12 +93,15 @@ MODEL_FIELDS = (
     "in_channels",
     "out_channels",
 )
+# Absent from a config: ADM's layout. The other values give imagen-pytorch's (benchmarks/layouts.py).
+OPTIONAL_FIELDS = {"attn_placement": "every_block", "resample_width": False, "resample_skips": True, "ffn_mult": 0}
+ATTN_PLACEMENTS = ("every_block", "level_end")
 EMB_MULT = 4
 KIND = "unet"
 
 
 class UNetBlock(nnx.Module):
-    """A residual block, optionally followed by self-attention and text cross-attention."""
+    """A residual block, optionally followed by self-attention, text cross-attention and a feed-forward layer."""
 
     def __init__(
         self,
@@ -97,6 +118,7 @@ class UNetBlock(nnx.Module):
         remat_attention: bool = False,
         attention: str = "dot_product",
         attention_chunk: int = 1024,
+        ffn_mult: int = 0,
     ):
         self.attention_policy = "block" if remat_attention else "none"
         kind = dict(attention=attention, attention_chunk=attention_chunk)
@@ -109,6 +131,7 @@ class UNetBlock(nnx.Module):
             if attn
             else None
         )
+        self.ffn = FeedForward(out_channels, ffn_mult, rngs=rngs, dtype=dtype) if attn and ffn_mult else None
 
     def __call__(
         self, x: Array, emb: Array, context: Array | KeysValues | None, mask: Array, dropout_key: Array | None
@@ -118,6 +141,8 @@ class UNetBlock(nnx.Module):
         if self.self_attn is not None:
             x = call_remat(self.self_attn, x, policy=self.attention_policy)
             x = call_remat(self.cross_attn, x, context, mask, policy=self.attention_policy)
+        if self.ffn is not None:
+            x = self.ffn(x)
         return x
 
 
@@ -144,12 +169,17 @@ class UNet(TextConditioning, nnx.Module):
         remat: str = "none",
         attention: str = "dot_product",
         attention_chunk: int = 1024,
+        attn_placement: str = "every_block",
+        resample_width: bool = False,
+        resample_skips: bool = True,
+        ffn_mult: int = 0,
     ):
         sizes = [image_size // 2**i for i in range(len(channel_mults))]
-        _validate(image_size, channel_mults, num_res_blocks, attn_resolutions, dropout, sizes)
+        _validate(image_size, channel_mults, num_res_blocks, attn_resolutions, dropout, sizes, attn_placement, ffn_mult)
         check_remat(remat)
         self.dtype = dtype
         self.remat = remat
+        self.resample_skips = resample_skips
         emb_dim = EMB_MULT * dim
         block = dict(
             emb_dim=emb_dim,
@@ -161,43 +191,56 @@ class UNet(TextConditioning, nnx.Module):
             remat_attention=remat == "attention",
             attention=attention,
             attention_chunk=attention_chunk,
+            ffn_mult=ffn_mult,
         )
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
         self.init_text_conditioning(text_dim, dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
 
         self.input_conv = conv(in_channels, dim, rngs=rngs, dtype=dtype)
-        skip_channels = [dim]
+        skip_channels = [dim] if resample_skips else []
         ch = dim
         down, downsamples = [], []
+
+        def attends(size: int, index: int, count: int) -> bool:
+            return size in attn_resolutions and (attn_placement == "every_block" or index == count - 1)
+
         for level, (mult, size) in enumerate(zip(channel_mults, sizes)):
             blocks = []
-            for _ in range(num_res_blocks):
-                attn = size in attn_resolutions
-                blocks.append(UNetBlock(ch, dim * mult, attn=attn, **block))
-                ch = dim * mult
+            width = ch if resample_width else dim * mult
+            for index in range(num_res_blocks):
+                blocks.append(UNetBlock(ch, width, attn=attends(size, index, num_res_blocks), **block))
+                ch = width
                 skip_channels.append(ch)
             down.append(nnx.List(blocks))
             if level < len(channel_mults) - 1:
-                downsamples.append(Downsample(ch, rngs=rngs, dtype=dtype))
-                skip_channels.append(ch)
+                out = dim * mult if resample_width else ch
+                downsamples.append(Downsample(ch, out_channels=out, rngs=rngs, dtype=dtype))
+                ch = out
+                if resample_skips:
+                    skip_channels.append(ch)
         self.down = nnx.List(down)
         self.downsamples = nnx.List(downsamples)
 
-        self.mid = UNetBlock(ch, ch, attn=True, **block)
-        self.mid_res = ResBlock(ch, ch, emb_dim, dropout_rate=dropout, rngs=rngs, dtype=dtype)
+        mid = dim * channel_mults[-1]
+        self.mid = UNetBlock(ch, mid, attn=True, **block)
+        self.mid_res = ResBlock(mid, mid, emb_dim, dropout_rate=dropout, rngs=rngs, dtype=dtype)
+        ch = mid
 
         up, upsamples = [], []
         for level in reversed(range(len(channel_mults))):
             blocks = []
-            for _ in range(num_res_blocks + 1):
-                attn = sizes[level] in attn_resolutions
+            up_blocks = num_res_blocks + int(resample_skips)
+            for index in range(up_blocks):
+                attn = attends(sizes[level], index, up_blocks)
                 out = dim * channel_mults[level]
                 blocks.append(UNetBlock(ch + skip_channels.pop(), out, attn=attn, **block))
                 ch = out
             up.append(nnx.List(blocks))
             if level > 0:
-                upsamples.append(Upsample(ch, rngs=rngs, dtype=dtype))
+                out = dim * channel_mults[level - 1] if resample_width else ch
+                upsamples.append(Upsample(ch, out_channels=out, rngs=rngs, dtype=dtype))
+                ch = out
         self.up = nnx.List(up)
         self.upsamples = nnx.List(upsamples)
 
@@ -232,14 +275,15 @@ class UNet(TextConditioning, nnx.Module):
 
         keys = itertools.count()  # one dropout stream per res block, in call order
         h = constrain(self.input_conv(constrain(x.astype(self.dtype))))
-        skips = [h]
+        skips = [h] if self.resample_skips else []
         for level, blocks in enumerate(self.down):
             for blk in blocks:
                 h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
-                skips.append(h)
+                if self.resample_skips:
+                    skips.append(h)
 
         h = call_remat(self.mid, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
         h = self.mid_res(h, emb, fold_key(dropout_key, next(keys)))
@@ -262,6 +306,8 @@ def _validate(
     attn_resolutions: tuple[int, ...],
     dropout: float,
     sizes: list[int],
+    attn_placement: str = "every_block",
+    ffn_mult: int = 0,
 ) -> None:
     if not channel_mults:
         raise ValueError("config.model.channel_mults must not be empty")
@@ -277,6 +323,10 @@ def _validate(
         raise ValueError(f"config.model.attn_resolutions {unknown} are not feature-map sizes of this U-Net {sizes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"config.model.dropout must be in [0, 1), got {dropout}")
+    if attn_placement not in ATTN_PLACEMENTS:
+        raise ValueError(f"config.model.attn_placement {attn_placement!r} is not one of {', '.join(ATTN_PLACEMENTS)}")
+    if ffn_mult < 0:
+        raise ValueError(f"config.model.ffn_mult must be >= 0 (0 = no FFN), got {ffn_mult}")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -291,6 +341,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.dropout = 0.0  # dropout in residual blocks while training
     c.in_channels = 3
     c.out_channels = 3
+    c.attn_placement = "every_block"  # every_block (ADM) | level_end (after a level's last res block only)
+    c.resample_width = False  # True: down/upsampling convs change the width (a level's blocks keep what they get)
+    c.resample_skips = True  # False: only res blocks' outputs are skips; the way up has num_res_blocks per level
+    c.ffn_mult = 0  # feed-forward after each attention, hidden ffn_mult * width (0 = none)
     return c
 
 
@@ -299,10 +353,12 @@ def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) 
     kind = fields.pop("kind", KIND)
     if kind != KIND:
         raise ValueError(f"config.model.kind is {kind!r}; build_unet builds kind {KIND!r}")
-    unknown = sorted(set(fields) - set(MODEL_FIELDS))
+    fields = {**OPTIONAL_FIELDS, **fields}
+    allowed = [*MODEL_FIELDS, *OPTIONAL_FIELDS]
+    unknown = sorted(set(fields) - set(allowed))
     missing = sorted(set(MODEL_FIELDS) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config.model field(s) {unknown}; allowed: {list(MODEL_FIELDS)}")
+        raise ValueError(f"unknown config.model field(s) {unknown}; allowed: {allowed}")
     if missing:
         raise ValueError(f"missing config.model field(s) {missing}")
     return dict(
@@ -314,6 +370,10 @@ def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) 
         dropout=float(fields["dropout"]),
         in_channels=int(fields["in_channels"]),
         out_channels=int(fields["out_channels"]),
+        attn_placement=str(fields["attn_placement"]),
+        resample_width=bool(fields["resample_width"]),
+        resample_skips=bool(fields["resample_skips"]),
+        ffn_mult=int(fields["ffn_mult"]),
     )
 
 
@@ -322,7 +382,14 @@ def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, im
     args = _constructor_args(model_cfg)
     sizes = [image_size // 2**i for i in range(len(args["channel_mults"]))]
     _validate(
-        image_size, args["channel_mults"], args["num_res_blocks"], args["attn_resolutions"], args["dropout"], sizes
+        image_size,
+        args["channel_mults"],
+        args["num_res_blocks"],
+        args["attn_resolutions"],
+        args["dropout"],
+        sizes,
+        args["attn_placement"],
+        args["ffn_mult"],
     )
 
 

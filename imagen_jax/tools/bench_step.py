@@ -51,7 +51,7 @@ def random_text(config: ml_collections.ConfigDict, t5: str, mesh: jax.sharding.M
     return setup_lib.Text(text.encoder.with_state(params), params, text.shardings, text.dim, description)
 
 
-def _batch(config: ml_collections.ConfigDict, text: setup_lib.Text, mesh: jax.sharding.Mesh) -> dict:
+def random_batch(config: ml_collections.ConfigDict, text: setup_lib.Text, mesh: jax.sharding.Mesh) -> dict:
     """Random images and captions (tokenised, or random ids for a T5 without a tokenizer, or random embeddings)."""
     rng = np.random.default_rng(0)
     batch_size, size, length = config.train.batch_size, train_size(config), config.text.max_length
@@ -78,7 +78,7 @@ def benchmark(
         text = _real_or_tiny_text(config, mesh, text_dim)
     trainer = setup_lib.setup(config, mesh, text)
     batch_size, size = config.train.batch_size, train_size(config)  # SR: trained on crops
-    batch = _batch(config, text, mesh)
+    batch = random_batch(config, text, mesh)
     num_params = trainer.model.num_params
     t5_params = sum(math.prod(x.shape) for x in jax.tree.leaves(text.params))
     if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
