@@ -79,7 +79,7 @@ class Ours:
         start = time.perf_counter()
         x = sampling.sample(
             self.config,
-            self.trainer.model.apply_fn,
+            self.trainer.model.denoiser,
             self.state["ema"],
             text,
             mask,
