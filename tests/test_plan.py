@@ -167,4 +167,6 @@ def test_fsdp_gathers_move_kernels_in_bfloat16(tmp_path):
     gathers = re.findall(r"= \(?(\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", hlo)
     ranks = collections.Counter((dtype, len(shape.split(","))) for dtype, shape in gathers)
     assert ranks[("bf16", 4)] > 0  # conv kernels [3, 3, in, out] are gathered ...
-    assert not [key for key in ranks if key[0] == "f32" and key[1] >= 2]  # ... and no kernel in float32
+    # ... and no kernel ([in, out] or [3, 3, in, out]) in float32; GroupNorm's [batch, groups, channels/group]
+    # statistics are small float32 gathers of rank 3
+    assert not [key for key in ranks if key[0] == "f32" and key[1] in (2, 4)]

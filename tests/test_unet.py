@@ -222,38 +222,57 @@ def _eqns(jaxpr):
                     yield from _eqns(inner)
 
 
-def _group_norm_reference(x, scale, bias, groups, eps=1e-5):
-    """The plain formula, differentiated by autodiff."""
+def _group_norm_reference(x, scale, bias, groups, eps, silu):
+    """The plain formula (per-sample affine: scale, bias [B, C]), differentiated by autodiff."""
     b, h, w, c = x.shape
     xg = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
     mean = xg.mean(axis=(1, 2, 4), keepdims=True)
     var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-    return ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale + bias
+    z = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale[:, None, None] + bias[:, None, None]
+    return jax.nn.silu(z) if silu else z
 
 
-def test_group_norm_gradients_match_autodiff_and_keep_no_float32_copy():
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_gradients_match_autodiff_and_keep_no_float32_copy(silu):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(1.0, 2.0, size=(2, 4, 4, 32)), jnp.float32)
-    scale, bias = (jnp.asarray(rng.normal(size=(32,)), jnp.float32) for _ in range(2))
+    scale, bias = (jnp.asarray(rng.normal(size=(2, 32)), jnp.float32) for _ in range(2))
     weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
 
     def loss(fn):
-        return lambda x, s, b: jnp.sum(jnp.tanh(fn(x, s, b, 8, 1e-5)) * weights)
+        return lambda x, s, b: jnp.sum(jnp.tanh(fn(x, s, b, 8, 1e-5, silu)) * weights)
 
+    np.testing.assert_allclose(
+        layers.group_norm(x, scale, bias, 8, 1e-5, silu), _group_norm_reference(x, scale, bias, 8, 1e-5, silu),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
     ours = jax.grad(loss(layers.group_norm), argnums=(0, 1, 2))(x, scale, bias)
     ref = jax.grad(loss(_group_norm_reference), argnums=(0, 1, 2))(x, scale, bias)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
-    # bfloat16 activations: the backward pass keeps x in bfloat16 and [B, groups] statistics, nothing of x's size
+    # bfloat16 activations: the backward pass keeps x in bfloat16 and [B, C] statistics, nothing of x's size
     # in float32 (autodiff of the plain formula keeps float32 activations)
     def big_residuals(fn):  # dtypes of what the pullback keeps that is as large as x
-        _, pullback = jax.vjp(lambda x: jnp.tanh(fn(x, scale, bias, 8, 1e-5)), x.astype(jnp.bfloat16))
+        _, pullback = jax.vjp(lambda x: jnp.tanh(fn(x, scale, bias, 8, 1e-5, silu)), x.astype(jnp.bfloat16))
         return {str(r.dtype) for r in jax.tree.leaves(pullback) if r.size >= x.size}
 
     assert "float32" in big_residuals(_group_norm_reference)
     big = big_residuals(layers.group_norm)
     assert "float32" not in big and "bfloat16" in big
+
+
+def test_group_norm_module_folds_film_and_silu():
+    """GroupNorm(x, film=(s, t), silu=True) is SiLU(GroupNorm(x) * (1 + s) + t), the ResBlock's formula."""
+    norm = layers.GroupNorm(32, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    rng = np.random.default_rng(4)
+    norm.scale[...] = jnp.asarray(rng.normal(size=32), jnp.float32)
+    norm.bias[...] = jnp.asarray(rng.normal(size=32), jnp.float32)
+    x = jnp.asarray(rng.normal(0.5, 2.0, size=(3, 4, 4, 32)), jnp.float32)
+    film = tuple(jnp.asarray(rng.normal(size=(3, 32)), jnp.float32) for _ in range(2))
+    expected = jax.nn.silu(norm(x) * (1 + film[0][:, None, None]) + film[1][:, None, None])
+    np.testing.assert_allclose(norm(x, film=film, silu=True), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm(x, silu=True), jax.nn.silu(norm(x)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels, groups", [(64, 32), (48, 16), (16, 16)])

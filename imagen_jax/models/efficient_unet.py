@@ -333,7 +333,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
             h = upsample(h)
 
         h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
-        h = constrain(self.out_conv(jax.nn.silu(self.out_norm(h))))
+        h = constrain(self.out_conv(self.out_norm(h, silu=True)))
         return h.astype(jnp.float32)
 
 

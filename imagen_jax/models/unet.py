@@ -295,7 +295,7 @@ class UNet(TextConditioning, nnx.Module):
             if level < len(self.upsamples):
                 h = self.upsamples[level](h)
 
-        h = constrain(self.out_conv(jax.nn.silu(self.out_norm(h))))
+        h = constrain(self.out_conv(self.out_norm(h, silu=True)))
         return h.astype(jnp.float32)
 
 
