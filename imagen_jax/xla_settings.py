@@ -36,7 +36,7 @@ def configure(environ: MutableMapping[str, str] = os.environ, jaxlib_version: st
         try:
             jaxlib_version = importlib.metadata.version("jaxlib")
         except importlib.metadata.PackageNotFoundError:
-            jaxlib_version = None
+            pass  # no jaxlib: nothing to configure
     flags = environ.get("XLA_FLAGS", "")
     missing = [flag for flag in cpu_flags(jaxlib_version) if flag.split("=")[0] not in flags]
     if missing:

@@ -145,17 +145,27 @@ class GroupNorm(nnx.Module):
         return group_norm(x, scale, bias, self.groups, self.eps, silu).astype(self.dtype)
 
 
-def _group_moments(x: Array, groups: int, eps: float) -> tuple[Array, Array]:
-    """Mean and 1/std of x [B,H,W,C] per (sample, group), in float32, repeated per channel: [B, 1, C] each.
+def _pixels(x: Array) -> Array:
+    """x [B,H,W,C] as float32 [B, H*W, C]: the layout every GroupNorm reduction and formula works on."""
+    b, h, w, c = x.shape
+    return x.astype(jnp.float32).reshape(b, h * w, c)
+
+
+def _group_moments(xf: Array, groups: int, eps: float) -> tuple[Array, Array]:
+    """Mean and 1/std of xf [B, H*W, C] per (sample, group), in float32, repeated per channel: [B, 1, C] each.
 
     Reduced over H*W per channel first ([B, H*W, C] -> [B, C], the channels staying the contiguous axis), then over
     the channels of each group: on CPU this is several times faster than reducing [B,H,W,G,C/G] over (1, 2, 4).
     """
-    b, h, w, c = x.shape
-    xf = x.astype(jnp.float32).reshape(b, h * w, c)
-    mean = _group_mean(xf.sum(axis=1), groups, h * w)
-    var = _group_mean(jnp.square(xf - mean).sum(axis=1), groups, h * w)
+    mean = _group_mean(xf.sum(axis=1), groups, xf.shape[1])
+    var = _group_mean(jnp.square(xf - mean).sum(axis=1), groups, xf.shape[1])
     return mean, jax.lax.rsqrt(var + eps)
+
+
+def _normalise(xf: Array, mean: Array, rstd: Array, scale: Array, bias: Array) -> tuple[Array, Array]:
+    """The normalised activations xhat and their affine z = xhat * scale + bias (scale, bias: [B, C])."""
+    xhat = (xf - mean) * rstd
+    return xhat, xhat * scale[:, None] + bias[:, None]
 
 
 def _group_mean(per_channel: Array, groups: int, pixels: int) -> Array:
@@ -178,8 +188,9 @@ def group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float, sil
 
 
 def _group_norm_forward(x, scale, bias, groups, eps, silu):
-    mean, rstd = _group_moments(x, groups, eps)
-    z = (x.astype(jnp.float32).reshape(mean.shape[0], -1, mean.shape[2]) - mean) * rstd * scale[:, None] + bias[:, None]
+    xf = _pixels(x)
+    mean, rstd = _group_moments(xf, groups, eps)
+    _, z = _normalise(xf, mean, rstd, scale, bias)
     # SiLU as z / (1 + exp(-z)): a division ends the expression, and XLA does not copy an expensive op into each
     # consumer, so the output is computed once and read by the convolution and its weight gradient; with
     # z * sigmoid(z) XLA:CPU recomputed it inside the weight gradient's slow transposed copy (1.2x per tiny32 step)
@@ -189,17 +200,15 @@ def _group_norm_forward(x, scale, bias, groups, eps, silu):
 
 def _group_norm_backward(groups, eps, silu, residuals, dy):
     x, mean, rstd, scale, bias = residuals
-    b, h, w, c = x.shape
-    xhat = (x.astype(jnp.float32).reshape(b, h * w, c) - mean) * rstd
-    dz = dy.astype(jnp.float32).reshape(b, h * w, c)
+    xhat, z = _normalise(_pixels(x), mean, rstd, scale, bias)
+    dz = _pixels(dy)
     if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-        z = xhat * scale[:, None] + bias[:, None]
         sigmoid = jax.nn.sigmoid(z)
         dz = dz * sigmoid * (1 + z * (1 - sigmoid))
     dbias, dscale = dz.sum(axis=1), (dz * xhat).sum(axis=1)  # [B, C]: one pass gives both
     # d xhat = dz * scale; dx = rstd * (dxhat - group mean of dxhat - xhat * group mean of dxhat * xhat)
-    dxhat_mean = _group_mean(dbias * scale, groups, h * w)
-    dxhat_xhat_mean = _group_mean(dscale * scale, groups, h * w)
+    dxhat_mean = _group_mean(dbias * scale, groups, xhat.shape[1])
+    dxhat_xhat_mean = _group_mean(dscale * scale, groups, xhat.shape[1])
     dx = rstd * (dz * scale[:, None] - dxhat_mean - xhat * dxhat_xhat_mean)
     return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
