@@ -4,8 +4,15 @@
     python -m imagen_jax.tools.bench --config configs/base64.py --steps 0 --t5 xxl   # FLOPs only, T5-XXL in the step
 
 Runs the real jitted train step (frozen T5 + U-Net + optimizer + EMA, sharded over all devices), built by the
-same `train.setup.setup` call as training, on random images and captions, after one compile step. FLOPs come
-from XLA's cost analysis of the compiled step; MFU = achieved FLOP/s / (peak_tflops per device x devices).
+same `train.setup.setup` call as training, on random images and captions, after one compile step.
+
+Two FLOP counts per step. `gflop_per_step` is XLA's cost analysis of the compiled step: everything it executes,
+element-wise work, the optimizer and a remat policy's recomputed forward included, but a compiled loop's body
+only once (micro-batches) and nothing inside a library call such as cuDNN's fused attention. `model_gflop_per_step`
+is the model's work counted from shapes (`plan.matmul_flops`: 2 x the multiply-adds of every matrix product and
+convolution of the step, attention's included) with remat off and plain attention, so it is the same for every
+remat policy, attention kind and backend. MFU = model FLOPs per second / (peak_tflops per device x devices),
+the usual definition (PaLM's).
 The T5 in the step is `config.text.encoder` (a T5 folder) if set; else, with --t5 xxl|xl|large|CONFIG_JSON, a T5
 of that real shape with random weights, born sharded (T5-XXL costs ~1.2 TFLOP per caption: its real share of the
 step); else a random one-layer T5 of width --text_dim (its cost is small next to the U-Net's, its width sets the
@@ -81,6 +88,7 @@ def benchmark(
     batch = random_batch(config, text, mesh)
     num_params = trainer.model.num_params
     t5_params = sum(math.prod(x.shape) for x in jax.tree.leaves(text.params))
+    counted = model_flops(config, mesh, text)
     if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
         cost = trainer.train_step.lower(
             trainer.abstract_state(), text.params, batch, trainer.no_streak(abstract=True)
@@ -94,8 +102,23 @@ def benchmark(
             "global_batch": batch_size,
             "gflop_per_step": round(flops / 1e9, 4),
             "gflop_per_image": round(flops / 1e9 / batch_size, 1),
+            "model_gflop_per_step": round(counted / 1e9, 4),
         }
-    return _time(trainer, text, batch, steps, peak_tflops, t5_params)
+    return _time(trainer, text, batch, steps, peak_tflops, t5_params, counted)
+
+
+def model_flops(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text: setup_lib.Text) -> float:
+    """FLOPs of the model's matrix products and convolutions in one train step, counted from the shapes of the
+    step's jaxpr traced with `train.remat` 'none' and plain `dot_product` attention (a recomputed forward is not
+    the model's work, and a Pallas kernel hides its matmuls from the jaxpr); nothing is allocated or compiled."""
+    config = config.copy_and_resolve_references()
+    config.train.remat, config.train.attention = "none", "dot_product"
+    trainer = setup_lib.setup(config, mesh, text)
+    batch = jax.eval_shape(lambda: random_batch(config, text, mesh))
+    jaxpr = jax.make_jaxpr(trainer.train_step)(
+        trainer.abstract_state(), text.params, batch, trainer.no_streak(abstract=True)
+    )
+    return plan_lib.matmul_flops(jaxpr)
 
 
 def _real_or_tiny_text(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text_dim: int) -> setup_lib.Text:
@@ -115,7 +138,7 @@ def _real_or_tiny_text(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
 
 def _time(trainer: setup_lib.TrainSetup, text: setup_lib.Text, batch: dict, steps: int,
-          peak_tflops: float | None, t5_params: int) -> dict:  # fmt: skip
+          peak_tflops: float | None, t5_params: int, counted: float) -> dict:  # fmt: skip
     config = trainer.config
     batch_size, size, num_params = config.train.batch_size, train_size(config), trainer.model.num_params
     state, streak = trainer.init_state(), trainer.no_streak()
@@ -148,7 +171,9 @@ def _time(trainer: setup_lib.TrainSetup, text: setup_lib.Text, batch: dict, step
         "gflop_per_step": round(flops / 1e9, 4),
         "gflop_per_image": round(flops / 1e9 / batch_size, 1),
         "achieved_tflops": round(flops / step_s / 1e12, 3),
+        "model_gflop_per_step": round(counted / 1e9, 4),
+        "model_tflops": round(counted / step_s / 1e12, 3),
     }
     if peak_tflops:
-        result["mfu"] = round(flops / step_s / (peak_tflops * 1e12 * jax.device_count()), 4)
+        result["mfu"] = round(counted / step_s / (peak_tflops * 1e12 * jax.device_count()), 4)
     return result
