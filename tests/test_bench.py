@@ -30,8 +30,8 @@ def test_bench_reports_throughput_and_flops():
 
 
 def test_model_flops_for_mfu_leave_out_what_remat_recomputes():
-    """MFU's FLOPs are the model's: with a remat policy the step's jaxpr holds the recomputed forward too, the
-    model count stays what the step without remat computes."""
+    """MFU's FLOPs are the model's: with a remat policy the step's jaxpr holds the recomputed forward too, which
+    the model count leaves out; the caller's config is not changed by counting."""
     import jax
 
     from imagen_jax.parallel import mesh as mesh_lib
