@@ -16,7 +16,7 @@ from imagen_jax.tools.bench_step import benchmark, model_flops, random_batch
 
 
 @pytest.mark.slow  # a benchmark run through the CLI: ~35 s
-def test_bench_reports_throughput_and_flops():
+def test_bench_reports_throughput_and_flops(capsys):
     c = config_lib.load_config_file("configs/demo.py")
     c.data.image_size, c.model.dim, c.model.channel_mults = 8, 16, (1, 2)
     c.model.attn_resolutions, c.model.head_dim, c.train.batch_size = (4,), 8, 4
@@ -27,6 +27,9 @@ def test_bench_reports_throughput_and_flops():
     assert abs(result["images_per_s"] - 4 / (result["step_ms"] / 1e3)) / result["images_per_s"] < 0.05
     assert abs(result["mfu"] - result["model_tflops"] / 1.0) < 1e-3
     assert 0 < result["model_gflop_per_step"] <= result["gflop_per_step"]
+    # Each long phase is announced on stderr (minutes for a large model), so a run stopped early shows where.
+    phases = [line.split(";")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("bench: ")]
+    assert phases[2:4] == ["bench: compiling the train step", f"bench: compiled in {result['compile_s']} s"], phases
 
 
 def test_model_flops_for_mfu_leave_out_what_remat_recomputes():
@@ -158,6 +161,10 @@ def test_cli_prints_a_table_row_per_setting_for_given_shards(tmp_path, capsys):
         (["--data", "--shards", "/nonexistent/*.tfrecord"], "no shard files match '/nonexistent/*.tfrecord'"),
         (["--data", "--config.train.steps=1"], "unknown arguments for --data: --config.train.steps=1"),
         ([], "give either --config FILE (model mode) or --data (data mode)"),
+        (
+            ["--config", "configs/demo.py", "--config.model.attn_resolutions=(32,)"],
+            "attn_resolutions [32] are not feature-map sizes of this U-Net [16, 8, 4] (data.image_size=16)",
+        ),
     ],
 )
 def test_cli_bad_arguments_are_one_line_errors(argv, message, capsys):

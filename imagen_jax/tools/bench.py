@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.loop and (args.t5 or args.peak_tflops):
             raise UsageError("--loop trains on config.text.encoder's T5; it takes neither --t5 nor --peak_tflops")
         from imagen_jax import config as config_lib
+        from imagen_jax.stage import config as stage_config
 
         try:
             config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+            stage_config.validate(config)  # a bad field is a one-line error here, not a traceback from the build
         except ConfigError as e:
             raise UsageError(str(e)) from None
         if args.loop:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -41,6 +42,12 @@ from imagen_jax.train import plan as plan_lib
 from imagen_jax.train import setup as setup_lib
 
 CAPTIONS = ["a red circle on the left", "a photograph of a corgi wearing sunglasses on the beach"]
+
+
+def progress(message: str) -> None:
+    """A line on stderr for each long phase (a 2B-parameter step takes minutes to trace and compile), so a run
+    stopped early shows how far it got; the figures alone go to stdout."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 def random_text(config: ml_collections.ConfigDict, t5: str, mesh: jax.sharding.Mesh, abstract: bool) -> setup_lib.Text:
@@ -88,7 +95,10 @@ def benchmark(
     batch = random_batch(config, text, mesh)
     num_params = trainer.model.num_params
     t5_params = sum(math.prod(x.shape) for x in jax.tree.leaves(text.params))
+    progress(f"U-Net {num_params / 1e6:.1f}M params, batch {batch_size}; counting the model's FLOPs (one trace)")
+    start = time.perf_counter()
     counted = model_flops(config, mesh, text)
+    progress(f"{counted / 1e9:.4g} GFLOP per step, counted in {time.perf_counter() - start:.1f} s")
     if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
         cost = trainer.train_step.lower(
             trainer.abstract_state(), text.params, batch, trainer.no_streak(abstract=True)
@@ -143,9 +153,11 @@ def _time(trainer: setup_lib.TrainSetup, text: setup_lib.Text, batch: dict, step
     batch_size, size, num_params = config.train.batch_size, train_size(config), trainer.model.num_params
     state, streak = trainer.init_state(), trainer.no_streak()
 
+    progress("compiling the train step")
     start = time.perf_counter()
     compiled = trainer.train_step.lower(state, text.params, batch, streak).compile()
     compile_s = time.perf_counter() - start
+    progress(f"compiled in {compile_s:.1f} s; one warm-up step, then {steps} timed")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
