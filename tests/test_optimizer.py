@@ -56,3 +56,32 @@ def test_weight_decay_is_decoupled_and_follows_the_schedule():
     lr = optimizer_lib.learning_rate_schedule(c)(9)
     np.testing.assert_allclose(np.asarray(updates["w"]), -lr * 0.1 * np.ones((4, 6)), rtol=1e-5)
     assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+
+
+def _schedule_config(warmup: int, num_steps: int, end_fraction: float):
+    c = _base64_train_config("adamw")
+    c.learning_rate, c.warmup_steps, c.num_steps, c.end_lr_fraction = 2e-4, warmup, num_steps, end_fraction
+    return c
+
+
+def test_schedule_is_linear_warm_up_then_cosine_in_closed_form():
+    peak, end, warmup, total = 2e-4, 2e-5, 10, 110
+    lr = optimizer_lib.learning_rate_schedule(_schedule_config(warmup, total, 0.1))
+    steps = np.array([0, 5, 10, 35, 60, 85, 110, 200])
+    decay = np.clip((steps - warmup) / (total - warmup), 0, 1)
+    expected = np.where(steps < warmup, peak * steps / warmup, end + (peak - end) * 0.5 * (1 + np.cos(np.pi * decay)))
+    np.testing.assert_allclose([float(lr(s)) for s in steps], expected, rtol=1e-5, atol=1e-12)
+
+
+def test_a_schedule_without_warm_up_or_decay_is_a_constant_that_num_steps_does_not_enter():
+    """Same values as the warm-up + cosine form it stands for, and the same compiled program for any num_steps,
+    so a run resumed with another num_steps loads its train step from the compilation cache."""
+    constant = [optimizer_lib.learning_rate_schedule(_schedule_config(0, n, 1.0)) for n in (4, 6)]
+    general = optax.warmup_cosine_decay_schedule(0.0, 2e-4, 0, 6, 2e-4)
+    for step in (0, 1, 3, 5, 6, 100):  # in float32, as the step computes it
+        assert np.float32(constant[0](step)) == np.float32(constant[1](step)) == general(step) == np.float32(2e-4)
+    texts = [jax.jit(lambda s, f=f: f(s)).lower(jnp.int32(0)).as_text() for f in constant]
+    assert texts[0] == texts[1]
+    decaying = [optimizer_lib.learning_rate_schedule(_schedule_config(0, n, 0.5)) for n in (4, 6)]
+    texts = [jax.jit(lambda s, f=f: f(s)).lower(jnp.int32(0)).as_text() for f in decaying]
+    assert texts[0] != texts[1]  # with decay, num_steps is part of the program

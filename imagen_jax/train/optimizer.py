@@ -17,8 +17,13 @@ OPTIMIZERS = ("adamw", "adafactor")
 
 
 def learning_rate_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    """0 -> learning_rate over warmup_steps, then cosine to end_lr_fraction * learning_rate at num_steps."""
+    """0 -> learning_rate over warmup_steps, then cosine to end_lr_fraction * learning_rate at num_steps.
+
+    Without warm-up or decay it is a constant, the same values, and the compiled step then does not depend on
+    num_steps: a run resumed with another num_steps reuses the compilation cache instead of compiling again."""
     warmup = min(int(train_cfg.warmup_steps), int(train_cfg.num_steps))
+    if warmup == 0 and float(train_cfg.end_lr_fraction) == 1.0:
+        return optax.constant_schedule(float(train_cfg.learning_rate))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=float(train_cfg.learning_rate),
