@@ -12,7 +12,8 @@ only once (micro-batches) and nothing inside a library call such as cuDNN's fuse
 is the model's work counted from shapes (`plan.matmul_flops`: 2 x the multiply-adds of every matrix product and
 convolution of the step, attention's included) with remat off and plain attention, so it is the same for every
 remat policy, attention kind and backend. MFU = model FLOPs per second / (peak_tflops per device x devices),
-the usual definition (PaLM's).
+the usual definition (PaLM's). On a GPU or TPU, `peak_device_memory_gib` is the first device's peak allocation
+(the state, the step's activations and XLA's scratch): how close the batch is to filling it.
 The T5 in the step is `config.text.encoder` (a T5 folder) if set; else, with --t5 xxl|xl|large|CONFIG_JSON, a T5
 of that real shape with random weights, born sharded (T5-XXL costs ~1.2 TFLOP per caption: its real share of the
 step); else a random one-layer T5 of width --text_dim (its cost is small next to the U-Net's, its width sets the
@@ -27,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,14 +97,15 @@ def benchmark(
     batch = random_batch(config, text, mesh)
     num_params = trainer.model.num_params
     t5_params = sum(math.prod(x.shape) for x in jax.tree.leaves(text.params))
-    progress(f"U-Net {num_params / 1e6:.1f}M params, batch {batch_size}; counting the model's FLOPs (one trace)")
+    progress(f"U-Net {num_params / 1e6:.1f}M params, batch {batch_size}; tracing the train step")
     start = time.perf_counter()
-    counted = model_flops(config, mesh, text)
+    traced = trainer.train_step.trace(trainer.abstract_state(), text.params, batch, trainer.no_streak(abstract=True))
+    progress(f"traced in {time.perf_counter() - start:.1f} s; counting the model's FLOPs")
+    start = time.perf_counter()
+    counted = model_flops(config, mesh, text, traced.jaxpr)
     progress(f"{counted / 1e9:.4g} GFLOP per step, counted in {time.perf_counter() - start:.1f} s")
     if steps == 0:  # FLOPs only: lowered on abstract shapes, so not even base64's state is allocated.
-        cost = trainer.train_step.lower(
-            trainer.abstract_state(), text.params, batch, trainer.no_streak(abstract=True)
-        ).cost_analysis()
+        cost = traced.lower().cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
         return {
             "unet_params_M": round(num_params / 1e6, 2),
@@ -114,13 +117,19 @@ def benchmark(
             "gflop_per_image": round(flops / 1e9 / batch_size, 1),
             "model_gflop_per_step": round(counted / 1e9, 4),
         }
-    return _time(trainer, text, batch, steps, peak_tflops, t5_params, counted)
+    return _time(trainer, traced, text, batch, steps, peak_tflops, t5_params, counted)
 
 
-def model_flops(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text: setup_lib.Text) -> float:
+def model_flops(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text: setup_lib.Text, step_jaxpr: Any
+) -> float:
     """FLOPs of the model's matrix products and convolutions in one train step, counted from the shapes of the
     step's jaxpr traced with `train.remat` 'none' and plain `dot_product` attention (a recomputed forward is not
-    the model's work, and a Pallas kernel hides its matmuls from the jaxpr); nothing is allocated or compiled."""
+    the model's work, and a Pallas kernel hides its matmuls from the jaxpr): `step_jaxpr`, the benchmarked step's
+    own, when the config is already so (one trace of a 2B-parameter step saved), else a second trace; nothing is
+    allocated or compiled."""
+    if config.train.remat == "none" and config.train.attention == "dot_product":
+        return plan_lib.matmul_flops(step_jaxpr)
     config = config.copy_and_resolve_references()
     config.train.remat, config.train.attention = "none", "dot_product"
     trainer = setup_lib.setup(config, mesh, text)
@@ -147,17 +156,19 @@ def _real_or_tiny_text(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
         return setup_lib.load_text(config, mesh)
 
 
-def _time(trainer: setup_lib.TrainSetup, text: setup_lib.Text, batch: dict, steps: int,
+def _time(trainer: setup_lib.TrainSetup, traced: Any, text: setup_lib.Text, batch: dict, steps: int,
           peak_tflops: float | None, t5_params: int, counted: float) -> dict:  # fmt: skip
     config = trainer.config
     batch_size, size, num_params = config.train.batch_size, train_size(config), trainer.model.num_params
-    state, streak = trainer.init_state(), trainer.no_streak()
-
-    progress("compiling the train step")
+    progress("lowering and compiling the train step")
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, text.params, batch, streak).compile()
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
-    progress(f"compiled in {compile_s:.1f} s; one warm-up step, then {steps} timed")
+    progress(f"compiled in {compile_s:.1f} s; initialising the train state")
+    start = time.perf_counter()
+    state, streak = trainer.init_state(), trainer.no_streak()
+    jax.block_until_ready(state)
+    progress(f"initialised in {time.perf_counter() - start:.1f} s; one warm-up step, then {steps} timed")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -186,6 +197,9 @@ def _time(trainer: setup_lib.TrainSetup, text: setup_lib.Text, batch: dict, step
         "model_gflop_per_step": round(counted / 1e9, 4),
         "model_tflops": round(counted / step_s / 1e12, 3),
     }
+    stats = jax.devices()[0].memory_stats()  # None on CPU
+    if stats and "peak_bytes_in_use" in stats:
+        result["peak_device_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
     if peak_tflops:
         result["mfu"] = round(counted / step_s / (peak_tflops * 1e12 * jax.device_count()), 4)
     return result
