@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from imagen_jax.config import load_config_file
+from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import EfficientUNet, build_sr_unet, build_unet, upsample_lowres
 from tests.random_params import random_state
 
@@ -33,7 +34,7 @@ VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", N
 
 def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) -> EfficientUNet:
     return nnx.eval_shape(
-        lambda: build_sr_unet(cfg, image_size=image_size, text_dim=text_dim, rngs=nnx.Rngs(0), dtype=dtype)
+        lambda: build_sr_unet(cfg, image_size=image_size, text_dim=text_dim, rngs=init_rngs(0), dtype=dtype)
     )
 
 
@@ -192,7 +193,7 @@ def test_real_init_zeroes_residual_branches_and_output():
     """build_sr_unet's own init: every residual branch (res blocks, attention, feed-forward) and
     the output conv start at zero, so the model starts as a zero prediction; the rest is random."""
     # Jitted init (one compile, rbg keys: both much cheaper on CPU than eager threefry init).
-    rngs = lambda: nnx.Rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
+    rngs = lambda: init_rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
     params = jax.jit(
         lambda: nnx.state(build_sr_unet(TINY, image_size=IMAGE, text_dim=TEXT_DIM, rngs=rngs()), nnx.Param)
     )()
@@ -286,7 +287,7 @@ def test_build_unet_accepts_its_own_kind_only():
         out_channels=3,
     )
     build = lambda cfg: nnx.eval_shape(  # noqa: E731
-        lambda: build_unet(cfg, image_size=16, text_dim=8, rngs=nnx.Rngs(0))
+        lambda: build_unet(cfg, image_size=16, text_dim=8, rngs=init_rngs(0))
     )
     assert _count(build({**base, "kind": "unet"})) == _count(build(base))
     with pytest.raises(ValueError, match="config.model.kind is 'efficient_unet'"):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from imagen_jax import diffusion
+from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import build_sr_unet, build_unet
 from imagen_jax.stage.model import make_apply_fn, make_denoiser
 from tests import test_efficient_unet, test_unet
@@ -25,7 +26,7 @@ def model(request):
         build, cfg = build_unet, dict(test_unet.TINY, dropout=0.0, attn_resolutions=(16, 8))
     else:
         build, cfg = build_sr_unet, dict(test_efficient_unet.TINY, dropout=0.0)
-    abstract = nnx.eval_shape(lambda: build(cfg, image_size=IMAGE, text_dim=TEXT_DIM, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build(cfg, image_size=IMAGE, text_dim=TEXT_DIM, rngs=init_rngs(0)))
     graphdef, state = nnx.split(abstract)
     return request.param, graphdef, random_state(state)
 

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from imagen_jax.config import load_config_file
+from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import UNet, build_unet, layers
 from tests.random_params import random_state
 
@@ -31,7 +32,7 @@ VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", N
 
 def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) -> UNet:
     return nnx.eval_shape(
-        lambda: build_unet(cfg, image_size=image_size, text_dim=text_dim, rngs=nnx.Rngs(0), dtype=dtype)
+        lambda: build_unet(cfg, image_size=image_size, text_dim=text_dim, rngs=init_rngs(0), dtype=dtype)
     )
 
 
@@ -140,7 +141,7 @@ def test_real_init_zeroes_residual_branches_and_output():
     """build_unet's own init: every residual branch and the output conv start at zero (identity
     blocks, zero output), the rest is random."""
     # Jitted init (one compile, rbg keys: both much cheaper on CPU than eager threefry init).
-    rngs = lambda: nnx.Rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
+    rngs = lambda: init_rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
     params = jax.jit(lambda: nnx.state(build_unet(TINY, image_size=IMAGE, text_dim=TEXT_DIM, rngs=rngs()), nnx.Param))()
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
     zero = [k for k in flat if "conv2']['kernel" in k or "out']['kernel" in k or "out_conv" in k]
@@ -264,7 +265,7 @@ def test_group_norm_gradients_match_autodiff_and_keep_no_float32_copy(silu):
 
 def test_group_norm_module_folds_film_and_silu():
     """GroupNorm(x, film=(s, t), silu=True) is SiLU(GroupNorm(x) * (1 + s) + t), the ResBlock's formula."""
-    norm = layers.GroupNorm(32, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    norm = layers.GroupNorm(32, rngs=init_rngs(0), dtype=jnp.float32)
     rng = np.random.default_rng(4)
     norm.scale[...] = jnp.asarray(rng.normal(size=32), jnp.float32)
     norm.bias[...] = jnp.asarray(rng.normal(size=32), jnp.float32)
@@ -277,7 +278,7 @@ def test_group_norm_module_folds_film_and_silu():
 
 @pytest.mark.parametrize("channels, groups", [(64, 32), (48, 16), (16, 16)])
 def test_group_norm_matches_numpy(channels, groups):
-    norm = layers.GroupNorm(channels, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    norm = layers.GroupNorm(channels, rngs=init_rngs(0), dtype=jnp.float32)
     assert norm.groups == groups
     x = np.random.default_rng(0).normal(2.0, 3.0, size=(2, 4, 4, channels)).astype(np.float32)
     xg = x.reshape(2, 4, 4, groups, channels // groups)

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imagen_jax import filesystem, flax_settings  # noqa: F401  (flax_settings: before any variable is built)
+from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.eval.clip_preprocess import ImageProcessing
 from imagen_jax.eval.clip_tokenizer import CLIPTokenizer
+from imagen_jax.flax_settings import init_rngs  # importing flax_settings: before any variable is built
 from imagen_jax.text.weight_files import WeightFolder
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -370,7 +371,7 @@ class CLIP:
                 f"image tower takes {cfg.vision.image_size}x{cfg.vision.image_size}"
             )
         tokenizer = CLIPTokenizer(path, length=cfg.text.max_position_embeddings)
-        abstract = nnx.eval_shape(lambda: CLIPModule(cfg, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: CLIPModule(cfg, init_rngs(0)))
         graphdef, state = nnx.split(abstract)
         loaded = nnx.from_flat_state(list(_load_params(path, cfg, state)))
         return cls(nnx.merge(graphdef, loaded), tokenizer, processing)

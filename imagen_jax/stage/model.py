@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from imagen_jax.diffusion.denoiser import Denoiser
 from imagen_jax.errors import ConfigError
+from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import efficient_unet, unet
 from imagen_jax.parallel import mesh as mesh_lib
 
@@ -86,7 +87,7 @@ def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0)
         config.model,
         image_size=config.data.image_size,
         text_dim=text_dim,
-        rngs=nnx.Rngs(seed),
+        rngs=init_rngs(seed),
         dtype=compute_dtype(config.train.compute_dtype),
         remat=config.train.remat,
         attention=config.train.attention,

@@ -23,6 +23,7 @@ from jax.typing import DTypeLike
 
 from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
+from imagen_jax.flax_settings import init_rngs
 from imagen_jax.parallel.activations import constrain
 from imagen_jax.text.tokenizer import Tokenizer
 from imagen_jax.text.weight_files import WeightFolder
@@ -292,7 +293,7 @@ class T5Encoder:
         """
         cfg = T5Config.from_json(os.path.join(path, "config.json"))
         tokenizer = Tokenizer(path)
-        abstract = nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=init_rngs(0)))
         graphdef, state = nnx.split(abstract)
         shardings = None if place is None else place(state)
         loaded = nnx.from_flat_state(list(_load_params(path, cfg, state, dtype, shardings)))
@@ -303,7 +304,7 @@ class T5Encoder:
         """The encoder's structure and parameter shapes from a config.json alone (no weights, no tokenizer):
         what ahead-of-time compiles (tools.plan) lower against. Its `state` holds ShapeDtypeStructs."""
         cfg = T5Config.from_json(config_json)
-        return cls(nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=nnx.Rngs(0))), tokenizer=None)
+        return cls(nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=init_rngs(0))), tokenizer=None)
 
     def with_state(self, state: nnx.State) -> T5Encoder:
         """The same encoder over other parameter arrays (e.g. sharded copies), so that the old ones can be freed."""

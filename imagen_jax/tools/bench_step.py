@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from imagen_jax.flax_settings import init_rngs
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage.model import train_size
 from imagen_jax.text import make_tiny_t5
@@ -60,7 +61,7 @@ def random_text(config: ml_collections.ConfigDict, t5: str, mesh: jax.sharding.M
         return text
     module = text.encoder.module
     params = jax.jit(
-        lambda: nnx.state(T5EncoderModule(module.cfg, dtype=module.dtype, rngs=nnx.Rngs(0))),
+        lambda: nnx.state(T5EncoderModule(module.cfg, dtype=module.dtype, rngs=init_rngs(0))),
         out_shardings=text.shardings,
     )()
     description = text.description.replace("(shapes only)", "(random weights)")
