@@ -107,3 +107,18 @@ def test_layouts_describe_the_same_network_sizes():
         assert attn == ours_fields["attn_resolutions"] and peer["layer_cross_attns"] == peer["layer_attns"], name
         assert ours_fields["num_res_blocks"] == peer["num_resnet_blocks"] + 1, name  # a peer level: N + 1 blocks
         assert math.isclose(float(peer["ff_mult"]), 2.0) and np.isfinite(lay["guidance"])
+
+
+def test_xla_options_bad_arguments_are_one_line_errors():
+    """benchmarks/xla_options.py step: a bad --options or --model stops before anything is compiled."""
+    import subprocess
+
+    script = str(BENCHMARKS / "xla_options.py")
+    for args, message in [
+        (["--options", "{"], "xla_options: error: --options is not JSON"),
+        (["--options", "[1]"], 'xla_options: error: --options must be a JSON object {"name": {"option": value}, ...}'),
+        (["--options", '{"a": 1}'], "xla_options: error: --options must be a JSON object"),
+        (["--model", "nope"], "xla_options: error: unknown model 'nope'; one of tiny32, base64-small"),
+    ]:
+        proc = subprocess.run([sys.executable, script, "step", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
