@@ -9,7 +9,7 @@ and the input pipeline (data mode, tools/bench_data.py).
 
 Model mode prints a JSON object (images/s, FLOPs per step and image, MFU with --peak_tflops; with --loop the
 training loop's images/s on real data beside the bare step's, tools/bench_loop.py) on stdout, and a line per
-long phase (FLOP count, compile) on stderr as it goes; data mode a table
+long phase (trace, FLOP count, compile, state init) on stderr as it goes; data mode a table
 of images/s per output size and num_parallel_calls, with how to read it. The two modules' docstrings say how
 each is measured. Bad arguments exit 2, other errors 1, each as one line `bench: error: ...`.
 """
