@@ -16,11 +16,31 @@ from imagen_jax.tools.bench_step import benchmark, model_flops, random_batch
 
 
 @pytest.mark.slow  # a benchmark run through the CLI: ~35 s
-def test_bench_reports_throughput_and_flops(capsys):
-    c = config_lib.load_config_file("configs/demo.py")
-    c.data.image_size, c.model.dim, c.model.channel_mults = 8, 16, (1, 2)
-    c.model.attn_resolutions, c.model.head_dim, c.train.batch_size = (4,), 8, 4
-    result = benchmark(c, steps=2, text_dim=16, peak_tflops=1.0)
+def test_bench_reports_throughput_and_flops_without_tensorflow():
+    """The train-step benchmark through its CLI, with any import of TensorFlow failing (a GPU or TPU machine may
+    have JAX only: issue 14's GPU had no TensorFlow): consistent figures on stdout, each long phase on stderr."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    no_tf = "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; "
+    no_tf += "runpy.run_module('imagen_jax.tools.bench', run_name='__main__')"
+    tiny = [
+        "--config.data.image_size=8",
+        "--config.model.dim=16",
+        "--config.model.channel_mults=(1,2)",
+        "--config.model.attn_resolutions=(4,)",
+        "--config.model.head_dim=8",
+        "--config.train.batch_size=4",
+    ]
+    args = ["bench", "--config", "configs/demo.py", "--steps", "2", "--text_dim", "16", "--peak_tflops", "1", *tiny]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", no_tf, *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
     assert result["global_batch"] == 4 and result["image_size"] == 8 and result["unet_params_M"] > 0
     assert result["gflop_per_step"] > 0 and result["images_per_s"] > 0
     # Figures agree with each other: images/s = batch / step time; MFU = the model's FLOP/s / peak.
@@ -28,7 +48,7 @@ def test_bench_reports_throughput_and_flops(capsys):
     assert abs(result["mfu"] - result["model_tflops"] / 1.0) < 1e-3
     assert 0 < result["model_gflop_per_step"] <= result["gflop_per_step"]
     # Each long phase is announced on stderr (minutes for a large model), so a run stopped early shows where.
-    phases = [line.split(";")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("bench: ")]
+    phases = [line.split(";")[0] for line in proc.stderr.splitlines() if line.startswith("bench: ")]
     i = phases.index("bench: lowering and compiling the train step")
     assert phases[i + 1] == f"bench: compiled in {result['compile_s']} s", phases
     assert phases[i + 2].startswith("bench: initialised in "), phases
