@@ -22,9 +22,11 @@ from imagen_jax.train import setup as setup_lib
 
 
 def stage_config(layout: dict) -> ml_collections.ConfigDict:
-    """A base stage's config for `layout` (layouts.LAYOUTS[name]): its model fields, size, batch and text."""
+    """A base stage's config for `layout` (layouts.LAYOUTS[name]): its model and train fields, size, batch and
+    text."""
     config = config_lib.base_config("unet")
     config.model.update(layout["ours"])
+    config.train.update(layout.get("ours_train", {}))
     config.data.image_size = layout["image_size"]
     config.data.precomputed_text = True
     config.text.max_length = layout["text_len"]

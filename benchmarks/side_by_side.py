@@ -14,6 +14,10 @@ load hits both sides alike; each round times `--train_steps` train steps (batch 
 and one sampling run (4 images, 50 DDPM steps, classifier-free guidance 3). Compiling (ours) and first-call
 allocation (the peer's) happen in an untimed warm-up. The table gives medians with their min-max spread and the
 ratio peer / ours of the medians (> 1: imagen-jax is faster). Both sides compute in float32 on 2 CPU threads.
+
+The memory allocator moves both sides by ~1.3x (benchmarks/README.md): the peer inherits this process's
+environment, so `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/side_by_side.py
+...` runs both with tcmalloc; the report names the allocator.
 """
 
 from __future__ import annotations
@@ -131,8 +135,11 @@ def run_model(name: str, whats: list[str], rounds: int, train_steps: int, peer_p
 
 
 def report(results: dict) -> str:
-    """The counts table and the timings table (medians, min-max, ratio peer / ours)."""
+    """The counts table and the timings table (medians, min-max, ratio peer / ours), under the allocator both
+    sides ran with: it moves both (benchmarks/README.md), so a table without it cannot be compared."""
     lines = [
+        f"Allocator (both sides): {os.environ.get('LD_PRELOAD') or 'the C library malloc'}",
+        "",
         "| model | params peer | params ours | GFLOP/step peer | GFLOP/step ours |",
         "|---|---|---|---|---|",
     ]

@@ -63,6 +63,7 @@ def test_every_layout_builds_a_valid_stage_config_and_tiny32_counts_are_pinned()
         config = ours.stage_config(lay)
         assert config.data.image_size == lay["image_size"] and config.train.batch_size == lay["batch"], name
         assert config.train.compute_dtype == "float32" and config.data.precomputed_text
+        assert all(config.train[key] == value for key, value in lay.get("ours_train", {}).items()), name
     counts = ours.count(dict(layout, batch=2))
     # pinned: a change to the U-Net's layout must be matched against imagen-pytorch again (side_by_side.py)
     assert counts == {"params": 3_046_595, "flops": 4_290_248_704}
@@ -75,12 +76,16 @@ def test_agreement_check_names_what_differs():
     assert problems == ["params: peer 100, ours 94 (-6.0%)"]
 
 
-def test_spread_and_report():
+def test_spread_and_report(monkeypatch):
     assert side_by_side.spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
     timing = {"peer": side_by_side.spread([2.0]), "ours": side_by_side.spread([1.0])}
     result = {"layout": {"batch": 8}, "counts": {"peer": {"params": 1e6, "flops": 2e9}, "ours": {"params": 1e6,
               "flops": 2e9}}, "timings": {"train": timing}}  # fmt: skip
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libtcmalloc_minimal.so.4")
     text = side_by_side.report({"m": result})
+    assert text.startswith("Allocator (both sides): /lib/libtcmalloc_minimal.so.4\n")
+    monkeypatch.delenv("LD_PRELOAD")
+    assert side_by_side.report({"m": result}).startswith("Allocator (both sides): the C library malloc\n")
     assert "| m | train | 2.000 (2.000-2.000) s/step (batch 8), n=1 | 1.000 (1.000-1.000)" in text
     assert text.endswith("| 2.00x |")
 
