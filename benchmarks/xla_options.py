@@ -53,6 +53,9 @@ def step_mode(model: str, rounds: int, options: dict) -> None:
     args = (ours.text.params, ours.batch)
     compiled = {}
     for name, opts in options.items():
+        if not opts:  # the package's own flags: the step Ours compiled already
+            compiled[name] = ours.step
+            continue
         start = time.perf_counter()
         compiled[name] = ours.trainer.train_step.lower(ours.state, *args, ours.streak).compile(compiler_options=opts)
         print(f"{name}: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from imagen_jax.data.synthetic import write_synthetic_shards
 from imagen_jax.tools.bench import main
 from imagen_jax.tools.bench_data import benchmark_data
 from imagen_jax.tools.bench_step import benchmark, model_flops, random_batch
+from tests.processes import run_without_tensorflow
 
 
 @pytest.mark.slow  # a benchmark run through the CLI: ~35 s
@@ -20,13 +21,7 @@ def test_bench_reports_throughput_and_flops_without_tensorflow():
     """The train-step benchmark through its CLI, with any import of TensorFlow failing (a GPU or TPU machine may
     have JAX only: issue 14's GPU had no TensorFlow): consistent figures on stdout, each long phase on stderr."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    no_tf = "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; "
-    no_tf += "runpy.run_module('imagen_jax.tools.bench', run_name='__main__')"
     tiny = [
         "--config.data.image_size=8",
         "--config.model.dim=16",
@@ -35,10 +30,8 @@ def test_bench_reports_throughput_and_flops_without_tensorflow():
         "--config.model.head_dim=8",
         "--config.train.batch_size=4",
     ]
-    args = ["bench", "--config", "configs/demo.py", "--steps", "2", "--text_dim", "16", "--peak_tflops", "1", *tiny]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", no_tf, *args], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    args = ["-m", "imagen_jax.tools.bench", "--config", "configs/demo.py", "--steps", "2", "--text_dim", "16"]
+    proc = run_without_tensorflow([*args, "--peak_tflops", "1", *tiny])
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["global_batch"] == 4 and result["image_size"] == 8 and result["unet_params_M"] > 0

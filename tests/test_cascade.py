@@ -14,6 +14,7 @@ from imagen_jax.data import demo
 from imagen_jax.sample_args import per_stage
 from imagen_jax.stage.stage import Stage
 from imagen_jax.text.tiny import make_tiny_t5
+from tests.processes import run_without_tensorflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,8 +89,6 @@ def test_sample_py_runs_without_tensorflow_on_local_folders(tmp_path):
     """An inference host with JAX only: sample.py from a local export into a local folder, with any import of
     TensorFlow failing, writes its images; a gs:// --out then needs TensorFlow and says so in one line."""
     import shutil
-    import subprocess
-    import sys
 
     legacy = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy")
     export = tmp_path / "base_export"
@@ -98,17 +97,10 @@ def test_sample_py_runs_without_tensorflow_on_local_folders(tmp_path):
     config = json.loads((export / "config.json").read_text())
     config["text"]["encoder"] = str(tmp_path / "t5")
     (export / "config.json").write_text(json.dumps(config))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    no_tf = "import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; "
-    no_tf += "runpy.run_path('sample.py', run_name='__main__')"
 
     def sample(out):
         args = ["sample.py", "--workdir", str(export), "--prompt", "a red circle", "--num_images", "2", "--steps", "2"]
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        return subprocess.run(
-            [sys.executable, "-c", no_tf, *args, "--out", out], cwd=repo, env=env, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
+        return run_without_tensorflow([*args, "--out", out])
 
     proc = sample(str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
