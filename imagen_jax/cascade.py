@@ -79,6 +79,7 @@ class Imagen:
             config.text.encoder,
             dtype=compute_dtype(config.text.dtype),
             place=lambda abstract: t5_shardings(config, abstract, mesh),
+            lowercase=config.text.lowercase,
         )
         stages = [Stage.load(w, text_dim=encoder.dim, mesh=mesh, step=s) for w, s in zip(workdirs, steps)]
         return cls(encoder, stages, mesh)

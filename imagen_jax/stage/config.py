@@ -27,6 +27,7 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.text.encoder = ""  # Hugging Face T5 folder: config.json, model.safetensors (or index), tokenizer files
     c.text.max_length = 128  # tokens per caption (EOS included); longer captions are truncated
     c.text.dtype = "bfloat16"  # T5 compute dtype: float32 | bfloat16
+    c.text.lowercase = False  # captions lower-cased and stripped before tokenizing (DeepFloyd IF's preprocessing)
 
     c.data = ml_collections.ConfigDict()
     c.data.train_shards = (

@@ -25,7 +25,7 @@ from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.flax_settings import init_rngs
 from imagen_jax.parallel.activations import constrain
-from imagen_jax.text.tokenizer import Tokenizer
+from imagen_jax.text.tokenizer import VOCAB_FILES, Tokenizer
 from imagen_jax.text.weight_files import WeightFolder
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -264,6 +264,15 @@ def _load_params(
             yield path, variable.replace(placed)
 
 
+def tokenizer_folder(path: str) -> str:
+    """Where the tokenizer of the T5 folder `path` lives: `path` itself, unless it has none of the tokenizer's
+    vocabulary files and a diffusers pipeline's sibling `tokenizer/` folder has them."""
+    fs = filesystem.for_path(path)
+    sibling = os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer")
+    has_vocab = lambda folder: any(fs.exists(os.path.join(folder, n)) for n in VOCAB_FILES)  # noqa: E731
+    return sibling if not has_vocab(path) and has_vocab(sibling) else path
+
+
 class T5Encoder:
     """Frozen T5 text encoder: tokenizer + NNX module + a jitted pure forward.
 
@@ -279,7 +288,12 @@ class T5Encoder:
 
     @classmethod
     def from_pretrained(
-        cls, path: str, dtype: DTypeLike = jnp.float32, place: Callable[[nnx.State], nnx.State] | None = None
+        cls,
+        path: str,
+        dtype: DTypeLike = jnp.float32,
+        place: Callable[[nnx.State], nnx.State] | None = None,
+        *,
+        lowercase: bool = False,
     ) -> T5Encoder:
         """Loads a Hugging Face T5 folder (config.json, spiece.model or tokenizer.json, and safetensors or
         pytorch_model.bin weights, single or sharded: text/weight_files.py), local or at a URL (gs://...): a URL
@@ -290,9 +304,11 @@ class T5Encoder:
         its decoder and lm_head are never touched. `dtype` is the parameter and compute dtype. `place` maps
         the abstract state to each parameter's sharding; each tensor then goes straight to its devices as it
         is read (host memory holds about one tensor, never the model, and no whole copy lands on a device).
+        The tokenizer comes from the same folder or, in a diffusers pipeline's `text_encoder/` (DeepFloyd IF's),
+        from its sibling `tokenizer/` (`tokenizer_folder`); `lowercase`: see `Tokenizer`.
         """
         cfg = T5Config.from_json(os.path.join(path, "config.json"))
-        tokenizer = Tokenizer(path)
+        tokenizer = Tokenizer(tokenizer_folder(path), lowercase=lowercase)
         abstract = nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=init_rngs(0)))
         graphdef, state = nnx.split(abstract)
         shardings = None if place is None else place(state)

@@ -42,7 +42,10 @@ TOKENIZER_FILES = (*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.js
 class Tokenizer:
     """Callable tokenizer: texts -> (ids int32 [B, L], mask bool [B, L]), padded to `max_length`."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, *, lowercase: bool = False) -> None:
+        """`lowercase`: each text is lower-cased and stripped first (DeepFloyd IF's prompt preprocessing when its
+        caption cleaner's optional packages are absent, which is what its models see from diffusers by default)."""
+        self.lowercase = lowercase
         fs = filesystem.for_path(folder)
         present = [os.path.join(folder, name) for name in TOKENIZER_FILES if fs.exists(os.path.join(folder, name))]
         if not any(os.path.basename(path) in VOCAB_FILES for path in present):
@@ -83,7 +86,8 @@ class Tokenizer:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, got a single str")
-        encodings = self._for_length(max_length).encode_batch(list(texts))  # releases the GIL while it encodes
+        texts = [text.lower().strip() for text in texts] if self.lowercase else list(texts)
+        encodings = self._for_length(max_length).encode_batch(texts)  # releases the GIL while it encodes
         ids = np.array([e.ids for e in encodings], np.int32).reshape(len(texts), max_length)
         mask = np.array([e.attention_mask for e in encodings], np.bool_).reshape(len(texts), max_length)
         return ids, mask

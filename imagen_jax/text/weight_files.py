@@ -1,9 +1,13 @@
 """The weight files of a Hugging Face model folder, read one tensor at a time, whatever their format.
 
-A folder holds one of (first found wins): `model.safetensors.index.json` (sharded safetensors),
+A transformers folder holds one of (first found wins): `model.safetensors.index.json` (sharded safetensors),
 `model.safetensors`, `pytorch_model.bin.index.json` (sharded PyTorch) or `pytorch_model.bin` (PyTorch's zip
-format, read as data by `torch_checkpoint`, never unpickled by torch). google/t5-v1_1-xxl's main branch ships
-`pytorch_model.bin` only. Tensors are read when asked for, so a loader that wants the encoder never reads a
+format, read as data by `torch_checkpoint`, never unpickled by torch); then the same names with a precision
+variant (`model.fp16.safetensors`, `model.safetensors.index.fp16.json` and its `model.fp16-00001-of-00002...`
+shards, as `save_pretrained(variant="fp16")` writes them). google/t5-v1_1-xxl's main branch ships
+`pytorch_model.bin` only; DeepFloyd IF's text encoder ships fp16 shards. A diffusers model folder (`unet/`) names
+its files `diffusion_pytorch_model.*` instead (`DIFFUSERS_STEMS`).
+Tensors are read when asked for, so a loader that wants the encoder never reads a
 decoder, and memory holds one tensor at a time. A folder at a URL (gs://...) is read through tf.io.gfile; each
 weight file is copied to the local cache (filesystem.local_copy) when a tensor is first read from it, so only
 the shards that hold the tensors asked for are copied.
@@ -23,28 +27,41 @@ from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.text.torch_checkpoint import TorchCheckpoint
 
-# (index file, single file, opener) per format, in order of preference
-_FORMATS = (
-    ("model.safetensors.index.json", "model.safetensors", "safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin", "torch"),
-)
+TRANSFORMERS_STEMS = ("model", "pytorch_model")  # file stems of (safetensors, PyTorch) weights
+DIFFUSERS_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model")
+# Full precision first: a folder that has both keeps float32 weights float32.
+VARIANTS = (None, "fp16", "bf16")
+
+
+def _formats(stems: tuple[str, str]) -> list[tuple[str, str, str]]:
+    """(index file, single file, opener) per format, in order of preference."""
+    formats = []
+    for variant in VARIANTS:
+        for stem, extension, kind in ((stems[0], "safetensors", "safetensors"), (stems[1], "bin", "torch")):
+            if variant is None:
+                formats.append((f"{stem}.{extension}.index.json", f"{stem}.{extension}", kind))
+            else:
+                formats.append((f"{stem}.{extension}.index.{variant}.json", f"{stem}.{variant}.{extension}", kind))
+    return formats
 
 
 class WeightFolder:
-    """Tensor names and lazily read tensors (NumPy) of a model folder; files are closed with `stack`."""
+    """Tensor names and lazily read tensors (NumPy) of a model folder; files are closed with `stack`.
+    `stems`: the names its weight files start with (transformers' by default; `DIFFUSERS_STEMS`)."""
 
-    def __init__(self, folder: str, stack: contextlib.ExitStack) -> None:
+    def __init__(self, folder: str, stack: contextlib.ExitStack, stems: tuple[str, str] = TRANSFORMERS_STEMS) -> None:
         self._stack = stack
         self._handles: dict[str, Any] = {}
         self._fs = fs = filesystem.for_path(folder)
-        for index_name, single_name, kind in _FORMATS:
+        formats = _formats(stems)
+        for index_name, single_name, kind in formats:
             index, single = os.path.join(folder, index_name), os.path.join(folder, single_name)
             if fs.exists(index) or fs.exists(single):
                 self.kind = kind
                 break
         else:
-            names = ", ".join(n for pair in _FORMATS for n in pair[:2][::-1])
-            raise MissingError(f"{folder}: no weights (looked for {names})")
+            names = ", ".join(n for pair in formats[:2] for n in pair[:2][::-1])
+            raise MissingError(f"{folder}: no weights (looked for {names}, and their fp16/bf16 variants)")
         if fs.exists(index):
             try:
                 with fs.GFile(index, "rb") as f:

@@ -60,6 +60,7 @@ def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
         config.text.encoder,
         dtype=compute_dtype(config.text.dtype),
         place=lambda abstract: t5_shardings(config, abstract, mesh),
+        lowercase=config.text.lowercase,
     )
     return Text(
         encoder,
