@@ -7,6 +7,8 @@ percentile of its |x0| so saturated pixels are pushed inwards instead of flatten
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -24,11 +26,23 @@ def check_percentile(percentile: float) -> None:
         raise ValueError(f"thresholding percentile must be in (0, 1] (e.g. 0.995), got {percentile}")
 
 
-def dynamic_threshold(x0: jax.Array, percentile: float = 0.995) -> jax.Array:
-    """Per example: s = max(quantile(|x0|, percentile), 1); x0 -> clip(x0, -s, s) / s, so x0 lies in [-1, 1]."""
+def check_threshold_max(threshold_max: float) -> None:
+    """Raises ValueError unless threshold_max >= 1 (the scale s never goes below 1)."""
+    if not threshold_max >= 1.0:
+        raise ValueError(f"threshold_max must be >= 1 (inf: no upper bound), got {threshold_max}")
+
+
+def dynamic_threshold(x0: jax.Array, percentile: float = 0.995, threshold_max: float = math.inf) -> jax.Array:
+    """Per example: s = quantile(|x0|, percentile) clamped to [1, threshold_max]; x0 -> clip(x0, -s, s) / s.
+
+    x0 then lies in [-1, 1]. An upper bound (DeepFloyd IF: 1.5 for stage I, 1.0 for stage II, i.e. plain
+    clipping) caps how far a saturated image is shrunk; inf is Imagen's unbounded rule."""
     check_percentile(percentile)
+    check_threshold_max(threshold_max)
     flat = jnp.abs(x0.reshape(x0.shape[0], -1))
     s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+    if threshold_max != math.inf:
+        s = jnp.minimum(s, threshold_max)
     s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
     return jnp.clip(x0, -s, s) / s
 
@@ -44,11 +58,14 @@ def check_threshold_mode(mode: str) -> None:
         raise ValueError(f"unknown thresholding mode {mode!r}; valid modes: {', '.join(THRESHOLD_MODES)}")
 
 
-def threshold(x0: jax.Array, mode: str = "dynamic", percentile: float = 0.995) -> jax.Array:
-    """Applies the named thresholding ('dynamic', 'static' or 'none') to an x0 estimate."""
+def threshold(
+    x0: jax.Array, mode: str = "dynamic", percentile: float = 0.995, threshold_max: float = math.inf
+) -> jax.Array:
+    """Applies the named thresholding ('dynamic', 'static' or 'none') to an x0 estimate; `threshold_max` bounds
+    the dynamic scale."""
     check_threshold_mode(mode)
     if mode == "dynamic":
-        return dynamic_threshold(x0, percentile)
+        return dynamic_threshold(x0, percentile, threshold_max)
     if mode == "static":
         return static_clip(x0)
     return x0

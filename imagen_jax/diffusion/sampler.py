@@ -4,7 +4,12 @@ The text conditioning is computed once per call, before the loop (denoiser.py): 
 the conditional contexts and the null text's, concatenated along the batch. Each of the `steps` model
 evaluations (one call, on the batch doubled for guidance) converts the prediction to x0, thresholds it, and
 hands it to the sampler's update rule (solvers.py, which also documents the time grids); the last evaluation
-returns the thresholded x0 itself.
+returns the thresholded x0 itself. Discrete schedules (DeepFloyd IF) evaluate at integer timesteps, given to the
+loop as a fixed-length array of times (timesteps.py).
+
+A model may output 2C channels for C image channels (DeepFloyd IF): the prediction, then a variance output v in
+[-1, 1]. Guidance combines the first C channels only, v comes from the conditional half, and only the ancestral
+sampler with variance='learned_range' reads it; the others use the first C channels alone.
 
 Speed: the step loop is a `lax.fori_loop` inside `jax.jit` whose bounds are traced, so every chunk (the
 last partial one included), every step count and every chunk size reuse one executable per sampler.
@@ -24,18 +29,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.diffusion.denoiser import Denoiser, fused
-from imagen_jax.diffusion.guidance import check_percentile, check_threshold_mode, guided_prediction, threshold
+from imagen_jax.diffusion.guidance import (
+    check_percentile,
+    check_threshold_max,
+    check_threshold_mode,
+    guided_prediction,
+    threshold,
+)
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
 from imagen_jax.diffusion.schedule import check_schedule, log_snr
 from imagen_jax.diffusion.solvers import (
     DPM_START_LOG_SNR,
     check_sampler,
+    check_variance,
     ddim_step,
     ddpm_step,
     dpmpp_2m_step,
+    learned_range_log_variance,
+    posterior_log_variances,
+    posterior_step,
     step_alpha_sigma,
     time_grid,
 )
+from imagen_jax.diffusion.timesteps import resolve_steps
 
 ProgressFn = Callable[[int, int], None]
 
@@ -50,43 +66,106 @@ def _condition(params, text, text_mask, *, denoiser, guided):
     return jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), context, null)
 
 
+def _split_variance(pred, channels):
+    """(prediction, variance output or None) of a C- or 2C-channel model output."""
+    if pred.shape[-1] == channels:
+        return pred, None
+    if pred.shape[-1] == 2 * channels:
+        return pred[..., :channels], pred[..., channels:]
+    raise ValueError(f"the model output has {pred.shape[-1]} channels; expected {channels} or {2 * channels}")
+
+
 def _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided):
-    """One model call; with guidance, on [cond; uncond] concatenated along the batch."""
-    batch = x.shape[0]
+    """(prediction, variance output or None) of one model call; with guidance, on [cond; uncond] concatenated
+    along the batch, guiding the prediction channels and taking the variance from the conditional half."""
+    batch, channels = x.shape[0], x.shape[-1]
     if not guided:
-        return denoiser.denoise(params, x, jnp.full((batch,), t), context, **model_kwargs)
+        return _split_variance(denoiser.denoise(params, x, jnp.full((batch,), t), context, **model_kwargs), channels)
     twice = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731
     kwargs = jax.tree.map(twice, dict(model_kwargs))
-    pred = denoiser.denoise(params, twice(x), jnp.full((2 * batch,), t), context, **kwargs)
-    return guided_prediction(pred[:batch], pred[batch:], guidance_scale)
+    pred, var = _split_variance(
+        denoiser.denoise(params, twice(x), jnp.full((2 * batch,), t), context, **kwargs), channels
+    )
+    return guided_prediction(pred[:batch], pred[batch:], guidance_scale), None if var is None else var[:batch]
+
+
+def sampler_update(
+    x: jax.Array,
+    pred: jax.Array,
+    var: jax.Array | None,
+    x0_prev: jax.Array,
+    lsnr_prev: jax.Array,
+    lsnr_t: jax.Array,
+    lsnr_s: jax.Array,
+    noise: jax.Array | None,
+    eta: jax.Array | float = 0.0,
+    *,
+    sampler: str,
+    objective: str,
+    thresholding: str,
+    percentile: float,
+    threshold_max: float = math.inf,
+    variance: str = "fixed_small",
+    discrete: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """(x at the next time s, thresholded x0) from x at time t and the (guided) model output there: one step of
+    the sampling loop, past the model call. `var`: the variance output of a 2C-channel model, or None; `noise`:
+    the ancestral draw (unused by 'dpmpp_2m'); lsnr_prev is the previous evaluation's log-SNR (= lsnr_t at the
+    first). Discrete schedules (`discrete`) take the ancestral step in the form that keeps DeepFloyd IF's
+    first step exact (solvers.posterior_step); continuous ones keep `ddpm_step` unless the variance is learned.
+    """
+    alpha_t, sigma_t = step_alpha_sigma(lsnr_t)
+    x0 = pred_to_x0(pred.astype(jnp.float32), x, alpha_t, sigma_t, objective)
+    x0 = threshold(x0, thresholding, percentile, threshold_max)
+    if sampler == "dpmpp_2m":
+        return dpmpp_2m_step(x, x0, x0_prev, lsnr_prev, lsnr_t, lsnr_s), x0
+    if sampler == "ddim":
+        return ddim_step(x, x0, lsnr_t, lsnr_s, eta, noise), x0
+    if variance == "fixed_small" and not discrete:
+        return ddpm_step(x, x0, lsnr_t, lsnr_s, noise), x0
+    log_beta, log_beta_tilde = posterior_log_variances(lsnr_t, lsnr_s)
+    if variance == "learned_range":
+        if var is None:
+            raise ValueError("variance='learned_range' needs a model output of 2C channels (C: the image's)")
+        log_var = learned_range_log_variance(var.astype(jnp.float32), log_beta, log_beta_tilde)
+    else:
+        log_var = log_beta_tilde
+    return posterior_step(x, x0, lsnr_t, lsnr_s, log_var, noise), x0
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("denoiser", "sampler", "schedule", "objective", "thresholding", "percentile", "guided"),
-)
+    static_argnames=(
+        "denoiser", "sampler", "schedule", "objective", "thresholding", "percentile", "threshold_max", "variance",
+        "guided",
+    ),
+)  # fmt: skip
 def _run_chunk(
-    params, state, key, start, stop, steps, context, model_kwargs, guidance_scale, eta, start_log_snr,
-    *, denoiser, sampler, schedule, objective, thresholding, percentile, guided,
+    params, state, key, start, stop, steps, context, model_kwargs, guidance_scale, eta, start_log_snr, grid,
+    step_noise, *, denoiser, sampler, schedule, objective, thresholding, percentile, threshold_max, variance, guided,
 ):  # fmt: skip
-    """Runs evaluations [start, stop) of `steps` on state (x at time_grid(start), previous x0); key: one per example."""
+    """Runs evaluations [start, stop) of `steps` on state (x at the start's time, previous x0); key: one per
+    example. `grid`: a discrete schedule's padded times (else None); `step_noise`: [steps + 1, B, ...] or None."""
 
     def body(i, state):
         x, x0_prev = state
-        times = time_grid(i + jnp.arange(-1, 2), steps, sampler, schedule, start_log_snr)  # previous, this, next
+        if grid is None:
+            times = time_grid(i + jnp.arange(-1, 2), steps, sampler, schedule, start_log_snr)  # previous, this, next
+        else:  # the first evaluation is its own previous one (no history); past the last, t < 0
+            times = grid[jnp.clip(i + jnp.arange(-1, 2), 0, grid.shape[0] - 1)]
         lsnr_prev, lsnr_t, lsnr_s = log_snr(times, schedule)
         t = times[1]
-        pred = _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided)
-        alpha_t, sigma_t = step_alpha_sigma(lsnr_t)
-        x0 = threshold(pred_to_x0(pred.astype(jnp.float32), x, alpha_t, sigma_t, objective), thresholding, percentile)
-        if sampler == "dpmpp_2m":
-            x_s = dpmpp_2m_step(x, x0, x0_prev, lsnr_prev, lsnr_t, lsnr_s)
-        else:
+        pred, var = _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided)
+        noise = None  # DPM-Solver++ draws none
+        if sampler != "dpmpp_2m" and step_noise is not None:
+            noise = step_noise[i + 1]
+        elif sampler != "dpmpp_2m":
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
-            if sampler == "ddpm":
-                x_s = ddpm_step(x, x0, lsnr_t, lsnr_s, noise)
-            else:
-                x_s = ddim_step(x, x0, lsnr_t, lsnr_s, eta, noise)
+        x_s, x0 = sampler_update(
+            x, pred, var, x0_prev, lsnr_prev, lsnr_t, lsnr_s, noise, eta, sampler=sampler, objective=objective,
+            thresholding=thresholding, percentile=percentile, threshold_max=threshold_max, variance=variance,
+            discrete=grid is not None,
+        )  # fmt: skip
         return jnp.where(i == steps - 1, x0, x_s), x0
 
     return jax.lax.fori_loop(start, stop, body, state)
@@ -108,13 +187,15 @@ def sample(
     key: jax.Array,
     *,
     shape: tuple[int, ...],
-    steps: int,
+    steps: int | str,
     guidance_scale: float = 1.0,
     schedule: str = "cosine",
     objective: str = "eps",
     thresholding: str = "dynamic",
     percentile: float = 0.995,
+    threshold_max: float = math.inf,
     sampler: str = "ddpm",
+    variance: str = "fixed_small",
     eta: float = 0.0,
     dpm_start_log_snr: float = DPM_START_LOG_SNR,
     noise: jax.Array | None = None,
@@ -127,23 +208,31 @@ def sample(
     `sampler`: 'ddpm' (ancestral), 'ddim' (with `eta` in [0, 1]: 0 deterministic, 1 the ancestral
     sampler again) or 'dpmpp_2m' (DPM-Solver++(2M), deterministic; ~20 steps do what DDPM needs hundreds
     for; its grid starts at log-SNR `dpm_start_log_snr`, see solvers.py). `steps` is the number of model
-    evaluations for every sampler.
+    evaluations for every sampler; with a discrete schedule (e.g. 'discrete_cosine', DeepFloyd IF's) the
+    evaluations are at integer timesteps: "leading" spacing for a count, or a named list of timesteps.NAMED_TIMESTEPS
+    ('smart50', 'fast27', ...; steps = the list's length), and `dpm_start_log_snr` does not apply.
     `model` is a `Denoiser` (text conditioning once, then one call per step) or a plain
     `apply_fn(params, x_t, t, text, text_mask, drop_text, **model_kwargs)` (sampled as `fused(apply_fn)`).
     It is a jit static argument: pass the same object every call (not a fresh lambda or functools.partial)
-    or each call recompiles.
+    or each call recompiles. It outputs C channels (C = shape[-1]), or 2C: the prediction and a variance
+    output v in [-1, 1], used by 'ddpm' with `variance='learned_range'` (log variance f log beta + (1 - f)
+    log beta_tilde, f = (v + 1) / 2) and ignored otherwise; `variance='fixed_small'` is the posterior variance.
     `shape` is the full batch shape [B, H, W, C]. `model_kwargs` leaves (e.g. the low-res image of an SR
     stage) must have the batch as leading axis; they are doubled along with x for guidance.
     `guidance_scale` 1.0 runs the conditional model alone; any other value costs one model call on a
-    doubled batch per step. The loop runs in compiled chunks of `chunk_size` steps (default: all) and
+    doubled batch per step. `threshold_max` bounds dynamic thresholding's scale (DeepFloyd IF: 1.5 stage I,
+    1.0 stage II). The loop runs in compiled chunks of `chunk_size` steps (default: all) and
     calls `progress(steps_done, steps)` after each chunk has finished. Same key -> same sample.
     `key` is one key for the batch, or a [B] array of keys, one per example: example b's noise then
     depends only on key[b], so an image is reproducible from its own seed whatever batch it is in.
-    `noise` (optional, `shape`) replaces the starting x at t = 1 drawn from `key`; the deterministic
-    samplers then map it to the same image whatever the key.
+    `noise` (optional) replaces noise drawn from `key`: of `shape`, the starting x (at t = 1 or the first
+    timestep); the deterministic samplers then map it to the same image whatever the key. Or [steps + 1, *shape]:
+    noise[0] is the start and noise[i + 1] the noise of evaluation i's step (ancestral 'ddpm', 'ddim' with
+    eta > 0; the last evaluation returns x0 and ignores noise[steps]), to reproduce another implementation's
+    draws; this form compiles once per step count.
     """
-    if steps < 1:
-        raise ValueError(f"sampling steps must be >= 1, got {steps}")
+    check_schedule(schedule)
+    steps, grid = resolve_steps(steps, schedule)
     chunk_size = steps if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -151,10 +240,11 @@ def sample(
         raise ValueError(f"shape {tuple(shape)} must be [B, ...] with B = text batch {text.shape[0]}")
     check_sampler(sampler)
     _check_eta(sampler, eta)
-    check_schedule(schedule)
     check_objective(objective)
     check_threshold_mode(thresholding)
     check_percentile(percentile)
+    check_threshold_max(threshold_max)
+    check_variance(variance)
 
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         raise ValueError("key must be a typed PRNG key (jax.random.key), not raw key data")
@@ -163,12 +253,19 @@ def sample(
         raise ValueError(f"key must be one key or {shape[0]} keys (one per example), got shape {key.shape}")
     pairs = jax.vmap(jax.random.split)(keys)
     key_init, key_steps = pairs[:, 0], pairs[:, 1]
+    step_noise = None
     if noise is None:
         x = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(key_init)
-    elif tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected the sample shape {tuple(shape)}")
-    else:
+    elif tuple(noise.shape) == tuple(shape):
         x = jnp.asarray(noise, jnp.float32)
+    elif tuple(noise.shape) == (steps + 1, *shape):
+        step_noise = jnp.asarray(noise, jnp.float32)
+        x = step_noise[0]
+    else:
+        raise ValueError(
+            f"noise has shape {tuple(noise.shape)}, expected the sample shape {tuple(shape)} or "
+            f"{(steps + 1, *shape)} (the start and each step's noise)"
+        )
     denoiser = model if isinstance(model, Denoiser) else fused(model)
     guided = guidance_scale != 1.0
     context = _condition(params, text, text_mask, denoiser=denoiser, guided=guided)
@@ -180,6 +277,8 @@ def sample(
         objective=objective,
         thresholding=thresholding,
         percentile=float(percentile),
+        threshold_max=float(threshold_max),
+        variance=variance,
         guided=guided,
     )
     # Host scalars (numpy), not arrays on one device, so that a multi-process run passes only global arrays.
@@ -192,7 +291,7 @@ def sample(
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, steps)
         state = run(
             params, state, key_steps, np.int32(start), np.int32(stop), steps_arr, context, kwargs, scale, eta_arr,
-            start_lsnr,
+            start_lsnr, grid, step_noise,
         )  # fmt: skip
         if progress is not None:
             state[0].block_until_ready()

@@ -4,7 +4,8 @@ Everything is written in log-SNR, lsnr = log(alpha^2 / sigma^2); DPM-Solver's la
 is lsnr / 2. Each update takes the (thresholded) x0 estimate at time t, so guidance, thresholding and the
 eps/v parameterisation stay outside the rules, in the sampling loop.
 
-Time grids (`steps` = model evaluations, i = 0 .. steps-1; the last evaluation's x0 is the sample):
+Time grids (`steps` = model evaluations, i = 0 .. steps-1; the last evaluation's x0 is the sample) of the
+continuous schedules; discrete schedules evaluate every sampler at integer timesteps (timesteps.py):
 - 'ddpm', 'ddim': uniform in t, t_i = 1 - i / steps; the last evaluation is at t = 1 / steps.
 - 'dpmpp_2m': uniform in log-SNR from `start_log_snr` (default DPM_START_LOG_SNR = -10, alpha = 0.0067:
   where the signal starts to matter) to lsnr(0), both ends included, so the last evaluation is at t = 0.
@@ -23,12 +24,18 @@ and thresholding='none' its output is off by ~8.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion.schedule import alpha_sigma, log_snr
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+# The ancestral step's variance: the posterior's ('fixed_small'), or interpolated in log space between it and the
+# step's beta by a model output v in [-1, 1] ('learned_range', Nichol & Dhariwal 2021; DeepFloyd IF).
+VARIANCES = ("fixed_small", "learned_range")
+MIN_VARIANCE = 1e-20  # the floor under the posterior variance before its log (zero after the last step)
 DPM_START_LOG_SNR = -10.0  # where DPM-Solver++'s grid starts (alpha = 0.0067, sigma = 0.99998)
 
 _BISECTION_STEPS = 32  # halves [0, 1] below float32 resolution
@@ -38,6 +45,12 @@ def check_sampler(sampler: str) -> None:
     """Raises ValueError for an unknown sampler name (call early, before tracing)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+
+
+def check_variance(variance: str) -> None:
+    """Raises ValueError for an unknown variance mode (call early, before tracing)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid variances: {', '.join(VARIANCES)}")
 
 
 def time_of_log_snr(target: jax.Array, schedule: str) -> jax.Array:
@@ -91,6 +104,43 @@ def ddpm_step(x_t: jax.Array, x0: jax.Array, lsnr_t: jax.Array, lsnr_s: jax.Arra
     c = -jnp.expm1(lsnr_t - lsnr_s)
     mean = alpha_s * ((1.0 - c) / alpha_t * x_t + c * x0)
     return mean + jnp.sqrt(jnp.square(sigma_s) * c) * noise
+
+
+def posterior_log_variances(lsnr_t: jax.Array, lsnr_s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log beta, log max(beta_tilde, 1e-20)) of the step from t to s < t, the two ends of a learned variance.
+
+    beta = 1 - alpha_bar_t / alpha_bar_s is the step's own beta (on a spaced grid, not the training schedule's
+    beta at t: diffusers' `current_beta_t`), beta_tilde = beta (1 - alpha_bar_s) / (1 - alpha_bar_t) the variance
+    of q(x_s | x_t, x0). Both come from c = 1 - SNR_t / SNR_s = beta / sigma_t^2 without cancellation.
+    """
+    c = -jnp.expm1(lsnr_t - lsnr_s)
+    log_c = jnp.log(jnp.maximum(c, jnp.finfo(jnp.float32).tiny))
+    log_beta = log_c + jax.nn.log_sigmoid(-lsnr_t)
+    log_beta_tilde = jnp.maximum(log_c + jax.nn.log_sigmoid(-lsnr_s), math.log(MIN_VARIANCE))
+    return log_beta, log_beta_tilde
+
+
+def learned_range_log_variance(v: jax.Array, log_beta: jax.Array, log_beta_tilde: jax.Array) -> jax.Array:
+    """f log beta + (1 - f) log beta_tilde with f = (v + 1) / 2: v = -1 is the posterior variance, v = 1 beta."""
+    frac = (v + 1.0) / 2.0
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
+
+
+def posterior_step(
+    x_t: jax.Array, x0: jax.Array, lsnr_t: jax.Array, lsnr_s: jax.Array, log_variance: jax.Array, noise: jax.Array
+) -> jax.Array:
+    """Ancestral step with a given (e.g. learned) log variance: posterior mean of q(x_s | x_t, x0) + noise.
+
+    The mean alpha_s (SNR_t / SNR_s x_t / alpha_t + c x0) forms SNR_t / SNR_s = 1 - c directly. `ddpm_step`'s
+    float32 1 - c is off by 1% on DeepFloyd IF's first step (timestep 999 -> 976, alpha_t = 5e-5, x_t coefficient
+    1.4e-3) and is 0 for 999 -> 800 (coefficient 1.5e-4); `ddpm_step` keeps its form so that earlier samples of
+    continuous schedules reproduce bit for bit.
+    """
+    alpha_t, _ = step_alpha_sigma(lsnr_t)
+    alpha_s, _ = step_alpha_sigma(lsnr_s)
+    d = lsnr_t - lsnr_s
+    mean = alpha_s * (jnp.exp(d) / alpha_t * x_t - jnp.expm1(d) * x0)
+    return mean + jnp.exp(0.5 * log_variance) * noise
 
 
 def ddim_step(
