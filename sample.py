@@ -3,6 +3,11 @@
     python sample.py --workdir runs/demo/train --prompt "a red circle on the left" --num_images 4 --out samples/
     python sample.py --workdir BASE --sr_workdir SR256 --sr_workdir SR1024 --steps 256,64,32 \
         --guidance_scale 5,8,8 --sampler ddpm,dpmpp_2m,dpmpp_2m --prompt "a corgi" --out samples/
+    python sample.py --workdir IF-I-XL-v1.0 --sr_workdir IF-II-L-v1.0 --prompt "a corgi" --out samples/
+
+A stage is a training workdir, an export folder, or a DeepFloyd IF pipeline folder as diffusers saves it (its
+defaults are diffusers': stage I 100 steps at guidance 7, stage II 50 at 4; --steps also takes IF's step lists
+by name, e.g. smart50).
 
 Each stage uses the EMA weights of its workdir's latest checkpoint (or an export folder). Writes one PNG per
 image at the final resolution (N per prompt; image i of the run uses seed S + i), the earlier stages' images
@@ -29,12 +34,26 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workdir", required=True, help="the base stage's workdir or export folder")
+    parser.add_argument(
+        "--workdir", required=True, help="the base stage's workdir, export folder or DeepFloyd IF folder"
+    )
     parser.add_argument(
         "--sr_workdir", action="append", default=[], help="a super-resolution stage, in order; repeatable"
     )
     add_prompt_flags(parser)
     add_stage_flags(parser)
+    parser.add_argument(
+        "--text_encoder",
+        default=None,
+        help="a T5 folder to encode the prompts with (default: the base stage's text.encoder; a DeepFloyd IF "
+        "stage I folder's text_encoder/)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype of T5 and the U-Nets (default: the configs'; float32 is the faster on CPUs)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run in --out")
     args = parser.parse_args(argv)
@@ -71,6 +90,8 @@ def main(argv: list[str]) -> int:
             sr_noise_level=args.sr_noise_level,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
+            text_encoder=args.text_encoder,
+            dtype=args.dtype,
         )
         print(json.dumps({"out": args.out, "images": len(written)}))
         return 0

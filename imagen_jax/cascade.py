@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from imagen_jax.errors import StageError
 from imagen_jax.stage import sampling
+from imagen_jax.stage.if_folder import is_if_folder
 from imagen_jax.stage.model import compute_dtype, local_mesh, t5_shardings
 from imagen_jax.stage.stage import Stage, StageSpec, stage_config
 from imagen_jax.text import T5Encoder
@@ -65,23 +66,58 @@ class Imagen:
         self.mesh = mesh  # where the encoder's parameters live (the stages' too)
 
     @classmethod
-    def load(cls, workdirs: Sequence[str], steps: Sequence[int | None] | None = None) -> Imagen:
-        """The stages of `workdirs` (each its latest checkpoint, or `steps[i]`; or an export folder) and their T5."""
+    def load(
+        cls,
+        workdirs: Sequence[str],
+        steps: Sequence[int | None] | None = None,
+        *,
+        text_encoder: str | None = None,
+        dtype: str | None = None,
+    ) -> Imagen:
+        """The stages of `workdirs` (each its latest checkpoint, or `steps[i]`; an export folder; or a DeepFloyd IF
+        pipeline folder) and their T5: the first stage's config.text.encoder, or the T5 folder `text_encoder`.
+        `dtype` (float32 | bfloat16): T5's and the U-Nets' compute dtype (default: the configs' text.dtype and
+        train.compute_dtype; float32 is the faster one on CPUs).
+
+        An IF super-resolution stage takes whatever size the stage before it makes (IF's pipeline upscales its
+        input to the output size), so its low-res size follows that stage."""
         if not workdirs:
             raise StageError("Imagen.load needs at least the base stage's workdir")
         steps = list(steps) if steps is not None else [None] * len(workdirs)
         if len(steps) != len(workdirs):
             raise StageError(f"{len(steps)} checkpoint steps for {len(workdirs)} stages")
         specs = [StageSpec(workdir=w, config=stage_config(w, s)) for w, s in zip(workdirs, steps)]
+        for previous, spec in zip(specs, specs[1:]):
+            if is_if_folder(spec.workdir) and spec.lowres_size is not None:
+                spec.config.model.lowres_size = previous.image_size
+        for spec in specs:
+            if dtype is not None:
+                spec.config.text.dtype = spec.config.train.compute_dtype = dtype
         check_cascade(specs)  # before the encoder and any weights load
         config, mesh = specs[0].config, local_mesh()
+        encoder_path = text_encoder or config.text.encoder
+        if not encoder_path:
+            raise StageError(
+                f"{specs[0].workdir} names no T5 encoder (text.encoder is empty): pass a T5 folder "
+                "(sample.py --text_encoder)"
+            )
         encoder = T5Encoder.from_pretrained(
-            config.text.encoder,
+            encoder_path,
             dtype=compute_dtype(config.text.dtype),
             place=lambda abstract: t5_shardings(config, abstract, mesh),
             lowercase=config.text.lowercase,
         )
-        stages = [Stage.load(w, text_dim=encoder.dim, mesh=mesh, step=s) for w, s in zip(workdirs, steps)]
+        stages = [
+            Stage.load(
+                spec.workdir,
+                text_dim=encoder.dim,
+                mesh=mesh,
+                step=s,
+                encoder=encoder,
+                config=spec.config,
+            )
+            for spec, s in zip(specs, steps)
+        ]
         return cls(encoder, stages, mesh)
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:

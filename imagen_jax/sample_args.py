@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-_KIND_NAMES = {int: "an int", float: "a float", str: "a string"}
+
+def steps_value(text: str) -> int | str:
+    """A --steps value: a count ('50'), or a named step list of a discrete schedule ('smart50': DeepFloyd IF's)."""
+    text = text.strip()
+    return text if text[:1].isalpha() else int(text)
+
+
+_KIND_NAMES = {int: "an int", float: "a float", str: "a string", steps_value: "an int or a step list's name"}
 
 
 def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +30,12 @@ def add_stage_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="classifier-free guidance: one value, or one per stage (a,b,c); default: configs'",
     )
-    parser.add_argument("--steps", default=None, help="sampler steps: one value, or one per stage (default: configs')")
+    parser.add_argument(
+        "--steps",
+        default=None,
+        help="sampler steps: one value, or one per stage (default: configs'); DeepFloyd IF stages also take IF's "
+        "step lists by name (smart27, smart50, smart100, smart185, fast27, super27, super40, super100)",
+    )
     parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m: one, or one per stage (default ddpm)")
     parser.add_argument(
         "--sr_noise_level",
@@ -71,7 +83,7 @@ def stage_values(
     """(steps, guidance scales, samplers) for `count` stages from the flags of `add_stage_flags`."""
     try:
         return (
-            per_stage(args.steps, count, int, "steps"),
+            per_stage(args.steps, count, steps_value, "steps"),
             per_stage(args.guidance_scale, count, float, "guidance_scale"),
             per_stage(args.sampler, count, str, "sampler"),
         )

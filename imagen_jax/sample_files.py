@@ -27,9 +27,11 @@ from PIL import Image
 
 from imagen_jax import filesystem
 from imagen_jax.cascade import Imagen
-from imagen_jax.diffusion import SAMPLERS
+from imagen_jax.diffusion import DISCRETE_SCHEDULES, SAMPLERS
+from imagen_jax.diffusion.timesteps import check_steps
 from imagen_jax.errors import OutputError, UsageError
 from imagen_jax.files import write_atomically
+from imagen_jax.stage.sampling import step_count
 
 INDEX_FILE = "samples.json"
 GRID_FILE = "grid.png"
@@ -56,15 +58,23 @@ def stage_settings(
     for name, values in (("steps", steps), ("guidance_scale", guidance_scales), ("sampler", samplers)):
         if values is not None and len(values) != count:
             raise UsageError(f"--{name} has {len(values)} values for {count} stages (give one, or one per stage)")
-    steps_ = list(steps) if steps is not None else [int(c.train.sample_steps) for c in configs]
+    steps_ = list(steps) if steps is not None else [c.train.sample_steps for c in configs]
     scales = (
         list(guidance_scales)
         if guidance_scales is not None
         else [float(c.train.sample_guidance_scale) for c in configs]
     )
     samplers_ = list(samplers) if samplers is not None else ["ddpm"] * count
-    if any(s < 1 for s in steps_):
+    if any(isinstance(s, int) and s < 1 for s in steps_):
         raise UsageError(f"--steps must be >= 1 for every stage, got {_shown(steps, steps_)}")
+    for index, value in enumerate(steps_):
+        # Before the configs are known only a name is checked (that it exists); then each against its schedule.
+        if not configs and not isinstance(value, str):
+            continue
+        try:
+            check_steps(value, configs[index].diffusion.schedule if configs else DISCRETE_SCHEDULES[0])
+        except ValueError as e:
+            raise UsageError(f"--steps {_shown(steps, steps_)}: stage {index + 1}: {e}") from None
     if any(not (math.isfinite(g) and g >= 0) for g in scales):
         raise UsageError(
             f"--guidance_scale must be a finite number >= 0 (1: no guidance) for every stage, "
@@ -161,13 +171,15 @@ def sample_to_folder(
     batch_size: int = 16,
     overwrite: bool = False,
     checkpoint_steps: Sequence[int | None] | None = None,
+    text_encoder: str | None = None,
+    dtype: str | None = None,
 ) -> list[str]:
     """Samples num_images per prompt through the cascade (image i of the run: seed + i) into `out`.
 
     steps / guidance_scales / samplers: one value per stage; None takes each stage's config
     (train.sample_steps, train.sample_guidance_scale) and 'ddpm'. sr_noise_level: None takes each SR stage
     config's diffusion.sr_noise_level. A folder with another run's images needs `overwrite`. checkpoint_steps:
-    one per stage (None: the latest), for workdirs.
+    one per stage (None: the latest), for workdirs. text_encoder, dtype: see `Imagen.load`.
     Returns the final images' file names, as samples.json lists them.
     """
     from tqdm import tqdm
@@ -186,14 +198,19 @@ def sample_to_folder(
         samplers=samplers,
     )
     check_writable(out, overwrite=overwrite)
-    imagen = Imagen.load(list(workdirs), checkpoint_steps)
+    imagen = Imagen.load(list(workdirs), checkpoint_steps, text_encoder=text_encoder, dtype=dtype)
     stages = imagen.stages
     n = len(stages)
     steps_, scales, samplers_ = stage_settings(n, steps, guidance_scales, samplers, [s.config for s in stages])
     jobs = [(p, prompt, j, seed + p * num_images + j) for p, prompt in enumerate(prompts) for j in range(num_images)]
     results: list[list[np.ndarray]] = [[] for _ in stages]
     bars = [
-        tqdm(total=len(jobs) * steps_[i], desc=f"stage {i + 1}/{n} ({stage.image_size}px)", unit="step", position=i)
+        tqdm(
+            total=len(jobs) * step_count(steps_[i]),
+            desc=f"stage {i + 1}/{n} ({stage.image_size}px)",
+            unit="step",
+            position=i,
+        )
         for i, stage in enumerate(stages)
     ]
     for start in range(0, len(jobs), batch_size):

@@ -89,7 +89,12 @@ SAMPLE_ARGUMENT_ERRORS = [
     (["--steps", "0"], "--steps must be >= 1 for every stage, got 0"),
     (["--steps", "-3"], "--steps must be >= 1 for every stage, got -3"),
     (["--sr_workdir", "sr", "--steps", "4,0"], "--steps must be >= 1 for every stage, got 4,0"),
-    (["--steps", "2.5"], "--steps '2.5': each value must be an int"),
+    (["--steps", "2.5"], "--steps '2.5': each value must be an int or a step list's name"),
+    (
+        ["--steps", "smart5"],
+        "--steps smart5: stage 1: unknown sampling steps 'smart5'; valid names: fast27, smart27, "
+        "smart50, smart100, smart185, super27, super40, super100",
+    ),
     (["--sr_workdir", "sr", "--steps", "1,2,3"], "--steps has 3 values for 2 stages (give one, or one per stage)"),
     (["--guidance_scale", "strong"], "--guidance_scale 'strong': each value must be a float"),
     (
@@ -277,14 +282,14 @@ class FakeImagen:
                 {
                     "data": {"image_size": size},
                     "model": model,
-                    "diffusion": {"sr_noise_level": 0.2},
+                    "diffusion": {"sr_noise_level": 0.2, "schedule": "cosine"},
                     "train": {"sample_steps": 2, "sample_guidance_scale": 1.0},
                 }
             )
             self.stages.append(Stage(workdir=workdir, config=config, params=None, denoiser=None, step=7, mesh=None))
 
     @classmethod
-    def load(cls, workdirs, steps=None):
+    def load(cls, workdirs, steps=None, *, text_encoder=None, dtype=None):
         return cls(workdirs)
 
     def __call__(self, prompts, seeds, *, steps, guidance_scales, samplers, sr_noise_level, progress):

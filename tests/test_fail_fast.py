@@ -41,9 +41,13 @@ def _train(capsys, *args):
 
 CASES = [
     (["--config.train.optimizer=sgd"], 1, "config.train.optimizer='sgd' is not one of adamw, adafactor"),
-    (["--config.diffusion.schedule=cosin"], 1, "config.diffusion.schedule='cosin' is not one of cosine, linear"),
+    (
+        ["--config.diffusion.schedule=cosin"],
+        1,
+        "config.diffusion.schedule='cosin' is not one of cosine, linear, discrete_cosine",
+    ),
     (["--config.diffusion.objective=x0"], 1, "config.diffusion.objective='x0' is not one of eps, v"),
-    (["--config.model.kind=unet2"], 1, "config.model.kind='unet2' is not one of ['efficient_unet', 'unet']"),
+    (["--config.model.kind=unet2"], 1, "config.model.kind='unet2' is not one of ['efficient_unet', 'if_unet', 'unet']"),
     (["--config.train.compute_dtype=fp16"], 1, "config.train.compute_dtype='fp16' is not one of float32, bfloat16"),
     (["--config.train.batch_size=0"], 1, "config.train.batch_size must be >= 1, got 0"),
     (

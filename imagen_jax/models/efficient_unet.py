@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -74,21 +74,19 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from imagen_jax.models.config_fields import ModelConfig, builder, read_fields
 from imagen_jax.models.layers import (
-    CrossAttention,
+    BlockCalls,
     Downsample,
-    FeedForward,
     GroupNorm,
-    ResBlock,
-    SelfAttention,
     TimeEmbedding,
+    UNetBlock,
     Upsample,
-    call_remat,
     check_remat,
     conv,
-    fold_key,
+    imagen_block,
 )
-from imagen_jax.models.text_context import KeysValues, TextConditioning, TextContext
+from imagen_jax.models.text_context import TextConditioning, TextContext
 from imagen_jax.parallel.activations import constrain
 
 Array = jax.Array
@@ -107,6 +105,7 @@ MODEL_FIELDS = (
     "out_channels",
     "lowres_size",
 )
+OPTIONAL_FIELDS = {"full_res_first_level": False}
 EMB_MULT = 4
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
 LOWRES_RESIZE_METHOD = "cubic"
@@ -121,55 +120,6 @@ def upsample_lowres(lowres: Array, size: int | Sequence[int]) -> Array:
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     b, _, _, c = lowres.shape
     return jax.image.resize(lowres.astype(jnp.float32), (b, height, width, c), method=LOWRES_RESIZE_METHOD)
-
-
-class SRBlock(nnx.Module):
-    """A residual block, optionally followed by self-attention, text cross-attention and a
-    feed-forward layer (in that order)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        emb_dim: int,
-        context_dim: int,
-        self_attention: bool,
-        cross_attention: bool,
-        ffn_mult: int,
-        head_dim: int,
-        dropout_rate: float,
-        rngs: nnx.Rngs,
-        dtype: jnp.dtype,
-        remat_attention: bool = False,
-        attention: str = "dot_product",
-        attention_chunk: int = 1024,
-    ):
-        self.attention_policy = "block" if remat_attention else "none"
-        kind = dict(attention=attention, attention_chunk=attention_chunk)
-        self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
-        self.self_attn = (
-            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind) if self_attention else None
-        )
-        self.cross_attn = (
-            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind)
-            if cross_attention
-            else None
-        )
-        self.ffn = FeedForward(out_channels, ffn_mult, rngs=rngs, dtype=dtype) if ffn_mult else None
-
-    def __call__(
-        self, x: Array, emb: Array, context: Array | KeysValues | None, mask: Array, dropout_key: Array | None
-    ) -> Array:
-        """``context``: what `TextContext.per_block` gives this block (tokens, or its keys and values)."""
-        x = self.res(x, emb, dropout_key)
-        if self.self_attn is not None:
-            x = call_remat(self.self_attn, x, policy=self.attention_policy)
-        if self.cross_attn is not None:
-            x = call_remat(self.cross_attn, x, context, mask, policy=self.attention_policy)
-        if self.ffn is not None:
-            x = self.ffn(x)
-        return x
 
 
 class EfficientUNet(TextConditioning, nnx.Module):
@@ -211,23 +161,20 @@ class EfficientUNet(TextConditioning, nnx.Module):
         emb_dim = EMB_MULT * dim
         lowest = len(channel_mults) - 1
         widths = [dim * m for m in channel_mults]
+        settings = dict(emb_dim=emb_dim, context_dim=dim, head_dim=head_dim, dropout_rate=dropout)
+        compute = dict(rngs=rngs, dtype=dtype, remat=remat, attention=attention, attention_chunk=attention_chunk)
 
-        def block(cin: int, cout: int, level: int) -> SRBlock:
-            return SRBlock(
+        def block(cin: int, cout: int, level: int) -> UNetBlock:
+            """A res block; at the lowest level followed by the attention layers and the FFN the config asks for."""
+            at_lowest = level == lowest
+            return imagen_block(
                 cin,
                 cout,
-                emb_dim=emb_dim,
-                context_dim=dim,
-                self_attention=self_attention and level == lowest,
-                cross_attention=cross_attention and level == lowest,
-                ffn_mult=ffn_mult if level == lowest else 0,
-                head_dim=head_dim,
-                dropout_rate=dropout,
-                rngs=rngs,
-                dtype=dtype,
-                remat_attention=remat == "attention",
-                attention=attention,
-                attention_chunk=attention_chunk,
+                self_attention=self_attention and at_lowest,
+                cross_attention=cross_attention and at_lowest,
+                ffn_mult=ffn_mult if at_lowest else 0,
+                **settings,
+                **compute,
             )
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
@@ -301,7 +248,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
         context = self.text_context(text, text_mask, drop_text)
         return self.denoise(x, t, context, dropout_key, lowres=lowres, lowres_t=lowres_t)
 
-    def blocks_in_call_order(self) -> list[SRBlock]:
+    def blocks_in_call_order(self) -> list[UNetBlock]:
         """The blocks that may cross-attend, in the order `denoise` calls them."""
         return [*itertools.chain.from_iterable(self.down), *itertools.chain.from_iterable(self.up)]
 
@@ -312,16 +259,15 @@ class EfficientUNet(TextConditioning, nnx.Module):
         """`__call__` with the text's part given (`text_context`), as a sampler reuses it at every step."""
         self._check_inputs(x, lowres)
         emb = self.time_embed(t) + self.lowres_time_embed(lowres_t) + context.pooled
-        texts, mask = context.per_block(), context.mask
+        calls = BlockCalls(emb, context.per_block(), context.mask, dropout_key, self.remat)
 
         cond = upsample_lowres(lowres, x.shape[1:3])
         h = constrain(self.input_conv(constrain(jnp.concatenate([x.astype(jnp.float32), cond], -1).astype(self.dtype))))
         skips = [h]
-        keys = itertools.count()  # one dropout stream per res block, in call order
         for downsample, blocks in zip(self.downsamples, self.down):
             h = constrain(downsample(h))
             for blk in blocks:
-                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = calls.block(blk, h)
             skips.append(h)
         skips.pop()  # the lowest level turns straight around
 
@@ -329,7 +275,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
             if i > 0:
                 h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
             for blk in blocks:
-                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = calls.block(blk, h)
             h = upsample(h)
 
         h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
@@ -403,18 +349,8 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
-    fields = dict(model_cfg)
-    kind = fields.pop("kind", KIND)
-    if kind != KIND:
-        raise ValueError(f"config.model.kind is {kind!r}; build_sr_unet builds kind {KIND!r}")
-    full_res_first_level = _as_bool("full_res_first_level", fields.pop("full_res_first_level", False))
-    unknown = sorted(set(fields) - set(MODEL_FIELDS))
-    missing = sorted(set(MODEL_FIELDS) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown config.model field(s) {unknown} for {KIND}; allowed: {list(MODEL_FIELDS)}")
-    if missing:
-        raise ValueError(f"missing config.model field(s) {missing} for {KIND}")
+def _constructor_args(model_cfg: ModelConfig) -> dict:
+    fields = read_fields(model_cfg, kind=KIND, builder="build_sr_unet", required=MODEL_FIELDS, optional=OPTIONAL_FIELDS)
     return dict(
         lowres_size=int(fields["lowres_size"]),
         dim=int(fields["dim"]),
@@ -427,11 +363,11 @@ def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) 
         dropout=float(fields["dropout"]),
         in_channels=int(fields["in_channels"]),
         out_channels=int(fields["out_channels"]),
-        full_res_first_level=full_res_first_level,
+        full_res_first_level=_as_bool("full_res_first_level", fields["full_res_first_level"]),
     )
 
 
-def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, image_size: int) -> None:
+def check_config(model_cfg: ModelConfig, *, image_size: int) -> None:
     """Raises ValueError naming the first `config.model` field that build_sr_unet would refuse, without building."""
     a = _constructor_args(model_cfg)
     _validate(
@@ -445,28 +381,4 @@ def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, im
     )
 
 
-def build_sr_unet(
-    model_cfg: ml_collections.ConfigDict | Mapping[str, Any],
-    *,
-    image_size: int,
-    text_dim: int,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype = jnp.float32,
-    remat: str = "none",
-    attention: str = "dot_product",
-    attention_chunk: int = 1024,
-) -> EfficientUNet:
-    """Builds the Efficient U-Net from ``config.model`` (fields in the module docstring) for the
-    stage's output ``image_size``; ``dtype`` is the compute dtype, parameters are float32; ``remat``
-    one of layers.REMAT_POLICIES,
-    ``attention`` one of layers.ATTENTION_KINDS."""
-    return EfficientUNet(
-        image_size=image_size,
-        text_dim=text_dim,
-        rngs=rngs,
-        dtype=dtype,
-        remat=remat,
-        attention=attention,
-        attention_chunk=attention_chunk,
-        **_constructor_args(model_cfg),
-    )
+build_sr_unet = builder(EfficientUNet, _constructor_args, "build_sr_unet")

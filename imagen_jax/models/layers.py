@@ -1,4 +1,6 @@
-"""Building blocks shared by the Imagen U-Nets (base 64x64 and the super-resolution stages).
+"""Building blocks shared by the U-Nets (Imagen's base and super-resolution U-Nets, DeepFloyd IF's): layers with
+options where the families differ, and `UNetBlock`, the one way a block calls its residual, attention and
+feed-forward layers.
 
 Conventions:
   * images are NHWC; text tokens are [B, L, C] with a bool mask [B, L] (True = valid token);
@@ -15,11 +17,14 @@ Conventions:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from imagen_jax.models.flash_attention import flash_attention
@@ -124,25 +129,39 @@ class GroupNorm(nnx.Module):
     """GroupNorm over (H, W, channels-in-group) of NHWC input; statistics in float32 (see `group_norm`).
 
     The blocks call it with what follows it folded in: ``film=(scale, shift)`` ([B, C] each) multiplies the
-    normalised activations by 1 + scale and adds shift per sample; ``silu=True`` applies SiLU. One fused
-    operation, one pass over the activations each way, instead of a pass for each.
+    normalised activations by 1 + scale and adds shift per sample; ``activation`` ('silu' or 'gelu'; ``silu=True``
+    is the ADM blocks' shorthand for 'silu') applies that nonlinearity. One fused operation, one pass over the
+    activations each way, instead of a pass for each. ``groups`` defaults to `num_groups` (a checkpoint of another
+    code base states its own count: diffusers' IF U-Net uses exactly ``norm_num_groups``).
     """
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5):
-        self.groups = num_groups(channels)
+    def __init__(
+        self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5, groups: int | None = None
+    ):
+        self.groups = num_groups(channels) if groups is None else groups
+        if channels % self.groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {self.groups} groups")
         self.eps = eps
         self.dtype = dtype
         self.scale = param(rngs, _ones, (channels,), VECTOR_NAMES)
         self.bias = param(rngs, _zeros, (channels,), VECTOR_NAMES)
 
-    def __call__(self, x: Array, *, film: tuple[Array, Array] | None = None, silu: bool = False) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        *,
+        film: tuple[Array, Array] | None = None,
+        silu: bool = False,
+        activation: str | None = None,
+    ) -> Array:
         scale, bias = self.scale[...], self.bias[...]
         if film is None:
             scale, bias = (jnp.broadcast_to(v, (x.shape[0], v.shape[0])) for v in (scale, bias))
         else:
             film_scale, film_shift = (v.astype(jnp.float32) for v in film)
             scale, bias = scale * (1 + film_scale), bias * (1 + film_scale) + film_shift
-        return group_norm(x, scale, bias, self.groups, self.eps, silu).astype(self.dtype)
+        act = activation if activation is not None else ("silu" if silu else None)
+        return group_norm(x, scale, bias, self.groups, self.eps, act).astype(self.dtype)
 
 
 def _pixels(x: Array) -> Array:
@@ -175,36 +194,70 @@ def _group_mean(per_channel: Array, groups: int, pixels: int) -> Array:
     return jnp.repeat(mean, c // groups, axis=1)[:, None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float, silu: bool) -> Array:
-    """GroupNorm of x [B,H,W,C] with a per-sample affine (scale, bias: [B, C]) and optionally SiLU, computed in
-    float32 and returned in x's dtype.
+ACTIVATIONS = ("silu", "gelu")  # the nonlinearities blocks take by name; 'gelu' is the exact (erf) GELU
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not one of {', '.join(ACTIVATIONS)}")
+
+
+def activate(x: Array, name: str) -> Array:
+    """SiLU or the exact (erf) GELU of x, by name (`ACTIVATIONS`)."""
+    check_activation(name)
+    return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=False)
+
+
+def group_norm(
+    x: Array, scale: Array, bias: Array, groups: int, eps: float, activation: str | bool | None = None
+) -> Array:
+    """GroupNorm of x [B,H,W,C] with a per-sample affine (scale, bias: [B, C]) and optionally an activation
+    ('silu' or 'gelu'; True means 'silu', False none), computed in float32 and returned in x's dtype.
 
     Its backward pass keeps x as it came (bfloat16 under bfloat16 compute) and the per-group statistics, and
     recomputes the normalised activations: autodiff of the plain formula would keep float32 copies of the
     normalised and activated tensors, several times x's bytes, and take a pass over them for each reduction.
     """
-    return _group_norm_forward(x, scale, bias, groups, eps, silu)[0]
+    if activation is True or activation is False:
+        activation = "silu" if activation else None
+    if activation is not None:
+        check_activation(activation)
+    return _group_norm(x, scale, bias, groups, eps, activation)
 
 
-def _group_norm_forward(x, scale, bias, groups, eps, silu):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float, activation: str | None) -> Array:
+    return _group_norm_forward(x, scale, bias, groups, eps, activation)[0]
+
+
+def _group_norm_forward(x, scale, bias, groups, eps, activation):
     xf = _pixels(x)
     mean, rstd = _group_moments(xf, groups, eps)
     _, z = _normalise(xf, mean, rstd, scale, bias)
-    # SiLU as z / (1 + exp(-z)): a division ends the expression, and XLA does not copy an expensive op into each
-    # consumer, so the output is computed once and read by the convolution and its weight gradient; with
-    # z * sigmoid(z) XLA:CPU recomputed it inside the weight gradient's slow transposed copy (1.2x per tiny32 step)
-    y = z / (1 + jnp.exp(-z)) if silu else z
+    if activation == "silu":
+        # SiLU as z / (1 + exp(-z)): a division ends the expression, and XLA does not copy an expensive op into
+        # each consumer, so the output is computed once and read by the convolution and its weight gradient; with
+        # z * sigmoid(z) XLA:CPU recomputed it inside the weight gradient's slow transposed copy (1.2x per tiny32
+        # step)
+        y = z / (1 + jnp.exp(-z))
+    elif activation == "gelu":  # exact GELU, z * Phi(z); erfc(-z / sqrt 2) keeps Phi accurate for negative z
+        y = z * (0.5 * jax.lax.erfc(-z * _SQRT_HALF))
+    else:
+        y = z
     return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, scale, bias)
 
 
-def _group_norm_backward(groups, eps, silu, residuals, dy):
+def _group_norm_backward(groups, eps, activation, residuals, dy):
     x, mean, rstd, scale, bias = residuals
     xhat, z = _normalise(_pixels(x), mean, rstd, scale, bias)
     dz = _pixels(dy)
-    if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+    if activation == "silu":  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
         sigmoid = jax.nn.sigmoid(z)
         dz = dz * sigmoid * (1 + z * (1 - sigmoid))
+    elif activation == "gelu":  # d (z Phi(z)) / dz = Phi(z) + z phi(z)
+        dz = dz * (0.5 * jax.lax.erfc(-z * _SQRT_HALF) + z * _INV_SQRT_2PI * jnp.exp(-0.5 * jnp.square(z)))
     dbias, dscale = dz.sum(axis=1), (dz * xhat).sum(axis=1)  # [B, C]: one pass gives both
     # d xhat = dz * scale; dx = rstd * (dxhat - group mean of dxhat - xhat * group mean of dxhat * xhat)
     dxhat_mean = _group_mean(dbias * scale, groups, xhat.shape[1])
@@ -213,7 +266,7 @@ def _group_norm_backward(groups, eps, silu, residuals, dy):
     return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
-group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+_group_norm.defvjp(_group_norm_forward, _group_norm_backward)
 
 
 class LayerNorm(nnx.Module):
@@ -257,18 +310,52 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-class TimeEmbedding(nnx.Module):
-    """t -> sinusoidal(dim) -> Linear -> SiLU -> Linear, giving the conditioning embedding width."""
+def discrete_timestep_embedding(t: Array, dim: int, steps: int, max_period: float = 10000.0) -> Array:
+    """Sinusoidal features [B, dim] (cos half first) of the integer step ``round(t * steps)`` of ``t`` in [0, 1],
+    as a model trained on ``steps`` discrete timesteps saw them (diffusers' `Timesteps` with flip_sin_to_cos and no
+    frequency shift). float32(k / steps) * steps is not always exactly k, hence the rounding. The frequencies are
+    computed in float64 and rounded once, so every backend gets the same correctly rounded constants."""
+    if dim % 2:
+        raise ValueError(f"timestep embedding width must be even, got {dim}")
+    half = dim // 2
+    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    args = jnp.round(t.astype(jnp.float32) * steps)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
-    def __init__(self, dim: int, emb_dim: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+
+class TimeEmbedding(nnx.Module):
+    """t -> sinusoidal(dim) -> Linear -> activation -> Linear, giving the conditioning embedding width.
+
+    ``activation``: 'silu' (Imagen's) or 'gelu' (IF's). ``discrete_steps``: None reads t as continuous time (the
+    sinusoid of t * 1000); an int reads it as the step round(t * discrete_steps) of a discrete-time model
+    (`discrete_timestep_embedding`), which is what a checkpoint trained on integer steps needs to see.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        emb_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        activation: str = "silu",
+        discrete_steps: int | None = None,
+    ):
+        check_activation(activation)
         self.dim = dim
         self.dtype = dtype
+        self.activation = activation
+        self.discrete_steps = discrete_steps
         self.fc1 = dense(dim, emb_dim, rngs=rngs, dtype=dtype)
         self.fc2 = dense(emb_dim, emb_dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, t: Array) -> Array:
-        h = timestep_embedding(t, self.dim).astype(self.dtype)
-        return self.fc2(jax.nn.silu(self.fc1(h)))
+        if self.discrete_steps is None:
+            h = timestep_embedding(t, self.dim)
+        else:
+            h = discrete_timestep_embedding(t, self.dim, self.discrete_steps)
+        return self.fc2(activate(self.fc1(h.astype(self.dtype)), self.activation))
 
 
 # How attention is computed (config train.attention); the result is the same either way.
@@ -325,12 +412,32 @@ def _check_heads(channels: int, head_dim: int) -> None:
         raise ValueError(f"attention width {channels} is not a multiple of head_dim {head_dim}")
 
 
+RESAMPLE = (None, "up", "down")
+
+
+def resample(x: Array, kind: str | None) -> Array:
+    """x [B,H,W,C] doubled (nearest neighbour, 'up'), halved (2x2 average pool, 'down') or as it is (None)."""
+    if kind == "up":
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if kind == "down":
+        b, h, w, c = x.shape
+        pooled = x.astype(jnp.float32).reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        return pooled.astype(x.dtype)
+    return x
+
+
 class ResBlock(nnx.Module):
     """BigGAN/ADM residual block with FiLM conditioning:
 
-    GN -> SiLU -> conv3x3 -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv3x3 (zero-init),
-    where (scale, shift) = Linear(SiLU(emb)); the skip is a 1x1 conv when channels change.
-    The zero-initialised last conv makes every block start as the identity.
+    GN -> act -> [resample] -> conv3x3 -> GN * (1 + scale) + shift -> act -> dropout -> conv3x3,
+    where (scale, shift) = Linear(act(emb)); the skip is a 1x1 conv when channels change.
+
+    The defaults are Imagen's block (SiLU, no resampling, zero-initialised last conv, so every block starts as the
+    identity). The options give DeepFloyd IF's (diffusers' ResnetBlock2D with scale_shift): ``activation`` 'gelu';
+    ``resample`` 'up' / 'down' resamples both paths after the first activation (nearest x2 / 2x2 average pool, BigGAN's
+    up/down blocks, which IF uses instead of resampling convs); ``skip_time_act`` takes FiLM from emb itself (IF-II
+    applies the activation to emb once, outside the blocks); the output is divided by ``output_scale`` (IF-II's
+    1/sqrt(2) residual scaling); ``groups`` and ``eps`` are the GroupNorms'.
     """
 
     def __init__(
@@ -342,13 +449,27 @@ class ResBlock(nnx.Module):
         dropout_rate: float,
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
+        activation: str = "silu",
+        resample: str | None = None,
+        skip_time_act: bool = False,
+        output_scale: float = 1.0,
+        zero_init: bool = True,
+        groups: int | None = None,
+        eps: float = 1e-5,
     ):
+        check_activation(activation)
+        if resample not in RESAMPLE:
+            raise ValueError(f"resample {resample!r} is not one of {RESAMPLE}")
         self.dropout_rate = dropout_rate
-        self.norm1 = GroupNorm(in_channels, rngs=rngs, dtype=dtype)
+        self.activation = activation
+        self.resample = resample
+        self.skip_time_act = skip_time_act
+        self.output_scale = output_scale
+        self.norm1 = GroupNorm(in_channels, rngs=rngs, dtype=dtype, eps=eps, groups=groups)
         self.conv1 = conv(in_channels, out_channels, rngs=rngs, dtype=dtype)
         self.film = dense(emb_dim, 2 * out_channels, rngs=rngs, dtype=dtype)
-        self.norm2 = GroupNorm(out_channels, rngs=rngs, dtype=dtype)
-        self.conv2 = conv(out_channels, out_channels, rngs=rngs, dtype=dtype, zero_init=True)
+        self.norm2 = GroupNorm(out_channels, rngs=rngs, dtype=dtype, eps=eps, groups=groups)
+        self.conv2 = conv(out_channels, out_channels, rngs=rngs, dtype=dtype, zero_init=zero_init)
         self.skip = (
             conv(in_channels, out_channels, rngs=rngs, dtype=dtype, kernel_size=1)
             if in_channels != out_channels
@@ -356,14 +477,63 @@ class ResBlock(nnx.Module):
         )
 
     def __call__(self, x: Array, emb: Array, dropout_key: Array | None = None) -> Array:
-        h = constrain(self.conv1(self.norm1(x, silu=True)), inner=-1)  # hidden channels over tensor
-        scale, shift = jnp.split(self.film(jax.nn.silu(emb)), 2, axis=-1)
-        h = self.norm2(h, film=(constrain(scale, inner=-1), constrain(shift, inner=-1)), silu=True)
+        h = self.norm1(x, activation=self.activation)
+        if self.resample is not None:
+            h, x = resample(h, self.resample), resample(x, self.resample)
+        h = constrain(self.conv1(h), inner=-1)  # hidden channels over tensor
+        scale, shift = jnp.split(self.film(emb if self.skip_time_act else activate(emb, self.activation)), 2, axis=-1)
+        h = self.norm2(h, film=(constrain(scale, inner=-1), constrain(shift, inner=-1)), activation=self.activation)
         h = self.conv2(dropout(h, self.dropout_rate, dropout_key))
-        return constrain((x if self.skip is None else self.skip(x)) + h)
+        out = (x if self.skip is None else self.skip(x)) + h
+        if self.output_scale != 1.0:
+            out = out / self.output_scale
+        return constrain(out)
 
 
-class SelfAttention(nnx.Module):
+class _PixelAttention(nnx.Module):
+    """What every residual attention over an image's H*W positions shares, so the three kinds below differ only in
+    where their keys and values come from: heads of ``head_dim`` channels, the attention kind, a GroupNorm of the
+    pixels before their projections, and the output ``x + out(attention)`` (``out`` is the subclass's, built last)."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        head_dim: int,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        attention: str,
+        attention_chunk: int,
+        groups: int | None = None,
+    ):
+        _check_heads(channels, head_dim)
+        check_attention(attention)
+        self.head_dim = head_dim
+        self.attention, self.attention_chunk = attention, attention_chunk
+        self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype, groups=groups)
+
+    def _projections(self, channels: int, kv_dim: int, rngs: nnx.Rngs, dtype: jnp.dtype) -> None:
+        """Imagen's projections: q of the pixels, k and v of ``kv_dim``-wide tokens, and the zero-init ``out``."""
+        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.k = dense(kv_dim, channels, rngs=rngs, dtype=dtype)
+        self.v = dense(kv_dim, channels, rngs=rngs, dtype=dtype)
+        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+
+    def _tokens(self, x: Array) -> Array:
+        """x [B,H,W,C] GroupNorm'ed, as tokens [B, H*W, C]."""
+        b, hgt, wid, c = x.shape
+        return self.norm(x).reshape(b, hgt * wid, c)
+
+    def _heads(self, proj: nnx.Linear, tokens: Array) -> Array:
+        """proj(tokens) [B, L, C] split into heads [B, L, heads, head_dim]."""
+        return constrain(_split_heads(proj(tokens), self.head_dim), inner=2)
+
+    def _residual(self, x: Array, q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
+        o = attention(q, k, v, mask, kind=self.attention, chunk=self.attention_chunk)
+        return constrain(x + self.out(constrain(o, inner=2).reshape(x.shape)))
+
+
+class SelfAttention(_PixelAttention):
     """Residual multi-head self-attention over the H*W positions (pre-GroupNorm, zero-init
     output projection)."""
 
@@ -377,25 +547,17 @@ class SelfAttention(nnx.Module):
         attention: str = "dot_product",
         attention_chunk: int = 1024,
     ):
-        _check_heads(channels, head_dim)
-        check_attention(attention)
-        self.head_dim = head_dim
-        self.attention, self.attention_chunk = attention, attention_chunk
-        self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
-        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
-        self.k = dense(channels, channels, rngs=rngs, dtype=dtype)
-        self.v = dense(channels, channels, rngs=rngs, dtype=dtype)
-        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+        super().__init__(
+            channels, head_dim=head_dim, rngs=rngs, dtype=dtype, attention=attention, attention_chunk=attention_chunk
+        )
+        self._projections(channels, channels, rngs, dtype)
 
     def __call__(self, x: Array) -> Array:
-        b, hgt, wid, c = x.shape
-        h = self.norm(x).reshape(b, hgt * wid, c)
-        q, k, v = (constrain(_split_heads(proj(h), self.head_dim), inner=2) for proj in (self.q, self.k, self.v))
-        o = attention(q, k, v, kind=self.attention, chunk=self.attention_chunk)
-        return constrain(x + self.out(constrain(o, inner=2).reshape(b, hgt, wid, c)))
+        h = self._tokens(x)
+        return self._residual(x, *(self._heads(proj, h) for proj in (self.q, self.k, self.v)))
 
 
-class CrossAttention(nnx.Module):
+class CrossAttention(_PixelAttention):
     """Residual multi-head cross-attention from image positions to (masked) text tokens.
 
     ``context`` is [B, L, context_dim] (already normalised by the caller), ``mask`` [B, L] bool.
@@ -412,30 +574,114 @@ class CrossAttention(nnx.Module):
         attention: str = "dot_product",
         attention_chunk: int = 1024,
     ):
-        _check_heads(channels, head_dim)
-        check_attention(attention)
-        self.head_dim = head_dim
-        self.attention, self.attention_chunk = attention, attention_chunk
-        self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
-        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
-        self.k = dense(context_dim, channels, rngs=rngs, dtype=dtype)
-        self.v = dense(context_dim, channels, rngs=rngs, dtype=dtype)
-        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+        super().__init__(
+            channels, head_dim=head_dim, rngs=rngs, dtype=dtype, attention=attention, attention_chunk=attention_chunk
+        )
+        self._projections(channels, context_dim, rngs, dtype)
 
     def keys_values(self, context: Array) -> tuple[Array, Array]:
         """Keys and values [B, L, heads, head_dim] of context tokens [B, L, context_dim]: the same at every
         sampling step, so a sampler computes them once per prompt."""
-        k = constrain(_split_heads(self.k(context), self.head_dim), inner=2)
-        v = constrain(_split_heads(self.v(context), self.head_dim), inner=2)
-        return k, v
+        return self._heads(self.k, context), self._heads(self.v, context)
 
     def __call__(self, x: Array, context: Array | tuple[Array, Array], mask: Array) -> Array:
         """``context``: the tokens, or their precomputed ``keys_values``."""
-        b, hgt, wid, c = x.shape
-        q = constrain(_split_heads(self.q(self.norm(x).reshape(b, hgt * wid, c)), self.head_dim), inner=2)
+        q = self._heads(self.q, self._tokens(x))
         k, v = context if isinstance(context, tuple) else self.keys_values(context)
-        o = attention(q, k, v, mask, kind=self.attention, chunk=self.attention_chunk)
-        return constrain(x + self.out(constrain(o, inner=2).reshape(b, hgt, wid, c)))
+        return self._residual(x, q, k, v, mask)
+
+
+class AddedKVAttention(_PixelAttention):
+    """Residual attention of image positions over text tokens and themselves in one softmax (DeepFloyd IF's; diffusers'
+    Attention with AttnAddedKVProcessor): X = GroupNorm(x) as H*W tokens; q = q(X); the keys are the text's, k_text =
+    add_k(c), followed by the image's, k(X) (values likewise); out = x + out(attention).
+
+    ``context`` tokens c [B, L, context_dim] are normalised here first (``context_norm``: GroupNorm over the text
+    channels and positions with ``context_groups`` groups, IF's cross_attention_norm 'group_norm'; False: used as
+    given). ``self_attention`` False drops k and v, so only the text is attended to (diffusers' only_cross_attention).
+    No mask: IF attends to every text position, padding included. ``groups`` is the image GroupNorm's.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context_dim: int,
+        *,
+        head_dim: int,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        groups: int | None = None,
+        context_norm: bool = True,
+        context_groups: int | None = None,
+        self_attention: bool = True,
+        attention: str = "dot_product",
+        attention_chunk: int = 1024,
+        zero_init: bool = True,
+    ):
+        super().__init__(
+            channels,
+            head_dim=head_dim,
+            rngs=rngs,
+            dtype=dtype,
+            attention=attention,
+            attention_chunk=attention_chunk,
+            groups=groups,
+        )
+        self.context_norm = (
+            GroupNorm(context_dim, rngs=rngs, dtype=dtype, groups=context_groups) if context_norm else None
+        )
+        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
+        self.k = dense(channels, channels, rngs=rngs, dtype=dtype) if self_attention else None
+        self.v = dense(channels, channels, rngs=rngs, dtype=dtype) if self_attention else None
+        self.add_k = dense(context_dim, channels, rngs=rngs, dtype=dtype)
+        self.add_v = dense(context_dim, channels, rngs=rngs, dtype=dtype)
+        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=zero_init)
+
+    def keys_values(self, context: Array) -> tuple[Array, Array]:
+        """The text's keys and values [B, L, heads, head_dim] from context tokens [B, L, context_dim]: the same at
+        every sampling step, so a sampler computes them once per prompt."""
+        if self.context_norm is not None:  # a [B, L, 1, C] image to GroupNorm: statistics over positions x group
+            context = self.context_norm(context[:, :, None, :])[:, :, 0, :]
+        return self._heads(self.add_k, context), self._heads(self.add_v, context)
+
+    def __call__(self, x: Array, context: Array | tuple[Array, Array]) -> Array:
+        """``context``: the tokens, or their precomputed ``keys_values``."""
+        h = self._tokens(x)
+        q = self._heads(self.q, h)
+        k, v = context if isinstance(context, tuple) else self.keys_values(context)
+        if self.k is not None:
+            k = jnp.concatenate([k, self._heads(self.k, h)], axis=1)
+            v = jnp.concatenate([v, self._heads(self.v, h)], axis=1)
+        return self._residual(x, q, k, v)
+
+
+class MeanQueryAttentionPool(nnx.Module):
+    """Pools text tokens [B, L, C] into one vector [B, C] with multi-head attention whose query is the tokens' mean
+    plus a learned position embedding, over [query; tokens] (DeepFloyd IF's text pooling, diffusers'
+    AttentionPooling): no mask (every position, padding included, counts in the mean and the keys) and no output
+    projection."""
+
+    def __init__(
+        self, channels: int, *, num_heads: int, rngs: nnx.Rngs, dtype: jnp.dtype, kernel_names: Names = DENSE_NAMES
+    ):
+        if channels % num_heads:
+            raise ValueError(f"attention pool width {channels} is not a multiple of its {num_heads} heads")
+        self.head_dim = channels // num_heads
+        self.dtype = dtype
+        self.position = param(rngs, nnx.initializers.normal(channels**-0.5), (1, channels), (None, "channels_out"))
+        self.q = dense(channels, channels, rngs=rngs, dtype=dtype, kernel_names=kernel_names)
+        self.k = dense(channels, channels, rngs=rngs, dtype=dtype, kernel_names=kernel_names)
+        self.v = dense(channels, channels, rngs=rngs, dtype=dtype, kernel_names=kernel_names)
+
+    def __call__(self, tokens: Array) -> Array:
+        b, _, c = tokens.shape
+        mean = tokens.astype(jnp.float32).mean(axis=1, keepdims=True)
+        query = (mean + self.position[...]).astype(self.dtype)  # [B, 1, C]
+        sequence = jnp.concatenate([query, tokens.astype(self.dtype)], axis=1)
+        q = _split_heads(self.q(query), self.head_dim)
+        k = _split_heads(self.k(sequence), self.head_dim)
+        v = _split_heads(self.v(sequence), self.head_dim)
+        return attention(q, k, v).reshape(b, c)
 
 
 class FeedForward(nnx.Module):
@@ -520,3 +766,102 @@ class Upsample(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return constrain(self.conv(x))
+
+
+class UNetBlock(nnx.Module):
+    """The unit every U-Net here repeats: a residual block, then (each optional) self-attention over the pixels,
+    attention to the text and a per-pixel feed-forward layer. The model files choose the layers (`imagen_block` builds
+    Imagen's; if_unet.py IF's, whose one attention layer attends to the text and the pixels together); this is the one
+    way they are called. ``remat`` is the model's policy: 'attention' rematerialises the attention layers here
+    (`BlockCalls` applies the policies that rematerialise whole blocks)."""
+
+    def __init__(
+        self,
+        res: ResBlock,
+        *,
+        self_attn: SelfAttention | None = None,
+        cross_attn: CrossAttention | AddedKVAttention | None = None,
+        ffn: FeedForward | None = None,
+        remat: str = "none",
+    ):
+        self.attention_policy = "block" if remat == "attention" else "none"
+        self.res = res
+        self.self_attn = self_attn
+        self.cross_attn = cross_attn
+        self.ffn = ffn
+
+    def __call__(
+        self,
+        x: Array,
+        emb: Array,
+        context: Array | tuple[Array, Array] | None,
+        mask: Array | None,
+        dropout_key: Array | None,
+    ) -> Array:
+        """``context``: what `TextContext.per_block` gives this block (tokens, or its keys and values); ``mask``: the
+        text's, None for an attention that takes none (IF's attends to every position)."""
+        x = self.res(x, emb, dropout_key)
+        if self.self_attn is not None:
+            x = call_remat(self.self_attn, x, policy=self.attention_policy)
+        if self.cross_attn is not None:
+            text = (context,) if mask is None else (context, mask)
+            x = call_remat(self.cross_attn, x, *text, policy=self.attention_policy)
+        if self.ffn is not None:
+            x = self.ffn(x)
+        return x
+
+
+def imagen_block(
+    in_channels: int,
+    out_channels: int,
+    *,
+    emb_dim: int,
+    context_dim: int,
+    self_attention: bool,
+    cross_attention: bool,
+    ffn_mult: int,
+    head_dim: int,
+    dropout_rate: float,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype,
+    remat: str = "none",
+    attention: str = "dot_product",
+    attention_chunk: int = 1024,
+) -> UNetBlock:
+    """Imagen's block, both of its U-Nets': the BigGAN/ADM ResBlock, then where asked for SelfAttention, masked
+    CrossAttention to the context tokens and a FeedForward of hidden width ``ffn_mult * out_channels`` (0: none)."""
+    kind = dict(attention=attention, attention_chunk=attention_chunk)
+    res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
+    self_attn = (
+        SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind) if self_attention else None
+    )
+    cross_attn = (
+        CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind)
+        if cross_attention
+        else None
+    )
+    ffn = FeedForward(out_channels, ffn_mult, rngs=rngs, dtype=dtype) if ffn_mult else None
+    return UNetBlock(res, self_attn=self_attn, cross_attn=cross_attn, ffn=ffn, remat=remat)
+
+
+class BlockCalls:
+    """Calls a U-Net's blocks in the order its forward pass runs them, giving each what it takes besides the
+    activations: the conditioning embedding ``emb``, its entry of ``texts`` (`TextContext.per_block`), the text
+    ``mask`` and a dropout key of its own (one stream per residual block, numbered in call order), rematerialised by
+    the model's ``remat`` policy. One object per forward pass: the order of the calls is what numbers them."""
+
+    def __init__(self, emb: Array, texts: Iterator[Any], mask: Array | None, dropout_key: Array | None, remat: str):
+        self.emb, self.texts, self.mask = emb, texts, mask
+        self.dropout_key, self.remat = dropout_key, remat
+        self.keys = itertools.count()
+
+    def _next_key(self) -> Array | None:
+        return fold_key(self.dropout_key, next(self.keys))
+
+    def block(self, block: UNetBlock, h: Array) -> Array:
+        return call_remat(block, h, self.emb, next(self.texts), self.mask, self._next_key(), policy=self.remat)
+
+    def res(self, block: ResBlock, h: Array, *, remat: bool = True) -> Array:
+        """A residual block on its own (a middle's second, IF's resamplers); ``remat`` False: called plainly whatever
+        the policy (the base U-Net's middle ResBlock)."""
+        return call_remat(block, h, self.emb, self._next_key(), policy=self.remat if remat else "none")

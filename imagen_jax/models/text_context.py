@@ -1,6 +1,7 @@
-"""The text's part of a U-Net call, which both U-Nets share: T5 tokens projected and normalised into context
-tokens, the learned null text of classifier-free guidance, the attention-pooled vector added to the timestep
-embedding, and (for sampling) every cross-attention layer's keys and values.
+"""The text's part of a U-Net call, which the U-Nets share: T5 tokens projected and normalised into context tokens,
+the learned null text of classifier-free guidance, the attention-pooled vector added to the timestep embedding, and
+(for sampling) every cross-attention layer's keys and values. IF's U-Net reads its text its own way (if_unet.py) and
+gives its blocks the same `TextContext`.
 
 None of it depends on the noisy image or the time, so a sampler computes it once per prompt
 (`TextConditioning.text_context(..., precompute=True)`, and `null_text_context` for the unconditional half of
@@ -12,7 +13,7 @@ its block, so a rematerialised block recomputes its keys and values instead of k
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -28,12 +29,12 @@ KeysValues = tuple[Array, Array]
 
 class TextContext(NamedTuple):
     """What a U-Net's blocks read of the text: ``pooled`` [B, emb_dim] (added to the timestep embedding),
-    ``mask`` [B, L] bool, and either the context ``tokens`` [B, L, dim] that every cross-attention projects
-    itself, or ``keys_values``: per block in call order, its cross-attention's (k, v) [B, L, heads, head_dim]
-    (None for a block without one)."""
+    ``mask`` [B, L] bool (None: the attention takes none, IF's), and either the context ``tokens`` [B, L, dim]
+    that every cross-attention projects itself, or ``keys_values``: per block in call order, its cross-attention's
+    (k, v) [B, L, heads, head_dim] (None for a block without one)."""
 
     pooled: Array
-    mask: Array
+    mask: Array | None
     tokens: Array | None = None
     keys_values: tuple[KeysValues | None, ...] | None = None
 
@@ -61,8 +62,25 @@ def drop_to_null_text(context: Array, mask: Array, null_token: Array, drop_text:
     return context, mask
 
 
+def block_context(
+    blocks: Iterable[nnx.Module], pooled: Array, mask: Array | None, tokens: Array, precompute: bool
+) -> TextContext:
+    """The TextContext of context ``tokens``: the tokens themselves (training) or, with ``precompute``, the keys and
+    values of each of ``blocks``' ``cross_attn`` (None or a layer with ``keys_values``), in call order (sampling)."""
+    if not precompute:
+        return TextContext(pooled, mask, tokens=tokens)
+    keys_values = tuple(None if block.cross_attn is None else block.cross_attn.keys_values(tokens) for block in blocks)
+    return TextContext(pooled, mask, keys_values=keys_values)
+
+
+def broadcast_context(context: TextContext, batch: int) -> TextContext:
+    """A context computed for one row, for ``batch`` rows (the null text's, the unconditional half of a guided
+    batch: the same for every row)."""
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape[1:])), context)
+
+
 class TextConditioning:
-    """The text path both U-Nets share, mixed into each so its parameters keep top-level names
+    """The text path both Imagen U-Nets share, mixed into each so its parameters keep top-level names
     (text_proj, text_norm, null_text, text_pool). A model using it has ``dtype`` and lists its blocks (each
     with a ``cross_attn`` attribute, None or a CrossAttention) in call order with ``blocks_in_call_order``."""
 
@@ -88,14 +106,8 @@ class TextConditioning:
         """The precomputed context of the null text for `batch` rows of `length` tokens (the unconditional half
         of a guided batch): computed for one row, from the learned null token alone, and broadcast."""
         one = self._context(*null_tokens(self.null_text[...], length, self.dtype), precompute=True)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape[1:])), one)
+        return broadcast_context(one, batch)
 
     def _context(self, tokens: Array, mask: Array, precompute: bool) -> TextContext:
         pooled = self.text_pool(tokens, mask)
-        if not precompute:
-            return TextContext(pooled, mask, tokens=tokens)
-        keys_values = tuple(
-            None if block.cross_attn is None else block.cross_attn.keys_values(tokens)
-            for block in self.blocks_in_call_order()
-        )
-        return TextContext(pooled, mask, keys_values=keys_values)
+        return block_context(self.blocks_in_call_order(), pooled, mask, tokens, precompute)

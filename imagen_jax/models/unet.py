@@ -56,29 +56,26 @@ image_size=64 and text_dim=4096 (T5-XXL) this model has 2.12e9 parameters (paper
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from imagen_jax.models.config_fields import ModelConfig, builder, read_fields
 from imagen_jax.models.layers import (
-    CrossAttention,
+    BlockCalls,
     Downsample,
-    FeedForward,
     GroupNorm,
     ResBlock,
-    SelfAttention,
     TimeEmbedding,
+    UNetBlock,
     Upsample,
-    call_remat,
     check_remat,
     conv,
-    fold_key,
+    imagen_block,
 )
-from imagen_jax.models.text_context import KeysValues, TextConditioning, TextContext
+from imagen_jax.models.text_context import TextConditioning, TextContext
 from imagen_jax.parallel.activations import constrain
 
 Array = jax.Array
@@ -98,52 +95,6 @@ OPTIONAL_FIELDS = {"attn_placement": "every_block", "resample_width": False, "re
 ATTN_PLACEMENTS = ("every_block", "level_end")
 EMB_MULT = 4
 KIND = "unet"
-
-
-class UNetBlock(nnx.Module):
-    """A residual block, optionally followed by self-attention, text cross-attention and a feed-forward layer."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        emb_dim: int,
-        context_dim: int,
-        attn: bool,
-        head_dim: int,
-        dropout_rate: float,
-        rngs: nnx.Rngs,
-        dtype: jnp.dtype,
-        remat_attention: bool = False,
-        attention: str = "dot_product",
-        attention_chunk: int = 1024,
-        ffn_mult: int = 0,
-    ):
-        self.attention_policy = "block" if remat_attention else "none"
-        kind = dict(attention=attention, attention_chunk=attention_chunk)
-        self.res = ResBlock(in_channels, out_channels, emb_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype)
-        self.self_attn = (
-            SelfAttention(out_channels, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind) if attn else None
-        )
-        self.cross_attn = (
-            CrossAttention(out_channels, context_dim, head_dim=head_dim, rngs=rngs, dtype=dtype, **kind)
-            if attn
-            else None
-        )
-        self.ffn = FeedForward(out_channels, ffn_mult, rngs=rngs, dtype=dtype) if attn and ffn_mult else None
-
-    def __call__(
-        self, x: Array, emb: Array, context: Array | KeysValues | None, mask: Array, dropout_key: Array | None
-    ) -> Array:
-        """``context``: what `TextContext.per_block` gives this block (tokens, or its keys and values)."""
-        x = self.res(x, emb, dropout_key)
-        if self.self_attn is not None:
-            x = call_remat(self.self_attn, x, policy=self.attention_policy)
-            x = call_remat(self.cross_attn, x, context, mask, policy=self.attention_policy)
-        if self.ffn is not None:
-            x = self.ffn(x)
-        return x
 
 
 class UNet(TextConditioning, nnx.Module):
@@ -174,25 +125,20 @@ class UNet(TextConditioning, nnx.Module):
         resample_skips: bool = True,
         ffn_mult: int = 0,
     ):
-        sizes = [image_size // 2**i for i in range(len(channel_mults))]
-        _validate(image_size, channel_mults, num_res_blocks, attn_resolutions, dropout, sizes, attn_placement, ffn_mult)
+        sizes = _sizes(image_size, channel_mults)
+        _validate(image_size, channel_mults, num_res_blocks, attn_resolutions, dropout, attn_placement, ffn_mult)
         check_remat(remat)
         self.dtype = dtype
         self.remat = remat
         self.resample_skips = resample_skips
         emb_dim = EMB_MULT * dim
-        block = dict(
-            emb_dim=emb_dim,
-            context_dim=dim,
-            head_dim=head_dim,
-            dropout_rate=dropout,
-            rngs=rngs,
-            dtype=dtype,
-            remat_attention=remat == "attention",
-            attention=attention,
-            attention_chunk=attention_chunk,
-            ffn_mult=ffn_mult,
-        )
+        settings = dict(emb_dim=emb_dim, context_dim=dim, head_dim=head_dim, dropout_rate=dropout)
+        compute = dict(rngs=rngs, dtype=dtype, remat=remat, attention=attention, attention_chunk=attention_chunk)
+
+        def block(cin: int, cout: int, attn: bool) -> UNetBlock:
+            """A res block, then (where ``attn``) self-attention, text cross-attention and the FFN if any."""
+            after_res = dict(self_attention=attn, cross_attention=attn, ffn_mult=ffn_mult if attn else 0)
+            return imagen_block(cin, cout, **after_res, **settings, **compute)
 
         self.time_embed = TimeEmbedding(dim, emb_dim, rngs=rngs, dtype=dtype)
         self.init_text_conditioning(text_dim, dim, emb_dim, head_dim=head_dim, rngs=rngs, dtype=dtype)
@@ -209,7 +155,7 @@ class UNet(TextConditioning, nnx.Module):
             blocks = []
             width = ch if resample_width else dim * mult
             for index in range(num_res_blocks):
-                blocks.append(UNetBlock(ch, width, attn=attends(size, index, num_res_blocks), **block))
+                blocks.append(block(ch, width, attends(size, index, num_res_blocks)))
                 ch = width
                 skip_channels.append(ch)
             down.append(nnx.List(blocks))
@@ -223,7 +169,7 @@ class UNet(TextConditioning, nnx.Module):
         self.downsamples = nnx.List(downsamples)
 
         mid = dim * channel_mults[-1]
-        self.mid = UNetBlock(ch, mid, attn=True, **block)
+        self.mid = block(ch, mid, attn=True)
         self.mid_res = ResBlock(mid, mid, emb_dim, dropout_rate=dropout, rngs=rngs, dtype=dtype)
         ch = mid
 
@@ -234,7 +180,7 @@ class UNet(TextConditioning, nnx.Module):
             for index in range(up_blocks):
                 attn = attends(sizes[level], index, up_blocks)
                 out = dim * channel_mults[level]
-                blocks.append(UNetBlock(ch + skip_channels.pop(), out, attn=attn, **block))
+                blocks.append(block(ch + skip_channels.pop(), out, attn))
                 ch = out
             up.append(nnx.List(blocks))
             if level > 0:
@@ -271,32 +217,36 @@ class UNet(TextConditioning, nnx.Module):
     def denoise(self, x: Array, t: Array, context: TextContext, dropout_key: Array | None = None) -> Array:
         """`__call__` with the text's part given (`text_context`), as a sampler reuses it at every step."""
         emb = self.time_embed(t) + context.pooled
-        texts, mask = context.per_block(), context.mask
+        calls = BlockCalls(emb, context.per_block(), context.mask, dropout_key, self.remat)
 
-        keys = itertools.count()  # one dropout stream per res block, in call order
         h = constrain(self.input_conv(constrain(x.astype(self.dtype))))
         skips = [h] if self.resample_skips else []
         for level, blocks in enumerate(self.down):
             for blk in blocks:
-                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = calls.block(blk, h)
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
                 if self.resample_skips:
                     skips.append(h)
 
-        h = call_remat(self.mid, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
-        h = self.mid_res(h, emb, fold_key(dropout_key, next(keys)))
+        h = calls.block(self.mid, h)
+        h = calls.res(self.mid_res, h, remat=False)
 
         for level, blocks in enumerate(self.up):
             for blk in blocks:
                 h = constrain(jnp.concatenate([h, skips.pop()], axis=-1))
-                h = call_remat(blk, h, emb, next(texts), mask, fold_key(dropout_key, next(keys)), policy=self.remat)
+                h = calls.block(blk, h)
             if level < len(self.upsamples):
                 h = self.upsamples[level](h)
 
         h = constrain(self.out_conv(self.out_norm(h, silu=True)))
         return h.astype(jnp.float32)
+
+
+def _sizes(image_size: int, channel_mults: tuple[int, ...]) -> list[int]:
+    """The feature-map side of each level."""
+    return [image_size // 2**i for i in range(len(channel_mults))]
 
 
 def _validate(
@@ -305,10 +255,10 @@ def _validate(
     num_res_blocks: int,
     attn_resolutions: tuple[int, ...],
     dropout: float,
-    sizes: list[int],
     attn_placement: str = "every_block",
     ffn_mult: int = 0,
 ) -> None:
+    sizes = _sizes(image_size, channel_mults)
     if not channel_mults:
         raise ValueError("config.model.channel_mults must not be empty")
     if image_size % 2 ** (len(channel_mults) - 1):
@@ -348,19 +298,8 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
-    fields = dict(model_cfg)
-    kind = fields.pop("kind", KIND)
-    if kind != KIND:
-        raise ValueError(f"config.model.kind is {kind!r}; build_unet builds kind {KIND!r}")
-    fields = {**OPTIONAL_FIELDS, **fields}
-    allowed = [*MODEL_FIELDS, *OPTIONAL_FIELDS]
-    unknown = sorted(set(fields) - set(allowed))
-    missing = sorted(set(MODEL_FIELDS) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown config.model field(s) {unknown}; allowed: {allowed}")
-    if missing:
-        raise ValueError(f"missing config.model field(s) {missing}")
+def _constructor_args(model_cfg: ModelConfig) -> dict:
+    fields = read_fields(model_cfg, kind=KIND, builder="build_unet", required=MODEL_FIELDS, optional=OPTIONAL_FIELDS)
     return dict(
         dim=int(fields["dim"]),
         channel_mults=tuple(int(m) for m in fields["channel_mults"]),
@@ -377,43 +316,18 @@ def _constructor_args(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) 
     )
 
 
-def check_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], *, image_size: int) -> None:
+def check_config(model_cfg: ModelConfig, *, image_size: int) -> None:
     """Raises ValueError naming the first `config.model` field that build_unet would refuse, without building."""
-    args = _constructor_args(model_cfg)
-    sizes = [image_size // 2**i for i in range(len(args["channel_mults"]))]
+    a = _constructor_args(model_cfg)
     _validate(
         image_size,
-        args["channel_mults"],
-        args["num_res_blocks"],
-        args["attn_resolutions"],
-        args["dropout"],
-        sizes,
-        args["attn_placement"],
-        args["ffn_mult"],
+        a["channel_mults"],
+        a["num_res_blocks"],
+        a["attn_resolutions"],
+        a["dropout"],
+        a["attn_placement"],
+        a["ffn_mult"],
     )
 
 
-def build_unet(
-    model_cfg: ml_collections.ConfigDict | Mapping[str, Any],
-    *,
-    image_size: int,
-    text_dim: int,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype = jnp.float32,
-    remat: str = "none",
-    attention: str = "dot_product",
-    attention_chunk: int = 1024,
-) -> UNet:
-    """Builds the U-Net from ``config.model`` (fields in the module docstring); ``dtype`` is the
-    compute dtype, parameters are float32; ``remat`` one of layers.REMAT_POLICIES,
-    ``attention`` one of layers.ATTENTION_KINDS."""
-    return UNet(
-        image_size=image_size,
-        text_dim=text_dim,
-        rngs=rngs,
-        dtype=dtype,
-        remat=remat,
-        attention=attention,
-        attention_chunk=attention_chunk,
-        **_constructor_args(model_cfg),
-    )
+build_unet = builder(UNet, _constructor_args, "build_unet")

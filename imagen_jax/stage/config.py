@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from imagen_jax.diffusion import OBJECTIVES, SCHEDULES, THRESHOLD_MODES
+from imagen_jax.diffusion import OBJECTIVES, SCHEDULES, THRESHOLD_MODES, VARIANCE_LOSSES, VARIANCES
 from imagen_jax.errors import ConfigError
 from imagen_jax.models.layers import ATTENTION_KINDS, REMAT_POLICIES
 from imagen_jax.stage.model import DTYPES, MODEL_KINDS, model_kind
@@ -51,11 +51,22 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.model = MODEL_KINDS[kind].default_config()
 
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.schedule = "cosine"  # log-SNR schedule: cosine | linear
+    c.diffusion.schedule = "cosine"  # log-SNR schedule: cosine | linear | discrete_cosine (DeepFloyd IF's 1000 steps)
     c.diffusion.objective = "eps"  # what the U-Net predicts: eps | v
     c.diffusion.cond_drop_prob = 0.1  # captions replaced by the learned null text (classifier-free guidance)
     c.diffusion.thresholding = "dynamic"  # x0 thresholding when sampling: dynamic | static | none
     c.diffusion.dynamic_threshold_percentile = 0.995  # the paper's dynamic thresholding percentile
+    # Upper bound on dynamic thresholding's scale s (DeepFloyd IF's sample_max_value: 1.5 stage I, 1.0 stage II);
+    # 0 = none (Imagen's).
+    c.diffusion.threshold_max = 0.0
+    # The ancestral sampler's variance: fixed_small (the posterior's) | learned_range (the model outputs 2 x 3
+    # channels, the second half interpolating between log beta and the posterior's log variance: IF's).
+    c.diffusion.variance = "fixed_small"
+    # Training a learned variance (variance learned_range, a discrete schedule): none (the eps MSE alone; the
+    # variance channels get no gradient of their own and drift as the shared layers move) | vlb (improved DDPM's
+    # hybrid loss: + variance_loss_weight x the variational bound, the mean's gradient stopped; IF's stages).
+    c.diffusion.variance_loss = "none"
+    c.diffusion.variance_loss_weight = 0.001
     # DPM-Solver++'s grid starts at this log-SNR (alpha = 0.0067 at -10), not at the schedule's clamp (-20),
     # where a third of its model calls changed nothing.
     c.diffusion.dpm_start_log_snr = -10.0
@@ -68,6 +79,10 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 2048  # global batch, split over processes and data-parallel devices
+    # Fine-tuning: start from a trained stage's weights instead of a random initialisation: a training workdir (its
+    # latest EMA weights), an export folder, or a DeepFloyd IF pipeline folder (whose model, diffusion and text
+    # settings then replace the config's: train/init_from.py). Read only when the workdir has no checkpoint yet.
+    c.train.init_from = ""
     c.train.num_steps = 2_500_000
     c.train.optimizer = "adamw"  # adamw | adafactor
     c.train.learning_rate = 1e-4  # peak, after linear warm-up
@@ -197,6 +212,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "diffusion.schedule", SCHEDULES)
     _choice(config, "diffusion.objective", OBJECTIVES)
     _choice(config, "diffusion.thresholding", THRESHOLD_MODES)
+    _choice(config, "diffusion.variance", VARIANCES)
+    _choice(config, "diffusion.variance_loss", VARIANCE_LOSSES)
+    _positive(config, "diffusion.variance_loss_weight", minimum=0)
+    _positive(config, "diffusion.threshold_max", minimum=0)
     _choice(config, "train.compute_dtype", tuple(DTYPES))
     _choice(config, "train.remat", tuple(REMAT_POLICIES))
     _choice(config, "train.attention", ATTENTION_KINDS)
@@ -218,7 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if crop:
         if crop > config.data.image_size:
             raise ConfigError(f"config.data.crop_size={crop} is larger than data.image_size={config.data.image_size}")
-        if kind.super_resolution and (crop * config.model.lowres_size) % config.data.image_size:
+        if kind.super_resolution(config.model) and (crop * config.model.lowres_size) % config.data.image_size:
             raise ConfigError(
                 f"config.data.crop_size={crop} has no whole low-res crop: crop_size * "
                 f"model.lowres_size ({config.model.lowres_size}) must be divisible by data.image_size "

@@ -20,13 +20,17 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from imagen_jax.diffusion import augment
 from imagen_jax.diffusion.denoiser import Denoiser
 from imagen_jax.errors import ConfigError
 from imagen_jax.flax_settings import init_rngs
-from imagen_jax.models import efficient_unet, unet
+from imagen_jax.models import efficient_unet, if_unet, unet
 from imagen_jax.parallel import mesh as mesh_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Top-level parameters that are data, not weights: no training step changes them (DeepFloyd IF's null_text, the T5
+# states of the empty prompt that stand for "no text"; models/if_unet.py).
+FROZEN_PARAMS = ("null_text",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +40,26 @@ class ModelKind:
     build: Callable[..., nnx.Module]
     default_config: Callable[[], ml_collections.ConfigDict]
     check_config: Callable[..., None]
-    super_resolution: bool
+    super_resolution: Callable[[ml_collections.ConfigDict], bool]  # of config.model: an SR stage?
+    # SR stages: the low-res image is upscaled to the output size before noise augmentation, and the model takes it
+    # at that size (IF: bilinear, align_corners); False: augmented at low res and upsampled inside the model.
+    upscale_before_augment: bool = False
 
 
 MODEL_KINDS = {
-    "unet": ModelKind(unet.build_unet, unet.default_config, unet.check_config, super_resolution=False),
+    "unet": ModelKind(unet.build_unet, unet.default_config, unet.check_config, super_resolution=lambda _: False),
     "efficient_unet": ModelKind(
-        efficient_unet.build_sr_unet, efficient_unet.default_config, efficient_unet.check_config, super_resolution=True
+        efficient_unet.build_sr_unet,
+        efficient_unet.default_config,
+        efficient_unet.check_config,
+        super_resolution=lambda _: True,
+    ),
+    "if_unet": ModelKind(
+        if_unet.build_if_unet,
+        if_unet.default_config,
+        if_unet.check_config,
+        super_resolution=if_unet.is_super_resolution,
+        upscale_before_augment=True,
     ),
 }
 
@@ -62,7 +79,7 @@ def model_kind(config: ml_collections.ConfigDict) -> ModelKind:
 
 def is_super_resolution(config: ml_collections.ConfigDict) -> bool:
     """SR stages condition on a low-res image; the base stage does not."""
-    return model_kind(config).super_resolution
+    return model_kind(config).super_resolution(config.model)
 
 
 def lowres_size(config: ml_collections.ConfigDict, size: int | None = None) -> int | None:
@@ -72,6 +89,14 @@ def lowres_size(config: ml_collections.ConfigDict, size: int | None = None) -> i
         return None
     size = int(config.data.image_size) if size is None else int(size)
     return size * int(config.model.lowres_size) // int(config.data.image_size)
+
+
+def conditioning_image(config: ml_collections.ConfigDict, lowres: jax.Array, size: int) -> jax.Array:
+    """What an SR stage noise-augments and hands its model, from the low-res image [B, s, s, 3]: the image itself,
+    or (kinds that upscale before augmenting: IF) the image upscaled to `size` as IF's pipeline does it."""
+    if model_kind(config).upscale_before_augment:
+        return augment.resize_align_corners(lowres, size)
+    return lowres
 
 
 def train_size(config: ml_collections.ConfigDict) -> int:

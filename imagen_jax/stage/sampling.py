@@ -13,20 +13,22 @@ noise-augmentation level of their input from `config.diffusion.sr_noise_level` u
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from imagen_jax.diffusion import Denoiser, augment
+from imagen_jax.diffusion import NAMED_TIMESTEPS, Denoiser, augment, q_sample
 from imagen_jax.diffusion import sample as diffusion_sample
 from imagen_jax.errors import StageError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
-from imagen_jax.stage.model import lowres_size
+from imagen_jax.stage.model import conditioning_image, lowres_size
 from imagen_jax.text import T5Encoder
 
 AUGMENT_STREAM = 0x5EED
@@ -41,20 +43,24 @@ def sample(
     seeds: Sequence[int],
     *,
     mesh: Mesh,
-    steps: int,
+    steps: int | str,
     guidance_scale: float,
     sampler: str = "ddpm",
     lowres: np.ndarray | jax.Array | None = None,
     sr_noise_level: float | None = None,
     size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    noise: np.ndarray | None = None,
+    lowres_noise: np.ndarray | None = None,
 ) -> np.ndarray:
     """Images in [-1,1], [B,size,size,3] (size: data.image_size, or e.g. a training crop for SR stages), on
     every process. `params` live on `mesh`; text, mask and lowres are host data or global arrays on `mesh`
-    (`mesh_lib.place_rows`).
+    (`mesh_lib.place_rows`). `steps`: a count, or with a discrete schedule (IF's) a named step list ('smart50').
 
     SR stages need `lowres` [B,s,s,3] with s = `lowres_size(config, size)`; it is noise-augmented at
-    `sr_noise_level` (default: the config's)."""
+    `sr_noise_level` (default: the config's), after upscaling for kinds that take it at full size (IF).
+    `noise` ([B,...] or [steps + 1, B, ...], see `diffusion.sample`) and `lowres_noise` (the augmentation's, shaped
+    like what is augmented) replace the draws from the seeds: to reproduce another implementation's samples."""
     size = int(config.data.image_size) if size is None else int(size)
     count = len(seeds)
     rows = mesh_lib.padded_rows(count, mesh)
@@ -62,15 +68,29 @@ def sample(
     keys = jax.vmap(jax.random.key)(place(np.asarray(seeds, dtype=np.uint32)))
     model_kwargs = None
     low = lowres_size(config, size)
+    dcfg = config.diffusion
     if low is not None:
         expected = (count, low, low, 3)
         if lowres is None or tuple(lowres.shape) != expected:
             got = None if lowres is None else tuple(lowres.shape)
             raise StageError(f"this {size}px super-resolution stage needs low-res input of shape {expected}, got {got}")
-        level = config.diffusion.sr_noise_level if sr_noise_level is None else sr_noise_level
-        augment_keys = jax.vmap(lambda k: jax.random.fold_in(k, AUGMENT_STREAM))(keys)
-        z, aug_t = augment.sampling_augmentation(place(lowres), level, augment_keys, config.diffusion.schedule)
+        level = dcfg.sr_noise_level if sr_noise_level is None else sr_noise_level
+        image = conditioning_image(config, place(lowres), size)
+        if lowres_noise is None:
+            augment_keys = jax.vmap(lambda k: jax.random.fold_in(k, AUGMENT_STREAM))(keys)
+            z, aug_t = augment.sampling_augmentation(image, level, augment_keys, dcfg.schedule)
+        else:
+            augment.check_noise_level(level)
+            aug_t = jnp.full((rows,), level, jnp.float32)
+            z = q_sample(image, aug_t, place(np.asarray(lowres_noise, np.float32)), dcfg.schedule)
         model_kwargs = {"lowres": z, "lowres_t": aug_t}
+    if noise is not None:
+        noise = np.asarray(noise, np.float32)
+        if noise.ndim == 4:
+            noise = place(noise)
+        else:  # [steps + 1, B, ...]: rows padded as `place` pads them, the whole array on every device
+            noise = np.concatenate([noise, np.repeat(noise[:, :1], rows - count, axis=1)], axis=1)
+            noise = jax.device_put(noise, mesh_lib.replicated(mesh))
     with activation_layout(mesh):  # activations split like the batch, as in training
         x = diffusion_sample(
             denoiser,
@@ -82,16 +102,24 @@ def sample(
             steps=steps,
             guidance_scale=guidance_scale,
             sampler=sampler,
-            schedule=config.diffusion.schedule,
-            objective=config.diffusion.objective,
-            thresholding=config.diffusion.thresholding,
-            percentile=config.diffusion.dynamic_threshold_percentile,
-            dpm_start_log_snr=config.diffusion.dpm_start_log_snr,
+            schedule=dcfg.schedule,
+            objective=dcfg.objective,
+            thresholding=dcfg.thresholding,
+            percentile=dcfg.dynamic_threshold_percentile,
+            threshold_max=dcfg.threshold_max or math.inf,
+            variance=dcfg.variance,
+            dpm_start_log_snr=dcfg.dpm_start_log_snr,
+            noise=noise,
             progress=progress,
-            chunk_size=None if progress is None else max(1, steps // 10),
+            chunk_size=None if progress is None else max(1, step_count(steps) // 10),
             model_kwargs=model_kwargs,
         )
     return mesh_lib.gather_rows(x, count, mesh)
+
+
+def step_count(steps: int | str) -> int:
+    """Model evaluations of `steps`: the count itself, or the length of a named step list ('smart50': 50)."""
+    return len(NAMED_TIMESTEPS[steps]) if isinstance(steps, str) else int(steps)
 
 
 def encode(

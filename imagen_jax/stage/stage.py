@@ -20,10 +20,11 @@ from jax.sharding import Mesh
 from imagen_jax.diffusion import Denoiser
 from imagen_jax.errors import MissingError, StageError, first_line
 from imagen_jax.stage import export as export_lib
-from imagen_jax.stage import sampling
+from imagen_jax.stage import if_folder, sampling
 from imagen_jax.stage.checkpoint import Checkpointer, checkpoint_dir
 from imagen_jax.stage.config import complete
 from imagen_jax.stage.model import MODEL_KINDS, lowres_size, shape_differences, stage_model
+from imagen_jax.text import T5Encoder
 
 
 @dataclasses.dataclass
@@ -60,14 +61,33 @@ class Stage(StageSpec):
     mesh: Mesh  # where params live; sampling splits the batch over it
 
     @classmethod
-    def load(cls, workdir: str, *, text_dim: int, mesh: Mesh, step: int | None = None) -> Stage:
-        """A workdir's checkpoint at `step` (default: the latest), or an export folder, its weights read straight
-        into their shardings on `mesh`; `text_dim`: the stage's T5 width."""
+    def load(
+        cls,
+        workdir: str,
+        *,
+        text_dim: int,
+        mesh: Mesh,
+        step: int | None = None,
+        encoder: T5Encoder | None = None,
+        config: ml_collections.ConfigDict | None = None,
+    ) -> Stage:
+        """A workdir's checkpoint at `step` (default: the latest), an export folder, or a DeepFloyd IF pipeline
+        folder (stage/if_folder.py; `encoder` encodes its unconditional input, the empty prompt), its weights read
+        straight into their shardings on `mesh`; `text_dim`: the stage's T5 width. `config`: the folder's config as the
+        caller adjusted it (`stage_config`, then e.g. another compute dtype, or an IF SR stage's low-res size);
+        default: the folder's own."""
+        if if_folder.is_if_folder(workdir):
+            if step is not None:
+                raise StageError(f"{workdir} is a DeepFloyd IF folder (one set of weights); a step cannot be chosen")
+            config = if_folder.if_config(workdir) if config is None else config
+            model = stage_model(config, text_dim, mesh)
+            params = if_folder.load_params(workdir, config, model.abstract_params, encoder)
+            return cls(workdir=workdir, config=config, params=params, denoiser=model.denoiser, step=0, mesh=mesh)
         if export_lib.is_export(workdir):
             if step is not None:
                 raise StageError(f"{workdir} is an export folder (one step); a checkpoint step cannot be chosen")
-            config, params, metadata = export_lib.read_export(workdir)
-            config = checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", config)
+            saved, params, metadata = export_lib.read_export(workdir)
+            config = checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", saved) if config is None else config
             if metadata["text_dim"] != text_dim:
                 raise StageError(
                     f"{workdir}: exported for a T5 of width {metadata['text_dim']}, the encoder has {text_dim}"
@@ -83,7 +103,7 @@ class Stage(StageSpec):
             return cls(workdir=workdir, config=config, params=params, denoiser=model.denoiser, step=step, mesh=mesh)
         checkpointer, step = open_checkpoint(workdir, step)
         try:
-            config = checkpoint_config(checkpointer, workdir, step)
+            config = checkpoint_config(checkpointer, workdir, step) if config is None else config
             model = stage_model(config, text_dim, mesh)
             params = restore_ema(checkpointer, workdir, step, model.abstract_params, text_dim)
         finally:
@@ -96,14 +116,17 @@ class Stage(StageSpec):
         text_mask: jax.Array,
         seeds: Sequence[int],
         *,
-        steps: int,
+        steps: int | str,
         guidance_scale: float,
         sampler: str = "ddpm",
         lowres: np.ndarray | None = None,
         sr_noise_level: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        noise: np.ndarray | None = None,
+        lowres_noise: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Images in [-1,1], [B,S,S,3] (see `stage.sampling.sample`; the SR noise level defaults to the config's)."""
+        """Images in [-1,1], [B,S,S,3] (see `stage.sampling.sample`; the SR noise level defaults to the config's;
+        `noise` and `lowres_noise` replace the seeds' draws)."""
         return sampling.sample(
             self.config,
             self.denoiser,
@@ -118,6 +141,8 @@ class Stage(StageSpec):
             lowres=lowres,
             sr_noise_level=sr_noise_level,
             progress=progress,
+            noise=noise,
+            lowres_noise=lowres_noise,
         )
 
 
@@ -168,7 +193,7 @@ def checked_stage_config(source: str, config: Any) -> ml_collections.ConfigDict:
     kind = config.model.get("kind", "unet")
     if kind not in MODEL_KINDS:
         raise StageError(f"{source}: model.kind {kind!r} is not one of {sorted(MODEL_KINDS)}")
-    if MODEL_KINDS[kind].super_resolution:
+    if MODEL_KINDS[kind].super_resolution(config.model):
         _require(source, config, "model.lowres_size")
     return complete(config)
 
@@ -182,8 +207,10 @@ def _require(source: str, config: ml_collections.ConfigDict, key: str) -> None:
 
 
 def stage_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config of a workdir's checkpoint at `step` (default: the latest), or of an export folder (checked to
-    describe a stage)."""
+    """The config of a workdir's checkpoint at `step` (default: the latest), of an export folder (checked to
+    describe a stage), or of a DeepFloyd IF pipeline folder."""
+    if if_folder.is_if_folder(workdir):
+        return if_folder.if_config(workdir)
     if export_lib.is_export(workdir):
         return checked_stage_config(f"{workdir}/{export_lib.CONFIG_FILE}", export_lib.read_config(workdir))
     checkpointer, step = open_checkpoint(workdir, step)

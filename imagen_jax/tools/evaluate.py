@@ -26,7 +26,7 @@ import json
 import os
 import sys
 
-from imagen_jax.sample_args import per_stage
+from imagen_jax.sample_args import per_stage, steps_value
 
 SETTINGS_FILE = "evaluation.json"
 
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workdir", required=True, help="the base stage's workdir or export folder")
+    parser.add_argument(
+        "--workdir", required=True, help="the base stage's workdir, export folder or DeepFloyd IF folder"
+    )
     parser.add_argument("--sr_workdir", action="append", default=[], help="an SR stage, in order; repeatable")
     parser.add_argument("--captions", required=True, help="captions_val2014.json, a .txt file, or shards")
     parser.add_argument("--num_images", type=int, required=True, help="captions sampled per guidance scale")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--guidance_scale {args.guidance_scale!r}: comma-separated floats, e.g. 1,1.35,3,5,8")
     try:
         sr_scales = per_stage(args.sr_guidance_scale, len(args.sr_workdir), float, "sr_guidance_scale") or []
-        steps = per_stage(args.steps, len(stages), int, "steps")
+        steps = per_stage(args.steps, len(stages), steps_value, "steps")
         samplers = per_stage(args.sampler, len(stages), str, "sampler")
     except ValueError as e:
         parser.error(str(e))

@@ -22,6 +22,7 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import sampling
 from imagen_jax.stage.checkpoint import Checkpointer
 from imagen_jax.stage.model import lowres_size
+from imagen_jax.train import init_from
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.feed import FEED_NICE, Prefetch
 from imagen_jax.train.metrics import MetricWriter
@@ -43,6 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ----------------------------------------------------------------------------------------------
     # Setup: validate everything checkable, then the mesh, then (only then) the workdir.
     # ----------------------------------------------------------------------------------------------
+    config = init_from.adopt_source(config)  # an IF folder in train.init_from brings its model and recipe
     setup_lib.validate(config, jax.process_count())
     mesh = mesh_lib.make_mesh(config.mesh)
     setup_lib.check_batch_split(config, mesh)
@@ -80,9 +82,13 @@ def _train(
     # optimizer differs from the checkpoint's is an error listing the fields.
     restored = checkpointer.restore_latest(trainer.abstract_state(), config, log=log)
     if restored is None:
-        state = trainer.init_state()
+        if config.train.init_from:
+            state = trainer.init_state(init_from.load_params(config, trainer.model, text.dim, text.encoder, log))
+            log(f"initialised a new train state from {config.train.init_from}")
+        else:
+            state = trainer.init_state()
+            log("initialised a new train state")
         saved_data = None
-        log("initialised a new train state")
     else:
         latest, state, saved_data = restored
         log(f"resumed from checkpoint at step {latest} in {workdir}")

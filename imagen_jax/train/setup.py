@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from imagen_jax.errors import ConfigError
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import config as stage_config
-from imagen_jax.stage.model import StageModel, compute_dtype, stage_model, t5_shardings
+from imagen_jax.stage.model import StageModel, compute_dtype, is_super_resolution, stage_model, t5_shardings
 from imagen_jax.text import T5Config, T5Encoder
 from imagen_jax.train import optimizer as optimizer_lib
 from imagen_jax.train import state as state_lib
@@ -91,9 +91,9 @@ class TrainSetup:
         compile lowers against (bench --steps 0)."""
         return state_lib.abstract_state(self.config, self.text.dim, self.tx, self.state_shardings)
 
-    def init_state(self) -> dict:
-        """A new train state, created directly in its shardings."""
-        return state_lib.init_state(self.config, self.text.dim, self.tx, self.state_shardings)
+    def init_state(self, params: dict | None = None) -> dict:
+        """A new train state, created directly in its shardings (its parameters `params` when given)."""
+        return state_lib.init_state(self.config, self.text.dim, self.tx, self.state_shardings, params)
 
     def no_streak(self, abstract: bool = False) -> jax.Array | jax.ShapeDtypeStruct:
         """The non-finite streak before a run's first step: 0, replicated on the mesh (on every process); with
@@ -191,7 +191,7 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
         return
     for key, minimum in (("eval.num_images", 2), ("eval.batch_size", 1), ("eval.steps", 0), ("eval.seed", 0)):
         _at_least(config, key, minimum)
-    if stage_config.model_kind(config).super_resolution:
+    if is_super_resolution(config):
         raise ConfigError(
             "config.eval.every is set on a super-resolution stage: evaluation during training samples base stages "
             "from captions; score a cascade with python -m imagen_jax.tools.evaluate"

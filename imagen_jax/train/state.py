@@ -40,10 +40,8 @@ def state_shardings(model: StageModel, tx: optax.GradientTransformation, mesh: M
     }
 
 
-def fresh_state(config: ml_collections.ConfigDict, text_dim: int, tx: optax.GradientTransformation) -> dict:
-    """A new train state; call it under jit (init_state) or jax.eval_shape (abstract_state)."""
-    model = build_model(config, text_dim, seed=config.seed)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def _state_from_params(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, params: dict) -> dict:
+    """The train state at step 0 around ``params``, which are also the EMA's start."""
     return {
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(config.seed)),
@@ -53,11 +51,25 @@ def fresh_state(config: ml_collections.ConfigDict, text_dim: int, tx: optax.Grad
     }
 
 
+def fresh_state(config: ml_collections.ConfigDict, text_dim: int, tx: optax.GradientTransformation) -> dict:
+    """A new train state; call it under jit (init_state) or jax.eval_shape (abstract_state)."""
+    model = build_model(config, text_dim, seed=config.seed)
+    return _state_from_params(config, tx, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
 def init_state(
-    config: ml_collections.ConfigDict, text_dim: int, tx: optax.GradientTransformation, shardings: dict
+    config: ml_collections.ConfigDict,
+    text_dim: int,
+    tx: optax.GradientTransformation,
+    shardings: dict,
+    params: dict | None = None,
 ) -> dict:
-    """Initialises the train state inside jit so every array is created directly in its sharding."""
-    return jax.jit(lambda: fresh_state(config, text_dim, tx), out_shardings=shardings)()
+    """Initialises the train state inside jit so every array is created directly in its sharding; with `params`
+    (placed in their shardings: train.init_from) those are the parameters and the EMA's start instead of a random
+    initialisation."""
+    if params is None:
+        return jax.jit(lambda: fresh_state(config, text_dim, tx), out_shardings=shardings)()
+    return jax.jit(lambda given: _state_from_params(config, tx, given), out_shardings=shardings)(params)
 
 
 def abstract_state(

@@ -31,7 +31,14 @@ from imagen_jax import images as images_lib
 from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
-from imagen_jax.stage.model import compute_dtype, lowres_size, make_apply_fn, train_size
+from imagen_jax.stage.model import (
+    FROZEN_PARAMS,
+    compute_dtype,
+    conditioning_image,
+    lowres_size,
+    make_apply_fn,
+    train_size,
+)
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
@@ -82,7 +89,7 @@ def make_train_step(
         text = jax.lax.stop_gradient(text)
         model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
         if lowres is not None:
-            z = augment.downsample(part["image"], lowres)
+            z = conditioning_image(config, augment.downsample(part["image"], lowres), part["image"].shape[1])
             model_kwargs["lowres"], model_kwargs["lowres_t"] = augment.training_augmentation(
                 z, part["augment_key"], dcfg.schedule, float(dcfg.sr_train_noise_max)
             )
@@ -97,6 +104,8 @@ def make_train_step(
             objective=dcfg.objective,
             cond_drop_prob=dcfg.cond_drop_prob,
             model_kwargs=model_kwargs,
+            variance_loss=dcfg.variance_loss,
+            variance_loss_weight=float(dcfg.variance_loss_weight),
         )
 
     def grad_fn(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple:
@@ -143,6 +152,9 @@ def make_train_step(
         (loss, aux), grads = loss_and_grads(state["params"], t5_params, batch, dropout_key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        # Parameters no step may move (decoupled weight decay moves even a parameter without gradient): IF's
+        # null_text, the T5 encoding of the empty prompt.
+        params = {k: state["params"][k] if k in FROZEN_PARAMS else v for k, v in params.items()}
         decay = ema_decay(state["step"], config.train.ema_decay)
         ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
         grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
