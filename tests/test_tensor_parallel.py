@@ -1,7 +1,13 @@
-"""Tensor parallelism does the same training step as one device, stores a (fsdp x tensor)-th of the parameters per
+"""Tensor parallelism does the same training steps as one device, stores a (fsdp x tensor)-th of the parameters per
 device, and splits the work: on 8 fake CPU devices, meshes data x fsdp x tensor = 2x2x2 and 1x4x2 give one
-device's loss and updated parameters (float32), with T5 and the U-Net both in the step; so does 2x2x2 with
-`train.attention=flash`, whose attention runs per device shard (shard_map; on CPU its chunked form)."""
+device's losses and updated parameters (float32), with T5 and the U-Net both in the step; so does 2x2x2 with
+`train.attention=flash`, whose attention runs per device shard (shard_map; on CPU its chunked form).
+
+The steps must move every weight and every layer must matter: from a fresh state most of a U-Net is the
+identity (zero-initialised last convolutions and output projections) and its first step moves only the output
+convolution, which is how 2x2x2 computed wrong gradients unseen (issue 29: XLA partitioned the residual
+blocks' second convolutions wrongly when their kernels were left to it). So the state's parameters are
+perturbed first, and two steps run at learning rate 1e-3 from step 0 (no warm-up)."""
 
 import json
 import os
@@ -31,6 +37,7 @@ SCRIPT = textwrap.dedent("""
     c.data.image_size, c.model.dim, c.model.channel_mults = 8, 16, (1, 2)
     c.model.attn_resolutions, c.model.head_dim = (4,), 4
     c.train.batch_size, c.train.compute_dtype = 8, "float32"
+    c.train.learning_rate, c.train.warmup_steps = 1e-3, 0  # steps that move the weights
     rng = np.random.default_rng(0)
     local = {
         "image": rng.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32),
@@ -45,18 +52,26 @@ SCRIPT = textwrap.dedent("""
         mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[: data * fsdp * tensor])
         text = setup_lib.load_text(c, mesh)
         trainer = setup_lib.setup(c, mesh, text)
-        if reference is None:  # one initial state, placed on every mesh
+        if reference is None:  # one initial state, every parameter perturbed, placed on every mesh
             reference = jax.device_get(trainer.init_state())
+            noise = np.random.default_rng(1)
+            reference["params"] = jax.tree.map(
+                lambda p: p + 0.1 * noise.standard_normal(p.shape).astype(p.dtype), reference["params"]
+            )
         state = jax.device_put(reference, trainer.state_shardings)
         batch = mesh_lib.global_batch(local, mesh)
         streak = trainer.no_streak()
         compiled = trainer.train_step.lower(state, text.params, batch, streak).compile()
         cost = compiled.cost_analysis()
-        new_state, metrics = compiled(state, text.params, batch, streak)
+        losses = []
+        for _ in range(2):
+            state, metrics = compiled(state, text.params, batch, streak)
+            losses.append(float(metrics["loss"]))
         abstract = trainer.abstract_state()
         results[name] = {
-            "loss": float(metrics["loss"]),
-            "params": jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(new_state["params"])),
+            "losses": losses,
+            "initial": jax.tree.map(lambda x: np.asarray(x).tolist(), reference["params"]),
+            "params": jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(state["params"])),
             "param_bytes": bytes_per_device(abstract["params"]),
             "kernel_bytes": bytes_per_device([p for p in jax.tree.leaves(abstract["params"]) if p.ndim >= 2]),
             "t5_bytes": bytes_per_device(text.params),
@@ -78,13 +93,26 @@ def test_tensor_parallel_meshes_train_like_one_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[6:])
     one = results["1"]
+    initial, flat_one = _flatten(one["initial"]), _flatten(one["params"])
+    update = {path: flat_one[path] - initial[path] for path in initial}
+    # every kernel moved: the steps exercise each layer's gradient
+    assert [p for p, u in update.items() if p.endswith("kernel") and np.abs(u).max() < 1e-4] == []
     for name, shards in (("2x2x2", 4), ("4x2", 8), ("2x2x2 flash", 4)):
         mesh = results[name]
-        np.testing.assert_allclose(mesh["loss"], one["loss"], rtol=1e-5)
-        flat_one, flat_mesh = _flatten(one["params"]), _flatten(mesh["params"])
+        # the second loss is the forward pass with the first step's weights
+        np.testing.assert_allclose(mesh["losses"], one["losses"], rtol=1e-5, err_msg=name)
+        flat_mesh = _flatten(mesh["params"])
         assert flat_one.keys() == flat_mesh.keys()
-        for path, value in flat_one.items():
-            np.testing.assert_allclose(flat_mesh[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
+        # Kernels, against the size of their update (the wrong gradients were 77% of it off). Biases are left out:
+        # Adam's first steps are ~lr * sign(g), and a bias whose true gradient is 0 (a convolution's before a
+        # GroupNorm, an attention key's) moves by the sign of float noise, which differs per mesh.
+        kernels = [path for path in flat_one if path.endswith("kernel")]
+        size = np.sqrt(sum(np.sum(update[p] ** 2) for p in kernels))
+        error = np.sqrt(sum(np.sum((flat_mesh[p] - flat_one[p]) ** 2) for p in kernels))
+        assert error < 1e-3 * size, (name, error / size)
+        for path in kernels:  # and each kernel's update, in L2 (an element's Adam step is sign-sensitive)
+            off = np.linalg.norm(flat_mesh[path] - flat_one[path]) / np.linalg.norm(update[path])
+            assert off < 1e-2, (name, path, off)
         # kernels are stored split over fsdp x tensor (every width of this model divides by 4 but the RGB ones)
         assert one["kernel_bytes"] / mesh["kernel_bytes"] > 0.9 * shards
         assert one["param_bytes"] / mesh["param_bytes"] > 0.75 * shards

@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -28,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from imagen_jax.models.flash_attention import flash_attention
-from imagen_jax.parallel.activations import constrain, per_shard
+from imagen_jax.parallel.activations import at_use, constrain, per_shard
 
 Array = jax.Array
 
@@ -72,6 +73,18 @@ def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], names: Na
     return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), tuple(shape), jnp.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class _PlacedAtUse:
+    """nnx.Linear's and nnx.Conv's `promote_dtype` hook: their dtype cast, then the kernel and bias laid out for
+    the call (`parallel.activations.at_use`: gathered over fsdp inside the train step, in the compute dtype)."""
+
+    kernel_names: Names
+
+    def __call__(self, arrays: tuple, /, *, dtype: Any = None, inexact: bool = True) -> tuple:
+        inputs, kernel, bias = nnx.nn.dtypes.promote_dtype(arrays, dtype=dtype, inexact=inexact)
+        return inputs, at_use(kernel, self.kernel_names), None if bias is None else at_use(bias, VECTOR_NAMES)
+
+
 def dense(
     in_features: int,
     out_features: int,
@@ -89,6 +102,7 @@ def dense(
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, kernel_names),
         bias_init=nnx.with_partitioning(_zeros, VECTOR_NAMES),
+        promote_dtype=_PlacedAtUse(kernel_names),
         rngs=rngs,
     )
 
@@ -115,6 +129,7 @@ def conv(
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, CONV_NAMES),
         bias_init=nnx.with_partitioning(_zeros, VECTOR_NAMES),
+        promote_dtype=_PlacedAtUse(CONV_NAMES),
         rngs=rngs,
     )
 

@@ -8,7 +8,12 @@ traces the model there) the model pins its activations with `constrain`: the bat
 axes, and the inner width of a layer (a residual block's hidden channels, attention heads, the feed-forward
 hidden width) over `tensor`, so tensor-parallel chips each compute their part of the layer (Megatron's split:
 column-parallel into the inner width, row-parallel out of it). Outside the context `constrain` does nothing,
-so single-device code and sampling run unchanged. `per_shard` runs a computation the partitioner cannot split
+so single-device code runs unchanged. Given the mesh.rules too, the layers also place their weights at each use
+with `at_use`: whole over the batch axes (FSDP's split, which stores them, undone by an all-gather there) and
+still split over `tensor` as stored. Leaving that gather to the partitioner is not only slower to reason about
+but wrong: XLA (jax 0.10.2) partitions a 3x3 convolution whose kernel is split over fsdp x tensor, fed an
+activation split over data x fsdp and tensor, into a program that computes different numbers (issue 29;
+tests/test_tensor_parallel.py). `per_shard` runs a computation the partitioner cannot split
 (a Pallas kernel is an opaque custom call, around which XLA would gather its inputs whole) on each device's
 block of that same layout.
 """
@@ -24,19 +29,35 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax.parallel.mesh import BATCH_AXES
+from imagen_jax.parallel.mesh import BATCH_AXES, spec_for
 
 _LAYOUT: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_layout", default=None)
+_RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("weight_rules", default=None)
 
 
 @contextlib.contextmanager
-def activation_layout(mesh: Mesh) -> Iterator[None]:
-    """Within the block, `constrain` pins activations to `mesh` (batch over data x fsdp, inner widths over tensor)."""
-    token = _LAYOUT.set(mesh)
+def activation_layout(mesh: Mesh, rules: dict | None = None) -> Iterator[None]:
+    """Within the block, `constrain` pins activations to `mesh` (batch over data x fsdp, inner widths over
+    tensor) and, with the parameters' `rules` (`mesh.rules_dict` of the config's mesh.rules), `at_use` places
+    each weight where it is used."""
+    tokens = _LAYOUT.set(mesh), _RULES.set(rules)
     try:
         yield
     finally:
-        _LAYOUT.reset(token)
+        _LAYOUT.reset(tokens[0])
+        _RULES.reset(tokens[1])
+
+
+def at_use(w: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Weight `w`, whose axes have the logical `names`, laid out for its use: split as the rules store it but
+    over no batch axis (gathered over fsdp), so each device holds what its part of the batch needs. Outside
+    `activation_layout` with rules, the identity."""
+    mesh, rules = _LAYOUT.get(), _RULES.get()
+    if mesh is None or rules is None:
+        return w
+    stored = spec_for(names, w.shape, mesh, rules)
+    spec = [None if axis in BATCH_AXES else axis for axis in (*stored, *[None] * (w.ndim - len(stored)))]
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(*spec)))
 
 
 def constrain(x: jax.Array, inner: int | None = None) -> jax.Array:

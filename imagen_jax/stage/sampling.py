@@ -91,7 +91,8 @@ def sample(
         else:  # [steps + 1, B, ...]: rows padded as `place` pads them, the whole array on every device
             noise = np.concatenate([noise, np.repeat(noise[:, :1], rows - count, axis=1)], axis=1)
             noise = jax.device_put(noise, mesh_lib.replicated(mesh))
-    with activation_layout(mesh):  # activations split like the batch, as in training
+    # activations split like the batch, weights gathered at each use, as in training
+    with activation_layout(mesh, mesh_lib.rules_dict(config.mesh.rules)):
         x = diffusion_sample(
             denoiser,
             params,

@@ -74,10 +74,12 @@ def make_train_step(
     compute = compute_dtype(config.train.compute_dtype)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
     max_nonfinite = int(config.train.max_consecutive_nonfinite)  # 0: never stop
+    rules = mesh_lib.rules_dict(config.mesh.rules)
 
     def micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
         """The loss of one micro-batch; `part` carries each example's own keys ('loss_key', 'augment_key')."""
-        with activation_layout(mesh):  # T5 and the U-Net pin their activations to the mesh (batch, tensor)
+        # T5 and the U-Net pin their activations to the mesh (batch, tensor), the U-Net its weights at each use
+        with activation_layout(mesh, rules):
             return _micro_loss(params, t5_params, part, dropout_key)
 
     def _micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
