@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-from imagen_jax.sample_args import add_prompt_flags, add_stage_flags, read_prompts, stage_values
+from imagen_jax.sample_args import add_model_flags, add_prompt_flags, add_stage_flags, read_prompts, stage_values
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -42,18 +42,7 @@ def main(argv: list[str]) -> int:
     )
     add_prompt_flags(parser)
     add_stage_flags(parser)
-    parser.add_argument(
-        "--text_encoder",
-        default=None,
-        help="a T5 folder to encode the prompts with (default: the base stage's text.encoder; a DeepFloyd IF "
-        "stage I folder's text_encoder/)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="compute dtype of T5 and the U-Nets (default: the configs'; float32 is the faster on CPUs)",
-    )
+    add_model_flags(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run in --out")
     args = parser.parse_args(argv)

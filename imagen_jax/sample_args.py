@@ -47,6 +47,22 @@ def add_stage_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="images sampled at once")
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """How the cascade's models load (`Imagen.load`'s text_encoder and dtype): shared by sample.py and the tools."""
+    parser.add_argument(
+        "--text_encoder",
+        default=None,
+        help="a T5 folder to encode the prompts with (default: the base stage's text.encoder; a DeepFloyd IF "
+        "stage I folder's text_encoder/)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype of T5 and the U-Nets (default: the configs'; float32 is the faster on CPUs)",
+    )
+
+
 def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     """--prompt values, then the lines of --prompts_file; an unreadable or empty file is a parser error."""
     prompts = list(args.prompt or [])

@@ -147,6 +147,7 @@ def test_metadata_and_summary(data):
         "max_length": MAX_LENGTH,
         "dtype": "bfloat16",
         "compute_dtype": "float32",
+        "lowercase": False,
         "num_shards": 4,
         "num_records": 20,
     }
@@ -157,6 +158,43 @@ def test_metadata_and_summary(data):
     read = text_records.read_metadata(shards)
     assert read == {k: v for k, v in metadata.items() if k not in ("num_shards", "num_records")}
     assert not [p for p in os.listdir(data["out"]) if p.endswith(encode_text.TEMP_SUFFIX)]
+
+
+def test_lowercase_encodes_lowered_captions_and_is_checked(data, tmp_path):
+    """--lowercase (DeepFloyd IF's prompts): the stored embedding is the lowered, stripped caption's; a rerun into
+    the folder and training (make_dataset) must agree with it, and a folder from before the field reads as False."""
+    from imagen_jax.data.pipeline import make_dataset
+    from tests.shard_helpers import data_config
+
+    inputs, caption = tmp_path / "in", "  A Blue SQUARE at the Top "
+    inputs.mkdir()
+    with tf.io.TFRecordWriter(str(inputs / "00000.tfrecord")) as writer:
+        features = tf.train.Features(feature={"txt": _bytes(caption.encode()), "key": _bytes(b"upper")})
+        writer.write(tf.train.Example(features=features).SerializeToString())
+    out = tmp_path / "out"
+    encode = lambda **kw: encode_text.encode_shards(  # noqa: E731
+        data["t5"], str(inputs / "*.tfrecord"), str(out), max_length=MAX_LENGTH, log=lambda line: None, **kw
+    )
+    assert encode(lowercase=True)["metadata"]["lowercase"] is True
+    stored, mask = _decoded(out / "00000.tfrecord", 16, "bfloat16", MAX_LENGTH)
+    for text, same in (("a blue square at the top", True), (caption, False)):
+        ids, expected_mask = data["encoder"].tokenizer([text], MAX_LENGTH)
+        reference = np.asarray(data["encoder"](ids, expected_mask))
+        matches = np.array_equal(mask, expected_mask) and np.allclose(
+            stored[mask], reference[expected_mask], rtol=2**-7, atol=1e-6
+        )
+        assert matches == same, text
+    with pytest.raises(ValueError, match="says lowercase True but this run has False: pass --overwrite"):
+        encode()
+    config = data_config(str(out / "*.tfrecord"), image_size=8, precomputed_text=True)
+    with pytest.raises(ValueError, match="stored with lowercase True but config.text.lowercase is False"):
+        make_dataset(config, batch_size=1, seed=0, text_max_length=MAX_LENGTH, text_lowercase=False)
+    make_dataset(config, batch_size=1, seed=0, text_max_length=MAX_LENGTH, text_lowercase=True)
+    metadata = json.loads((out / text_records.METADATA_FILE).read_text())
+    del metadata["lowercase"]  # as encode_text wrote it before --lowercase existed
+    (out / text_records.METADATA_FILE).write_text(json.dumps(metadata))
+    assert text_records.read_metadata([str(out / "00000.tfrecord")])["encoder"] == data["t5"]
+    encode()  # the old folder is a run without --lowercase: nothing to redo, no error
 
 
 def test_float16_and_shorter_reader_truncates(data, tmp_path):

@@ -206,3 +206,40 @@ def test_train_from_an_if_folder_then_sample_the_workdir(if_folders, tmp_path):
     text, mask = imagen.encode(PROMPTS)
     images = stage.sample(text, mask, [0, 1], steps=3, guidance_scale=7.0)
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.slow  # samples the IF stage I folder three times (compare: 2 sides, evaluate: 1): ~100 s
+def test_compare_and_evaluate_take_if_folders(if_folders, tmp_path, capsys):
+    """tools.compare and tools.evaluate sample IF folders as sample.py does (IF step lists, --text_encoder,
+    --dtype): the same folder on both sides gives identical pairs; evaluate scores it against a 16px reference."""
+    from PIL import Image
+
+    from imagen_jax.eval.inception_weights import make_random_inception
+    from imagen_jax.tools import compare, evaluate, fid_reference
+
+    stage1 = if_folders[0]
+    model = ["--steps", "fast27", "--text_encoder", os.path.join(stage1, "text_encoder"), "--dtype", "float32"]
+    argv = ["--a", stage1, "--b", stage1, "--prompt", PROMPTS[0], "--num_images", "2", *model]
+    assert compare.main([*argv, "--out", str(tmp_path / "page")]) == 0
+    a = json.loads((tmp_path / "page" / "a" / "samples.json").read_text())["images"]
+    assert len(a) == 2 and all(entry["stages"][0]["steps"] == "fast27" for entry in a.values())
+    for name in a:
+        pair = [np.asarray(Image.open(tmp_path / "page" / side / name)) for side in "ab"]
+        np.testing.assert_array_equal(*pair)
+    inception, stats = str(tmp_path / "inception.safetensors"), str(tmp_path / "stats.npz")
+    make_random_inception(inception, seed=0)
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8)).save(real / f"{i}.png")
+    argv = ["--images", str(real), "--image_size", "16", "--inception", inception, "--out", stats]
+    assert fid_reference.main(argv) == 0
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(PROMPTS + ["a green triangle", "a red square"]))
+    argv = ["--workdir", stage1, "--captions", str(captions), "--num_images", "4", "--reference", stats]
+    argv += ["--inception", inception, "--guidance_scale", "7", "--out", str(tmp_path / "eval"), *model]
+    capsys.readouterr()
+    assert evaluate.main(argv) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["image_size"] == 16 and results["settings"]["steps"] == ["fast27"]
+    assert results["settings"]["text_encoder"].endswith("text_encoder") and results["guidance"]["7"]["fid"] > 0

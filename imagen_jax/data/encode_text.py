@@ -178,7 +178,7 @@ def _check_previous_run(output: str, wanted: dict) -> None:
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON ({e}); delete it or pass --overwrite") from None
     for key, value in wanted.items():
-        old = previous.get(key)
+        old = text_records.stored_lowercase(previous) if key == "lowercase" else previous.get(key)
         if key == "encoder":
             old, value = (os.path.basename(str(v).rstrip("/")) for v in (old, value))
         if old != value:
@@ -204,6 +204,7 @@ def encode_shards(
     max_length: int = 128,
     dtype: str = "bfloat16",
     compute_dtype: str = "float32",
+    lowercase: bool = False,
     batch_size: int = 256,
     overwrite: bool = False,
     process_index: int = 0,
@@ -239,11 +240,17 @@ def encode_shards(
             )
         by_name[name] = path
     T5Config.from_json(os.path.join(encoder, "config.json"))  # a bad --encoder fails before any work
-    wanted = {"encoder": encoder, "max_length": max_length, "dtype": dtype, "compute_dtype": compute_dtype}
+    wanted = {
+        "encoder": encoder,
+        "max_length": max_length,
+        "dtype": dtype,
+        "compute_dtype": compute_dtype,
+        "lowercase": lowercase,
+    }
     if not overwrite:
         _check_previous_run(output, wanted)
 
-    t5 = T5Encoder.from_pretrained(encoder, dtype=COMPUTE_DTYPES[compute_dtype])
+    t5 = T5Encoder.from_pretrained(encoder, dtype=COMPUTE_DTYPES[compute_dtype], lowercase=lowercase)
     encode = _BatchEncoder(t5, max_length=max_length, batch_size=batch_size, dtype=dtype)
     tf.io.gfile.makedirs(output)
     mine = files[process_index::process_count]
@@ -295,6 +302,7 @@ def encode_shards(
             "max_length": max_length,
             "dtype": dtype,
             "compute_dtype": compute_dtype,
+            "lowercase": lowercase,
             "num_shards": len(files),
         }
         if count_existing:

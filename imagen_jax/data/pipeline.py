@@ -170,6 +170,7 @@ def make_dataset(
     repeat: bool = True,
     start: Position = Position(0, 0),
     text_max_length: int | None = None,
+    text_lowercase: bool | None = None,
 ) -> tuple[tf.data.Dataset, DatasetStats]:
     """Builds this process's stream of batches, starting at stream position `start`.
 
@@ -179,7 +180,8 @@ def make_dataset(
     resumed stream must start), and with `data.precomputed_text` also 'text' [B,L,D] (stored dtype,
     zero-padded) and 'mask' bool [B,L]. `batch_size` is per process. `repeat=False` gives only epoch
     `start.epoch` (for tests and tools).
-    `text_max_length` (precomputed text) must equal the max_length the embeddings were stored with.
+    `text_max_length` and `text_lowercase` (precomputed text) must equal the max_length and caption
+    lower-casing the embeddings were stored with.
     """
     fmt = data_cfg.get("format", "tfrecord")
     if fmt not in SUPPORTED_FORMATS:
@@ -210,6 +212,12 @@ def make_dataset(
             raise DataError(
                 f"precomputed text embeddings were stored with max_length {text['max_length']} but "
                 f"config.text.max_length is {text_max_length}; set them equal or re-run encode_text"
+            )
+        if text_lowercase is not None and text_records.stored_lowercase(text) != text_lowercase:
+            raise DataError(
+                f"precomputed text embeddings were stored with lowercase {text_records.stored_lowercase(text)} "
+                f"but config.text.lowercase is {text_lowercase}; set them equal or re-run encode_text "
+                f"{'with' if text_lowercase else 'without'} --lowercase"
             )
         text["tf_dtype"] = {"bfloat16": tf.bfloat16, "float16": tf.float16}[text["dtype"]]
     # Distinct per-process seeds, so processes do not mirror each other's shuffle pattern.

@@ -18,7 +18,9 @@ Format (fixed; readers and the writer both follow this module):
   (a re-encoded folder) gets them replaced.
 * `text_embeddings.json` in the output folder, written last and atomically:
     {"encoder": <T5 folder as given>, "dim": D, "max_length": L, "dtype": "bfloat16" | "float16",
-     "compute_dtype": "float32" | "bfloat16", "num_shards": n, "num_records": N}
+     "compute_dtype": "float32" | "bfloat16", "lowercase": bool, "num_shards": n, "num_records": N}
+  `lowercase`: whether captions were lower-cased and stripped before tokenizing (--lowercase, config
+  text.lowercase); folders written before the field existed were not (`stored_lowercase`).
   `num_shards` counts the input shard files of the whole run. `num_records` counts the records in the
   output shards; it is left out when the run was split over processes (--process_count > 1), because
   process 0, which writes the file when its own share is done, does not see the other processes' shards.
@@ -43,6 +45,13 @@ from imagen_jax.errors import DataError
 EMBEDDING_FEATURE = "t5_embedding"
 LENGTH_FEATURE = "t5_length"
 METADATA_FILE = "text_embeddings.json"
+
+
+def stored_lowercase(metadata: dict) -> bool:
+    """Whether a folder's embeddings are of lower-cased captions; False for folders written before the field."""
+    return bool(metadata.get("lowercase", False))
+
+
 STORAGE_DTYPES = ("bfloat16", "float16")
 
 # tf.io.parse_single_example spec for the two added features (merge it into the pipeline's own spec).
@@ -53,7 +62,7 @@ FEATURE_SPEC = {
 
 # Keys that must agree between folders read together: they fix what the stored numbers mean. The encoder
 # is compared by its folder's base name, so the same checkpoint copied to another path still matches.
-_AGREEING_KEYS = ("encoder", "dim", "max_length", "dtype")
+_AGREEING_KEYS = ("encoder", "dim", "max_length", "dtype", "lowercase")
 _REQUIRED_KEYS = ("encoder", "dim", "max_length", "dtype")
 
 _NUMPY_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype("<f2")}
@@ -137,12 +146,18 @@ def _encoder_name(encoder: str) -> str:
     return os.path.basename(str(encoder).rstrip("/"))
 
 
+def _agreeing(metadata: dict, key: str) -> object:
+    if key == "encoder":
+        return _encoder_name(metadata[key])
+    return stored_lowercase(metadata) if key == "lowercase" else metadata[key]
+
+
 def read_metadata(shard_files: list[str]) -> dict:
     """Reads text_embeddings.json from the folder of each shard file and checks that they agree.
 
     Returns the first folder's metadata without its per-folder counts (`num_shards`, `num_records`).
     Raises a one-line ValueError naming the folder whose file is missing, malformed, or disagrees with the
-    first folder's on encoder (base name), dim, max_length or dtype.
+    first folder's on encoder (base name), dim, max_length, dtype or lowercase.
     """
     folders = list(dict.fromkeys(os.path.dirname(f) or "." for f in shard_files))
     if not folders:
@@ -151,10 +166,10 @@ def read_metadata(shard_files: list[str]) -> dict:
     for folder in folders[1:]:
         other = _read_folder_metadata(folder)
         for key in _AGREEING_KEYS:
-            mine, theirs = (_encoder_name(m[key]) if key == "encoder" else m[key] for m in (other, first))
+            mine, theirs = (_agreeing(m, key) for m in (other, first))
             if mine != theirs:
                 raise DataError(
-                    f"{folder}: {METADATA_FILE} has {key} {other[key]!r} but {folders[0]} has {first[key]!r}; "
+                    f"{folder}: {METADATA_FILE} has {key} {mine!r} but {folders[0]} has {theirs!r}; "
                     f"all shards read together need the same T5 embeddings"
                 )
     return {k: v for k, v in first.items() if k not in ("num_shards", "num_records")}

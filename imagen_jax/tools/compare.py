@@ -6,13 +6,14 @@ HTML page a person can rate.
     python -m imagen_jax.tools.compare --a runs/x/train,runs/x/train_sr --a_checkpoint 20000,latest \
         --b runs/x/train,runs/x/train_sr --prompt "a corgi" --steps 64,32 --guidance_scale 5,1 --out compare/
 
---a and --b each name a cascade: the base stage's workdir or export folder, then its SR stages, comma
-separated (both the same length). --a_checkpoint / --b_checkpoint choose a checkpoint step per stage
-('latest' by default). Both sides use the same sampler settings (`sample.py`'s flags) and image i of both runs
-uses seed S + i, so a difference between the pair is the models'. Writes OUT/a/ and OUT/b/ (sample folders, as
-sample.py writes them) and OUT/index.html: every pair in a random left/right order (seeded by --seed, so the
-rater does not know which model is which), three buttons per pair (left / same / right), a running tally, and
-a button that downloads the ratings as JSON, mapped back to a and b. Ratings survive a reload (browser storage).
+--a and --b each name a cascade: the base stage's workdir, export folder or DeepFloyd IF folder, then its SR
+stages, comma separated (both the same length); --text_encoder and --dtype load both as sample.py loads one.
+--a_checkpoint / --b_checkpoint choose a checkpoint step per stage ('latest' by default). Both sides use the same
+sampler settings (`sample.py`'s flags) and image i of both runs uses seed S + i, so a difference between the pair
+is the models'. Writes OUT/a/ and OUT/b/ (sample folders, as sample.py writes them) and OUT/index.html: every pair
+in a random left/right order (seeded by --seed, so the rater does not know which model is which), three buttons per
+pair (left / same / right), a running tally, and a button that downloads the ratings as JSON, mapped back to a and
+b. Ratings survive a reload (browser storage).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import os
 import sys
 
-from imagen_jax.sample_args import add_prompt_flags, add_stage_flags, read_prompts, stage_values
+from imagen_jax.sample_args import add_model_flags, add_prompt_flags, add_stage_flags, read_prompts, stage_values
 
 PAGE = "index.html"
 
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{side}_checkpoint", help="checkpoint step per stage, or 'latest' (default)")
     add_prompt_flags(parser)
     add_stage_flags(parser)
+    add_model_flags(parser)
     parser.add_argument("--title", default="imagen-jax: which image is better?", help="the page's title")
     parser.add_argument("--out", required=True, help="output folder (OUT/index.html, OUT/a/, OUT/b/)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 sr_noise_level=args.sr_noise_level,
                 overwrite=args.overwrite,
                 checkpoint_steps=checkpoints[side],
+                text_encoder=args.text_encoder,
+                dtype=args.dtype,
                 **settings,
             )
             with open(os.path.join(args.out, side, "samples.json"), encoding="utf-8") as f:

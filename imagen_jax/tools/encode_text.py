@@ -2,13 +2,15 @@
 
     python -m imagen_jax.tools.encode_text --encoder /path/t5 --input '/data/cc3m/*.tfrecord' \\
         --output /data/cc3m_t5 [--max_length 128] [--dtype bfloat16|float16] \\
-        [--compute_dtype float32|bfloat16] [--batch_size 256] [--overwrite] \\
+        [--compute_dtype float32|bfloat16] [--lowercase] [--batch_size 256] [--overwrite] \\
         [--process_index I --process_count N]
 
 Each input shard is copied record by record to the same file name in --output, every feature unchanged,
 with `t5_embedding` and `t5_length` added (format: imagen_jax/data/text_records.py); text_embeddings.json
 is written last. Train on the result with `data.train_shards='/data/cc3m_t5/*.tfrecord'` and
-`data.precomputed_text=True`, and keep --max_length equal to the config's `text.max_length`.
+`data.precomputed_text=True`, and keep --max_length equal to the config's `text.max_length` and --lowercase
+to its `text.lowercase` (True for DeepFloyd IF stages, whose T5 saw lower-cased, stripped prompts); training
+checks both against text_embeddings.json.
 
 Shards stream through in batches of --batch_size records (one jit compile: the last batch is padded), with
 the next batch's tokenization overlapping the device's encoding of the previous one; the batch is split over
@@ -47,6 +49,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max_length", type=int, default=128, help="tokens per caption; = config text.max_length")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="storage dtype")
     parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"), help="T5 dtype")
+    parser.add_argument(
+        "--lowercase", action="store_true", help="lower-case and strip captions first; = config text.lowercase"
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="records per encoder call")
     parser.add_argument("--overwrite", action="store_true", help="re-encode shards whose output exists")
     parser.add_argument("--process_index", type=int, default=0, help="this machine's index in a split run")
@@ -68,6 +73,7 @@ def main(argv: list[str]) -> int:
                 max_length=args.max_length,
                 dtype=args.dtype,
                 compute_dtype=args.compute_dtype,
+                lowercase=args.lowercase,
                 batch_size=args.batch_size,
                 overwrite=args.overwrite,
                 process_index=args.process_index,

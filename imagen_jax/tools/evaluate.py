@@ -4,6 +4,8 @@
         --captions coco/annotations/captions_val2014.json --num_images 30000 \
         --reference stats/coco_val2014_256.npz --inception weights/inception-2015-12-05.safetensors \
         --clip weights/clip-vit-base-patch32 --guidance_scale 1,1.35,3,5,8 --out runs/base64/eval_30k
+    python -m imagen_jax.tools.evaluate --workdir IF-I-XL-v1.0 --sr_workdir IF-II-L-v1.0 --steps smart100,smart50 \
+        --guidance_scale 7 --sr_guidance_scale 4 --dtype bfloat16 ...   # DeepFloyd IF's folders (README)
 
 Samples `--num_images` captions (a seeded subset of COCO's caption JSON, one per image; a text file, one per
 line; or the caption field of img2dataset shards) through the cascade at each base guidance scale (SR stages use
@@ -26,7 +28,7 @@ import json
 import os
 import sys
 
-from imagen_jax.sample_args import per_stage, steps_value
+from imagen_jax.sample_args import add_model_flags, per_stage, steps_value
 
 SETTINGS_FILE = "evaluation.json"
 
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m: one, or one per stage")
     parser.add_argument("--seed", type=int, default=0, help="caption subset seed; caption i samples with seed + i")
     parser.add_argument("--batch_size", type=int, default=32, help="images sampled and scored at once")
+    add_model_flags(parser)
     parser.add_argument("--out", required=True, help="output folder (local or gs://)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (parallel/distributed.py)")
     args = parser.parse_args(argv)
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "samplers": samplers,
         "batch_size": args.batch_size,
+        "text_encoder": args.text_encoder,
+        "dtype": args.dtype,
     }
 
     from imagen_jax.cli import main_guard
@@ -135,7 +140,7 @@ def evaluate(settings: dict, guidance_scales: list[float], out: str) -> dict:
 
     captions = read_captions(settings["captions"], settings["num_images"], settings["seed"])
     reference = reference_stats.load(settings["reference"])
-    imagen = Imagen.load(settings["stages"])
+    imagen = Imagen.load(settings["stages"], text_encoder=settings.get("text_encoder"), dtype=settings.get("dtype"))
     scorer = scorer_lib.Scorer(settings["inception"], imagen.mesh, settings["clip"])
     evaluation.check_reference(reference, scorer, imagen.stages[-1].image_size)
     if jax.process_index() == 0:

@@ -111,6 +111,7 @@ def _train(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         text_max_length=config.text.max_length,
+        text_lowercase=bool(config.text.lowercase),
     )
     batches = numpy_batches(dataset, data_stats)  # An epoch that delivers nothing is an error, not a hang.
 
