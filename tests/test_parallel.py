@@ -81,6 +81,7 @@ SCRIPT = textwrap.dedent("""
     c.data.image_size, c.model.dim, c.model.channel_mults = 8, 16, (1, 2)
     c.model.attn_resolutions, c.model.head_dim = (4,), 8
     c.train.batch_size, c.train.num_steps, c.train.log_every, c.train.sample_every = 8, 3, 1, 0
+    c.train.warmup_steps = 0  # the demo's warm-up starts at learning rate 0: steps that move the weights
     c.mesh.data, c.mesh.fsdp = data, fsdp
     losses = []
     import imagen_jax.train.metrics as metrics
