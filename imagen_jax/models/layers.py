@@ -75,14 +75,25 @@ def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], names: Na
 
 @dataclasses.dataclass(frozen=True)
 class _PlacedAtUse:
-    """nnx.Linear's and nnx.Conv's `promote_dtype` hook: their dtype cast, then the kernel and bias laid out for
-    the call (`parallel.activations.at_use`: gathered over fsdp inside the train step, in the compute dtype)."""
+    """nnx.Linear's and nnx.Conv's `promote_dtype` hook: the kernel and bias laid out for the call
+    (`parallel.activations.at_use`: gathered over fsdp inside the train step) in the narrower of their dtype and
+    the layer's, then the layer's dtype cast; so the gather moves bfloat16 whether the step cast the weights
+    already (a float32 layer then widens after the gather) or the layer casts them (sampling's float32 EMA)."""
 
     kernel_names: Names
 
     def __call__(self, arrays: tuple, /, *, dtype: Any = None, inexact: bool = True) -> tuple:
-        inputs, kernel, bias = nnx.nn.dtypes.promote_dtype(arrays, dtype=dtype, inexact=inexact)
-        return inputs, at_use(kernel, self.kernel_names), None if bias is None else at_use(bias, VECTOR_NAMES)
+        inputs, kernel, bias = arrays
+
+        def placed(w: Array | None, names: Names) -> Array | None:
+            if w is None:
+                return None
+            if dtype is not None and jnp.dtype(dtype).itemsize < w.dtype.itemsize:
+                w = w.astype(dtype)
+            return at_use(w, names)
+
+        placed_arrays = (inputs, placed(kernel, self.kernel_names), placed(bias, VECTOR_NAMES))
+        return nnx.nn.dtypes.promote_dtype(placed_arrays, dtype=dtype, inexact=inexact)
 
 
 def dense(

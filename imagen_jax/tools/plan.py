@@ -14,8 +14,22 @@ Printed per device: parameters, optimizer state, EMA, T5 and the batch (from the
 compiler's temporaries (activations, gradients, workspace), their total against the chip's HBM (v4 32 GiB, v5e
 16, v5p 95, v6e 32) with the margin; FLOPs per step from the compiled cost analysis beside a count of the
 step's matmuls and convolutions from its jaxpr; a roofline step time (the larger of FLOPs / bf16 peak and
-bytes accessed / HBM bandwidth) and images/s. Exit status 2 for a bad argument, 1 for a config that cannot
-compile; the error is one line.
+bytes accessed / HBM bandwidth) and images/s.
+
+    python -m imagen_jax.tools.plan --sample --config configs/if_i_xl.py --config configs/if_ii_l.py \
+        --topology v5e-8 [--batch_size 4] [--t5 xxl] [--json]
+
+--sample plans the cascade's sampling instead, the stages' configs given in cascade order (base first): T5 and
+every stage's parameters resident at once, split over all the chips as sample.py places them, it compiles T5's
+encoding of --batch_size prompts (default 4) and per stage the text conditioning and the sampler's step loop
+(the model on the guidance-doubled batch, and the update; steps and guidance from train.sample_steps and
+train.sample_guidance_scale). Printed per device: T5's and each stage's parameters, each program's
+temporaries, the peak (a program's total beside the weights it does not take) against HBM, and a roofline time
+per sampler step per stage and for the whole cascade. --config.KEY=VALUE overrides apply to every stage. A
+one-chip slice (v5p-2, v6e-1, v5e-1) gives the bytes one device needs to hold the whole cascade: the TPU
+compiler's figure, the nearest there is here to what a GPU would need (no GPU compiler runs on this machine).
+
+Exit status 2 for a bad argument, 1 for a config that cannot compile; the error is one line.
 """
 
 from __future__ import annotations
@@ -25,6 +39,12 @@ import json
 import sys
 
 GIB = 2**30
+DEFAULT_PROMPTS = 4
+GPU_80GB = 81559 * 2**20  # an H100 80GB's memory as nvidia-smi reports it
+
+
+def _chips(n: int) -> str:
+    return f"{n} chip" if n == 1 else f"{n} chips"
 
 
 def format_report(config_path: str, r: dict) -> str:
@@ -47,7 +67,7 @@ def format_report(config_path: str, r: dict) -> str:
     if r.get("flops_note"):
         agreement += f"; {r['flops_note']}"
     return "\n".join([
-        f"plan: {config_path} on {r['slice']} ({r['chip']}, {r['devices']} chips, topology {r['topology']}), "
+        f"plan: {config_path} on {r['slice']} ({r['chip']}, {_chips(r['devices'])}, topology {r['topology']}), "
         f"mesh {r['mesh']}",
         f"U-Net {r['unet_params'] / 1e6:.1f}M params; {r['text']}: {r['t5_params'] / 1e6:.1f}M params; "
         f"global batch {r['global_batch']} ({per_device:g} per data-parallel device)",
@@ -59,13 +79,79 @@ def format_report(config_path: str, r: dict) -> str:
     ])  # fmt: skip
 
 
+def format_sampling_report(r: dict) -> str:
+    m = r["resident_bytes_per_device"]
+    verdict = f"fits, {r['hbm_margin']:.1%} to spare" if r["fits"] else f"DOES NOT FIT ({-r['hbm_margin']:.1%} over)"
+    if not r["compiled"]:
+        verdict += "; the compiler refused a program there, its temporaries are what it said it needs"
+    guided = any(s["model_batch"] > r["rows"] for s in r["stages"])
+    where = "split over the chips as sample.py places them" if r["devices"] > 1 else "all on the one chip"
+    lines = [
+        f"sampling plan: {' -> '.join(s['name'] for s in r['stages'])} on {r['slice']} ({r['chip']}, "
+        f"{_chips(r['devices'])}, topology {r['topology']}), mesh {r['mesh']}: T5 and every stage's weights "
+        f"resident, {where}",
+        f"{r['text']}: {r['t5_params'] / 1e6:.1f}M params; {r['prompts']} prompts, {r['rows']} rows on the mesh"
+        + (f" (padded to split over {r['devices']} devices)" if r["rows"] > r["prompts"] else "")
+        + ("; guidance doubles them in each model call" if guided else ""),
+        "per-device GiB resident: " + "  ".join(f"{k} {b / GIB:.2f}" for k, b in m.items()),
+    ]
+    for p in r["programs"]:
+        lines.append(
+            f"  {p['name']}: temporaries {p['temporaries'] / GIB:.2f}, with its inputs and outputs "
+            f"{p['total'] / GIB:.2f}, peak beside the other weights {p['peak'] / GIB:.2f} GiB"
+            + ("" if p["compiled"] else " (not compiled: out of HBM)")
+        )
+    lines.append(
+        f"peak per device: {r['peak_bytes_per_device'] / GIB:.2f} GiB (during {r['peak_program']}) "
+        f"/ HBM {r['hbm_bytes'] / GIB:.0f} -> {verdict}"
+    )
+    if r["devices"] == 1:
+        lines.append(
+            f"one device holding everything: {r['peak_bytes_per_device'] / GIB:.2f} GiB (the TPU compiler's figure "
+            f"for one {r['chip']}, a proxy for a GPU's need: no GPU compiler runs here; an 80 GB GPU has "
+            f"{GPU_80GB / GIB:.1f} GiB, and JAX takes 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION says more)"
+        )
+    lines.append(f"roofline: T5 encode {r['roofline_encode_s'] * 1e3:.1f} ms")
+    for s in r["stages"]:
+        note = ""
+        if s["step_flops_note"]:  # flops_note's reasons, shortened: the counted figure is the one used
+            note = (
+                f" (counted; XLA's {s['step_flops_xla']:.4g} counts each of {s['windowed_loops']} windowed-einsum "
+                "loops' body once)"
+            )
+        lines.append(
+            f"  {s['name']}: {s['steps']} {r['sampler']} steps at guidance {s['guidance_scale']:g}, "
+            f"{s['model_batch']} x {s['image_size']}px per model call, {s['step_flops']:.4g} FLOPs per step{note}: "
+            f"{s['roofline_step_s'] * 1e3:.1f} ms per step ({s['roofline_bound']}-bound), "
+            f"{s['roofline_stage_s']:.2f} s for the stage"
+        )
+    lines.append(f"  cascade: {r['roofline_cascade_s']:.2f} s for {r['prompts']} prompts")
+    return "\n".join(lines)
+
+
+def _batch_size(value: str | None, sample: bool) -> int:
+    from imagen_jax.errors import UsageError
+
+    if value is None:
+        return DEFAULT_PROMPTS
+    if not sample:
+        raise UsageError("--batch_size is the prompts of a --sample plan; a train plan's is --config.train.batch_size")
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"--batch_size {value!r}: expected a number of prompts >= 1")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="configs/<stage>.py")
+    parser.add_argument(
+        "--config", action="append", required=True, help="configs/<stage>.py; with --sample, once per stage"
+    )
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v4-8, v4-512, v5e-8, v5e-256, v5p-128")
     parser.add_argument("--t5", default="xxl", help="T5 shape: xxl | xl | large | a T5 folder or config.json")
+    parser.add_argument("--sample", action="store_true", help="plan the cascade's sampling, not a train step")
+    parser.add_argument("--batch_size", default=None, help=f"--sample: prompts per batch (default {DEFAULT_PROMPTS})")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args, overrides = parser.parse_known_args(argv)
     from imagen_jax.cli import main_guard
@@ -73,15 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from imagen_jax import config as config_lib
         from imagen_jax.errors import ConfigError, UsageError
-        from imagen_jax.train.plan import parse_slice, plan
+        from imagen_jax.train.plan import parse_slice, plan, plan_sampling
 
         parse_slice(args.topology)  # a bad name fails before the config is even read
+        if len(args.config) > 1 and not args.sample:
+            raise UsageError("--config given more than once: a train plan is of one stage; --sample plans a cascade")
+        batch_size = _batch_size(args.batch_size, args.sample)
         try:
-            config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+            configs = [config_lib.apply_overrides(config_lib.load_config_file(c), overrides) for c in args.config]
         except ConfigError as e:
             raise UsageError(str(e)) from None
-        result = plan(config, args.topology, args.t5)
-        print(json.dumps(result, indent=2) if args.json else format_report(args.config, result), flush=True)
+        if args.sample:
+            result = plan_sampling(configs, args.config, args.topology, args.t5, batch_size)
+            print(json.dumps(result, indent=2) if args.json else format_sampling_report(result), flush=True)
+        else:
+            result = plan(configs[0], args.topology, args.t5)
+            print(json.dumps(result, indent=2) if args.json else format_report(args.config[0], result), flush=True)
         return 0
 
     return main_guard("plan", body)

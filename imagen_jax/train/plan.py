@@ -9,6 +9,13 @@ the batch (from the arrays' shardings), the compiler's temporaries (activations,
 whether the sum fits the chip's HBM; FLOPs per step from the compiled cost analysis beside a count of the
 step's matmuls and convolutions (from its jaxpr); and a roofline step time and images/s from the chip's bf16
 peak and HBM bandwidth.
+
+`plan_sampling(configs, names, slice_name, t5_config, batch_size)` does the same for sampling a cascade: with
+T5 and every stage's parameters resident at once on the sampling mesh (all devices on fsdp, as sample.py
+places them), it compiles the programs sampling runs (stage.sampling's T5 encode; per stage diffusion.sampler's
+text conditioning and step loop, the model on the guidance-doubled batch) and reports each one's bytes, the
+peak against HBM, and roofline times per sampler step. A one-chip slice gives what one device holding the
+whole cascade needs: the TPU compiler's figure, the nearest proxy for a GPU there is without a GPU compiler.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,10 +32,21 @@ import jax.numpy as jnp
 import ml_collections
 
 from imagen_jax import filesystem
+from imagen_jax.diffusion import sampler as sampler_lib
+from imagen_jax.diffusion.timesteps import resolve_steps
 from imagen_jax.errors import ConfigError, UsageError, first_line
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage import config as stage_config
-from imagen_jax.stage.model import compute_dtype, t5_shardings, train_size
+from imagen_jax.stage import sampling
+from imagen_jax.stage.model import (
+    compute_dtype,
+    conditioning_image,
+    lowres_size,
+    stage_model,
+    t5_shardings,
+    train_size,
+)
 from imagen_jax.text import T5Encoder
 from imagen_jax.train import setup as setup_lib
 
@@ -39,6 +58,7 @@ _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: .*?HLO temporaries \(([\d.]+[K
 _WINDOWED_LOOP = re.compile(r"\bwhile\([^\n]*body=%?[\w.\-]*windowed_dot_general_body")
 SHAPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "text", "shapes")
 T5_SHAPES = {name: os.path.join(SHAPES, f"t5-v1_1-{name}.json") for name in ("xxl", "xl", "large")}
+SAMPLER = "ddpm"  # the cascade's default sampler (sample.py --sampler): what a sampling plan compiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +130,11 @@ def slice_devices(tpu_slice: Slice) -> list:
     try:
         from jax.experimental import topologies
 
+        # A host has up to 2x2x1 chips; a slice of one or two chips (v5p-2, v5e-1) is a host's part.
+        grid = _torus(tpu_slice.chips, tpu_slice.chip.torus_dims) + [1] * (3 - tpu_slice.chip.torus_dims)
         description = topologies.get_topology_desc(
             tpu_slice.topology, "tpu", chip_config_name="megacore" if tpu_slice.chip.torus_dims == 3 else "default",
-            chips_per_host_bounds=(2, 2, 1), num_slices=1,
+            chips_per_host_bounds=tuple(min(g, h) for g, h in zip(grid, (2, 2, 1))), num_slices=1,
         )  # fmt: skip
     except (RuntimeError, ValueError, ImportError) as e:
         raise UsageError(
@@ -124,7 +146,8 @@ def slice_devices(tpu_slice: Slice) -> list:
 
 def abstract_text(config: ml_collections.ConfigDict, t5_config: str, mesh: jax.sharding.Mesh) -> setup_lib.Text:
     """T5 of the shape `t5_config` describes (a config.json, a T5 folder, or xxl/xl/large), on `mesh`, as the
-    train step sees it; with data.precomputed_text no encoder, only its width."""
+    train step and the cascade see it (parameters in text.dtype, placed by the config's mesh.rules); with
+    data.precomputed_text no encoder, only its width."""
     path = T5_SHAPES.get(t5_config, t5_config)
     if filesystem.for_path(path).isdir(path):  # a local or a URL folder
         path = os.path.join(path, "config.json")
@@ -132,8 +155,12 @@ def abstract_text(config: ml_collections.ConfigDict, t5_config: str, mesh: jax.s
     if config.data.precomputed_text:
         return setup_lib.Text(None, {}, {}, encoder.dim, f"precomputed T5 embeddings of width {encoder.dim}")
     shardings = t5_shardings(config, encoder.state, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), encoder.state, shardings)
+    params = jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), encoder.state, shardings)
     return setup_lib.Text(encoder, params, shardings, encoder.dim, f"T5 of {path} (shapes only)")
+
+
+def _abstract(shape: tuple, dtype: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text_dim: int) -> dict:
@@ -162,7 +189,7 @@ def bytes_per_device(tree: Any) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+        total += math.prod(shape) * leaf.dtype.itemsize  # PRNG key types too (jnp.dtype refuses them)
     return total
 
 
@@ -242,6 +269,60 @@ def flops_note(microbatches: int, windowed: int, flops_xla: float | None, flops_
     return note, max(flops_xla, flops_counted)
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What the TPU compiler says of one program, per device."""
+
+    name: str
+    compiled: bool  # False: refused for lack of HBM; `temporaries` is then what the compiler said it needs
+    arguments: int  # bytes of its inputs
+    temporaries: int  # the compiler's (activations, gathered weights, gradients, workspace)
+    total: int  # arguments + temporaries + outputs - outputs aliased to inputs
+    flops_xla: float | None  # the whole program's: one device's cost analysis x the devices; None if not compiled
+    bytes_accessed: float | None
+    windowed: int  # windowed-einsum loops in the compiled program
+    output_shardings: Any = None
+
+
+def compile_program(name: str, lowered: Any, arguments: int, devices: int, what: str) -> Program:
+    """Compiles `lowered` with the TPU compiler. When the compiler refuses for lack of HBM, the Program carries
+    the temporaries it said it needs and `arguments` (its inputs' bytes, from their shardings) for the total;
+    any other refusal is a one-line ConfigError naming `what`."""
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # the compiler's own verdict when temporaries exceed the HBM left
+        needed = _OUT_OF_MEMORY.search(str(e))
+        if needed is None:
+            raise ConfigError(f"the TPU compiler rejected {what}: {first_line(e)}") from None
+        temporaries = _gib(needed.group(1))
+        return Program(name, False, arguments, temporaries, arguments + temporaries, None, None, 0)
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    temporaries = int(memory.temp_size_in_bytes)
+    total = (int(memory.argument_size_in_bytes) + temporaries + int(memory.output_size_in_bytes)
+             - int(memory.alias_size_in_bytes))  # fmt: skip
+    return Program(
+        name,
+        True,
+        int(memory.argument_size_in_bytes),
+        temporaries,
+        total,
+        float(cost.get("flops", 0.0)) * devices,  # the cost analysis is of one device's partitioned program
+        float(cost.get("bytes accessed", 0.0)),
+        windowed_loops(compiled.as_text()),
+        compiled.output_shardings,
+    )
+
+
+def roofline(flops: float, bytes_accessed: float, chip: Chip, devices: int) -> tuple[float, str]:
+    """(seconds, 'compute' or 'memory'): the larger of FLOPs over the devices' bf16 peak and one device's bytes
+    accessed over its HBM bandwidth."""
+    compute_s = flops / devices / (chip.bf16_tflops * 1e12)
+    memory_s = bytes_accessed / (chip.hbm_gbps * 1e9)
+    return max(compute_s, memory_s), "compute" if compute_s >= memory_s else "memory"
+
+
 def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "xxl") -> dict:
     """Compiles the train step of `config` for the TPU slice `slice_name` and returns the figures (see the
     module docstring); mesh axes set to -1 in the config take the slice's devices."""
@@ -262,31 +343,15 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "t5": bytes_per_device(text.params),
         "batch": bytes_per_device(batch),
     }
-    flops_counted = matmul_flops(jax.make_jaxpr(trainer.train_step)(state, text.params, batch, streak))
-    try:
-        compiled = trainer.train_step.lower(state, text.params, batch, streak).compile()
-    except jax.errors.JaxRuntimeError as e:  # the compiler's own verdict when temporaries exceed the HBM left
-        needed = _OUT_OF_MEMORY.search(str(e))
-        if needed is None:
-            raise ConfigError(f"the TPU compiler rejected the train step for {slice_name}: {first_line(e)}") from None
-        temporaries, flops_xla, bytes_accessed = _gib(needed.group(1)), None, None
-        total = sum(held.values()) + temporaries
-    else:
-        memory = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        temporaries = int(memory.temp_size_in_bytes)
-        total = (int(memory.argument_size_in_bytes) + temporaries + int(memory.output_size_in_bytes)
-                 - int(memory.alias_size_in_bytes))  # fmt: skip
-        flops_xla = float(cost.get("flops", 0.0)) * n  # the cost analysis is of one device's partitioned program
-        bytes_accessed = float(cost.get("bytes accessed", 0.0))  # per device
-    windowed = 0 if flops_xla is None else windowed_loops(compiled.as_text())
-    note, compute_flops = flops_note(int(config.train.microbatches), windowed, flops_xla, flops_counted)
-    compute_s = compute_flops / n / (tpu_slice.chip.bf16_tflops * 1e12)
+    traced = trainer.train_step.trace(state, text.params, batch, streak)
+    flops_counted = matmul_flops(traced.jaxpr)
+    step = compile_program("train step", traced.lower(), sum(held.values()), n, f"the train step for {slice_name}")
+    note, compute_flops = flops_note(int(config.train.microbatches), step.windowed, step.flops_xla, flops_counted)
     # The micro-batch loop's bytes are counted once too: scaled by its trip count (which counts the optimizer's
     # share k times, so a slight overestimate).
-    memory_s = (bytes_accessed or 0.0) * int(config.train.microbatches) / (tpu_slice.chip.hbm_gbps * 1e9)
-    step_s = max(compute_s, memory_s)
+    step_s, bound = roofline(
+        compute_flops, (step.bytes_accessed or 0.0) * int(config.train.microbatches), tpu_slice.chip, n
+    )
     return {
         "slice": slice_name,
         "topology": tpu_slice.topology,
@@ -297,17 +362,210 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "unet_params": trainer.model.num_params,
         "t5_params": sum(math.prod(x.shape) for x in jax.tree.leaves(text.params)),
         "text": text.description,
-        "per_device_bytes": {**held, "temporaries": temporaries, "total": total},
+        "per_device_bytes": {**held, "temporaries": step.temporaries, "total": step.total},
         "hbm_bytes": tpu_slice.chip.hbm_bytes,
-        "fits": total <= tpu_slice.chip.hbm_bytes,
-        "hbm_margin": 1.0 - total / tpu_slice.chip.hbm_bytes,
-        "flops_per_step_xla": flops_xla,
+        "fits": step.total <= tpu_slice.chip.hbm_bytes,
+        "hbm_margin": 1.0 - step.total / tpu_slice.chip.hbm_bytes,
+        "flops_per_step_xla": step.flops_xla,
         "flops_per_step_counted": flops_counted,
         "flops_note": note,
-        "windowed_loops": windowed,
-        "bytes_accessed_per_device": bytes_accessed,
+        "windowed_loops": step.windowed,
+        "bytes_accessed_per_device": step.bytes_accessed,
         "roofline_step_s": step_s,
-        "roofline_bound": "compute" if compute_s >= memory_s else "memory",
-        "compiled": flops_xla is not None,
+        "roofline_bound": bound,
+        "compiled": step.compiled,
         "roofline_images_per_s": config.train.batch_size / step_s if step_s else float("inf"),
+    }
+
+
+def sampling_mesh(devices: Sequence[Any]) -> jax.sharding.Mesh:
+    """`stage.model.local_mesh`'s layout on `devices`: all of them on fsdp, so every weight is split over them
+    by the configs' mesh.rules and the batch over the same devices."""
+    return mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}), devices)
+
+
+@dataclasses.dataclass
+class _Figures:
+    """A sampling program's figures: its compile, its FLOPs and roofline, and (set once all are compiled) its
+    peak, with the resident weights it does not take."""
+
+    program: Program
+    takes: str  # the resident weights among its inputs: "t5" or a stage's name
+    inputs: int  # bytes of its other inputs (ids, text, the sampler's state), from their shardings
+    counted: float  # matmul and convolution FLOPs from the jaxpr
+    flops: float  # what the roofline uses (flops_note)
+    note: str
+    seconds: float
+    bound: str
+    peak: int = 0
+
+
+def _figures(traced: Any, name: str, takes: str, weights: int, inputs: int, chip: Chip, devices: int) -> _Figures:
+    program = compile_program(name, traced.lower(), weights + inputs, devices, f"the {name} program")
+    counted = matmul_flops(traced.jaxpr)
+    note, flops = flops_note(1, program.windowed, program.flops_xla, counted)
+    seconds, bound = roofline(flops, program.bytes_accessed or 0.0, chip, devices)
+    return _Figures(program, takes, inputs, counted, flops, note, seconds, bound)
+
+
+def plan_sampling(
+    configs: Sequence[ml_collections.ConfigDict],
+    names: Sequence[str],
+    slice_name: str,
+    t5_config: str = "xxl",
+    batch_size: int = 4,
+) -> dict:
+    """Compiles what sampling the cascade `configs` (base stage first; `names` label them, e.g. their files)
+    runs, for the TPU slice `slice_name`, with T5 and every stage's parameters resident at once on the sampling
+    mesh (`sampling_mesh`, as sample.py places them): T5's encoding of `batch_size` prompts, and per stage its
+    text conditioning and its sampler loop (`diffusion.sampler`'s compiled chunk: per step one model call on
+    the guidance-doubled batch, and the update). The programs are the functions sampling runs, lowered on
+    abstract inputs shaped and placed as sampling places them; steps, guidance and schedule are each config's
+    (train.sample_*, diffusion.*), the sampler the cascade's default (ddpm). XLA counts the step loop's body
+    once, so the loop's FLOPs and bytes are one step's. Returns per-device bytes, the peak over the programs
+    (each one's compiled total plus the resident weights it does not take) against HBM, and roofline times."""
+    if not configs or len(configs) != len(names):
+        raise UsageError(f"a sampling plan needs one name per stage config, got {len(names)} for {len(configs)}")
+    if batch_size < 1:
+        raise UsageError(f"--batch_size {batch_size}: the number of prompts must be at least 1")
+    for index, (name, config) in enumerate(zip(names, configs)):
+        stage_config.validate(config)
+        low, size = lowres_size(config), int(config.data.image_size)
+        if index == 0 and low is not None:
+            raise UsageError(
+                f"--config {name}: a {low}->{size} super-resolution stage cannot start the cascade; give the base "
+                "stage's --config first, then the SR stages' in order"
+            )
+        previous = int(configs[index - 1].data.image_size)
+        if index and low is None:
+            raise UsageError(f"--config {name}: a base stage ({size}x{size}) after the first stage; only one starts")
+        if index and low != previous:
+            raise UsageError(
+                f"--config {name}: takes {low}x{low} input, but the stage before it makes {previous}x{previous}"
+            )
+    tpu_slice = parse_slice(slice_name)
+    devices = slice_devices(tpu_slice)
+    n, chip = len(devices), tpu_slice.chip
+    mesh = sampling_mesh(devices)
+    first = configs[0].copy_and_resolve_references()
+    first.data.precomputed_text = False  # the cascade always encodes its prompts
+    text = abstract_text(first, t5_config, mesh)
+    encoder = text.encoder
+    rows, length = mesh_lib.padded_rows(batch_size, mesh), int(first.text.max_length)
+    batch, whole = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+    ids, mask = _abstract((rows, length), jnp.int32, batch), _abstract((rows, length), jnp.bool_, batch)
+    with activation_layout(mesh):  # sampling.encode's program
+        traced = sampling._encode.trace(encoder.apply, text.params, ids, mask, batch_size, whole)
+    encoded = _abstract((batch_size, length, encoder.dim), encoder.dtype, whole)
+    resident = {"t5": bytes_per_device(text.params), "text": bytes_per_device(encoded)}
+    programs = [_figures(traced, "T5 encode", "t5", resident["t5"], bytes_per_device((ids, mask)), chip, n)]
+    key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+    stages = []
+    for name, config in zip(names, configs):
+        model = stage_model(config, encoder.dim, mesh)
+        resident[name] = bytes_per_device(model.abstract_params)
+        dcfg = config.diffusion
+        steps, grid = resolve_steps(config.train.sample_steps, dcfg.schedule)
+        guidance = float(config.train.sample_guidance_scale)
+        guided = guidance != 1.0
+        placed = _abstract((rows, length, encoder.dim), encoder.dtype, batch)  # sampling.sample's place(text)
+        with activation_layout(mesh):
+            traced = sampler_lib._condition.trace(
+                model.abstract_params, placed, mask, denoiser=model.denoiser, guided=guided
+            )
+        inputs = bytes_per_device((placed, mask))
+        condition = _figures(traced, f"{name} text conditioning", name, resident[name], inputs, chip, n)
+        # The context enters the step loop where the conditioning program leaves it.
+        outs, tree = jax.tree.flatten(traced.out_info)
+        shardings = jax.tree.leaves(condition.program.output_shardings) or [batch] * len(outs)
+        context = jax.tree.unflatten(tree, [_abstract(o.shape, o.dtype, s) for o, s in zip(outs, shardings)])
+        size = int(config.data.image_size)
+        x = _abstract((rows, size, size, 3), jnp.float32, batch)
+        model_kwargs = {}
+        low = lowres_size(config)
+        if low is not None:  # what sampling.sample hands the model: the noise-augmented (for IF, upscaled) input
+            lowres = jax.eval_shape(
+                lambda z, c=config, s=size: conditioning_image(c, z, s), _abstract((rows, low, low, 3), jnp.float32)
+            )
+            model_kwargs = {
+                "lowres": _abstract(lowres.shape, jnp.float32, batch),
+                "lowres_t": _abstract((rows,), jnp.float32, batch),
+            }
+        index, scalar = _abstract((), jnp.int32), _abstract((), jnp.float32)
+        chunk_args = (
+            model.abstract_params, (x, x), _abstract((rows,), key_dtype, batch), index, index, index, context,
+            model_kwargs, scalar, scalar, scalar, None if grid is None else _abstract(grid.shape, grid.dtype), None,
+        )  # fmt: skip
+        with activation_layout(mesh):
+            traced = sampler_lib._run_chunk.trace(
+                *chunk_args, denoiser=model.denoiser, sampler=SAMPLER, schedule=dcfg.schedule,
+                objective=dcfg.objective, thresholding=dcfg.thresholding,
+                percentile=float(dcfg.dynamic_threshold_percentile),
+                threshold_max=float(dcfg.threshold_max or math.inf), variance=dcfg.variance, guided=guided,
+            )  # fmt: skip
+        inputs = bytes_per_device(chunk_args[1:])
+        step = _figures(traced, f"{name} sampler step", name, resident[name], inputs, chip, n)
+        programs += [condition, step]
+        stages.append({
+            "name": name,
+            "image_size": size,
+            "lowres_size": low,
+            "unet_params": model.num_params,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "model_batch": 2 * rows if guided else rows,
+            "step_flops": step.flops,
+            "step_flops_xla": step.program.flops_xla,
+            "step_flops_counted": step.counted,
+            "step_flops_note": step.note,
+            "windowed_loops": step.program.windowed,
+            "bytes_accessed_per_step": step.program.bytes_accessed,
+            "roofline_step_s": step.seconds,
+            "roofline_bound": step.bound,
+            "roofline_stage_s": condition.seconds + steps * step.seconds,
+        })  # fmt: skip
+    for f in programs:  # beside each program, the resident weights it does not take (the encode makes the text)
+        beside = {f.takes, "text"} if f.takes == "t5" else {f.takes}
+        # jit drops the parameters a program does not use (the conditioning uses a stage's text layers only)
+        # from its compiled inputs, but they stay resident: what its arguments leave out is added back.
+        pruned = max(0, resident[f.takes] + f.inputs - f.program.arguments)
+        f.peak = f.program.total + pruned + sum(b for k, b in resident.items() if k not in beside)
+    peak = max(programs, key=lambda f: f.peak)
+    return {
+        "slice": slice_name,
+        "topology": tpu_slice.topology,
+        "chip": chip.name,
+        "devices": n,
+        "mesh": dict(mesh.shape),
+        "prompts": batch_size,
+        "rows": rows,
+        "sampler": SAMPLER,
+        "t5_params": sum(math.prod(x.shape) for x in jax.tree.leaves(text.params)),
+        "text": text.description,
+        "stages": stages,
+        "resident_bytes_per_device": resident,
+        "programs": [
+            {
+                "name": f.program.name,
+                "compiled": f.program.compiled,
+                "arguments": f.program.arguments,
+                "temporaries": f.program.temporaries,
+                "total": f.program.total,
+                "peak": f.peak,
+                "flops": f.flops,
+                "flops_note": f.note,
+                "bytes_accessed_per_device": f.program.bytes_accessed,
+                "roofline_s": f.seconds,
+                "roofline_bound": f.bound,
+            }
+            for f in programs
+        ],
+        "peak_bytes_per_device": peak.peak,
+        "peak_program": peak.program.name,
+        "hbm_bytes": chip.hbm_bytes,
+        "fits": peak.peak <= chip.hbm_bytes,
+        "hbm_margin": 1.0 - peak.peak / chip.hbm_bytes,
+        "compiled": all(f.program.compiled for f in programs),
+        "roofline_encode_s": programs[0].seconds,
+        "roofline_cascade_s": programs[0].seconds + sum(s["roofline_stage_s"] for s in stages),
     }
