@@ -178,9 +178,7 @@ def _check_previous_run(output: str, wanted: dict) -> None:
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON ({e}); delete it or pass --overwrite") from None
     for key, value in wanted.items():
-        old = text_records.stored_lowercase(previous) if key == "lowercase" else previous.get(key)
-        if key == "encoder":
-            old, value = (os.path.basename(str(v).rstrip("/")) for v in (old, value))
+        old, value = text_records.agreeing(previous, key), text_records.agreeing(wanted, key)
         if old != value:
             raise DataError(
                 f"{path} says {key} {old!r} but this run has {value!r}: pass --overwrite to "

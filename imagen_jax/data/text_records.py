@@ -146,10 +146,13 @@ def _encoder_name(encoder: str) -> str:
     return os.path.basename(str(encoder).rstrip("/"))
 
 
-def _agreeing(metadata: dict, key: str) -> object:
+def agreeing(metadata: dict, key: str) -> object:
+    """The value of `key` in text_embeddings.json `metadata` as compared between runs and folders: the encoder's
+    base name (the same T5 read from another path agrees), lowercase False when absent (older files), else as
+    stored (None when absent)."""
     if key == "encoder":
-        return _encoder_name(metadata[key])
-    return stored_lowercase(metadata) if key == "lowercase" else metadata[key]
+        return _encoder_name(metadata.get(key))
+    return stored_lowercase(metadata) if key == "lowercase" else metadata.get(key)
 
 
 def read_metadata(shard_files: list[str]) -> dict:
@@ -166,7 +169,7 @@ def read_metadata(shard_files: list[str]) -> dict:
     for folder in folders[1:]:
         other = _read_folder_metadata(folder)
         for key in _AGREEING_KEYS:
-            mine, theirs = (_agreeing(m, key) for m in (other, first))
+            mine, theirs = (agreeing(m, key) for m in (other, first))
             if mine != theirs:
                 raise DataError(
                     f"{folder}: {METADATA_FILE} has {key} {mine!r} but {folders[0]} has {theirs!r}; "

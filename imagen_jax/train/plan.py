@@ -469,7 +469,8 @@ def plan_sampling(
         guidance = float(config.train.sample_guidance_scale)
         guided = guidance != 1.0
         placed = _abstract((rows, length, encoder.dim), encoder.dtype, batch)  # sampling.sample's place(text)
-        with activation_layout(mesh):
+        rules = mesh_lib.rules_dict(config.mesh.rules)  # sampling.sample places weights at use by these
+        with activation_layout(mesh, rules):
             traced = sampler_lib._condition.trace(
                 model.abstract_params, placed, mask, denoiser=model.denoiser, guided=guided
             )
@@ -496,7 +497,7 @@ def plan_sampling(
             model.abstract_params, (x, x), _abstract((rows,), key_dtype, batch), index, index, index, context,
             model_kwargs, scalar, scalar, scalar, None if grid is None else _abstract(grid.shape, grid.dtype), None,
         )  # fmt: skip
-        with activation_layout(mesh):
+        with activation_layout(mesh, rules):
             traced = sampler_lib._run_chunk.trace(
                 *chunk_args, denoiser=model.denoiser, sampler=SAMPLER, schedule=dcfg.schedule,
                 objective=dcfg.objective, thresholding=dcfg.thresholding,
