@@ -24,7 +24,17 @@ import json
 import os
 import sys
 
-from imagen_jax.sample_args import add_model_flags, add_prompt_flags, add_stage_flags, read_prompts, stage_values
+from imagen_jax.sample_args import (
+    adapter_values,
+    add_adapter_flags,
+    add_edit_flags,
+    add_model_flags,
+    add_prompt_flags,
+    add_stage_flags,
+    edit_values,
+    read_prompts,
+    stage_values,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -43,15 +53,29 @@ def main(argv: list[str]) -> int:
     add_prompt_flags(parser)
     add_stage_flags(parser)
     add_model_flags(parser)
+    add_adapter_flags(parser)
+    add_edit_flags(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run in --out")
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
     stages = [args.workdir, *args.sr_workdir]
     steps, scales, samplers = stage_values(args, len(stages), parser)
+    adapters = adapter_values(args, len(stages), parser)
+    strengths, intervals, rescales = edit_values(args, len(stages), parser)
 
     from imagen_jax.cli import main_guard
-    from imagen_jax.sample_files import check_arguments, check_writable, sample_to_folder
+    from imagen_jax.sample_files import Edit, check_arguments, check_writable, sample_to_folder
+
+    edit = Edit(
+        init_image=args.init_image,
+        mask=args.mask,
+        strengths=strengths,
+        inpaint_resample=args.inpaint_resample,
+        inpaint_jump=args.inpaint_jump,
+        guidance_intervals=intervals,
+        guidance_rescales=rescales,
+    )
 
     def body() -> int:
         # Everything that can be checked is, before any model loads.
@@ -65,6 +89,7 @@ def main(argv: list[str]) -> int:
             steps=steps,
             guidance_scales=scales,
             samplers=samplers,
+            edit=edit,
         )
         check_writable(args.out, overwrite=args.overwrite)
         written = sample_to_folder(
@@ -81,6 +106,8 @@ def main(argv: list[str]) -> int:
             overwrite=args.overwrite,
             text_encoder=args.text_encoder,
             dtype=args.dtype,
+            adapters=adapters,
+            edit=edit,
         )
         print(json.dumps({"out": args.out, "images": len(written)}))
         return 0

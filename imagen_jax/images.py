@@ -24,6 +24,23 @@ def from_uint8(images: Any) -> Any:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """float [B,H,W,C] -> [B,size,size,C], bilinear with antialiasing when shrinking; the array itself at its own
+    size (an edit's kept pixels then come back exactly)."""
+    images = np.asarray(images, np.float32)
+    if images.shape[1:3] == (size, size):
+        return images
+    import jax
+
+    shape = (images.shape[0], size, size, images.shape[-1])
+    return np.asarray(jax.image.resize(images, shape, "linear", antialias=True), np.float32)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A mask [B,H,W,1] (1 = regenerate) at `size`, binary again: resized, then 1 where it is at least 0.5."""
+    return (resize(mask, size) >= 0.5).astype(np.float32)
+
+
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
     """uint8 [N,H,W,3] -> one uint8 [rows*H, cols*W, 3] grid with `pad` white pixels between tiles."""
     n, h, w, c = images.shape

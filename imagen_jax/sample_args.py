@@ -4,6 +4,7 @@ flags or a file, and per-stage settings ('5' for every stage, or '5,8,8' one per
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -106,3 +107,102 @@ def stage_values(
     except ValueError as e:
         parser.error(str(e))
         raise  # parser.error exits; this keeps type checkers sure the function returns
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """--lora: LoRA adapters files (tools.export --lora_only) merged into a stage's weights at load."""
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="[STAGE=]FILE[:SCALE]",
+        help="LoRA adapters for stage STAGE (1 = --workdir, 2 = the first --sr_workdir, ...; default 1) at SCALE "
+        "(default 1.0), merged into its weights; repeatable (several adapters add up). An adapter made for another "
+        "base is refused before any weights load",
+    )
+
+
+def adapter_values(
+    args: argparse.Namespace, count: int, parser: argparse.ArgumentParser
+) -> list[tuple[int, str, float]]:
+    """(stage index from 0, file, scale) for each --lora of `count` stages; a bad value is a parser error."""
+    adapters = []
+    for value in args.lora:
+        stage, sep, rest = value.partition("=")
+        if not (sep and stage.isdigit()):  # no STAGE= (an '=' inside the path is the path's)
+            stage, rest = "1", value
+        path, sep, scale = rest.rpartition(":")
+        try:
+            factor = float(scale) if sep else 1.0
+        except ValueError:
+            sep = ""  # a ':' inside the path, no scale
+        if not sep:
+            path, factor = rest, 1.0
+        if not 1 <= int(stage) <= count:
+            parser.error(f"--lora {value!r}: the stage must be 1..{count} (the cascade's stages, base first)")
+        if not math.isfinite(factor):
+            parser.error(f"--lora {value!r}: the scale must be a finite number")
+        if not path:
+            parser.error(f"--lora {value!r}: no adapters file")
+        adapters.append((int(stage) - 1, path, factor))
+    return adapters
+
+
+def interval_value(text: str) -> tuple[float, float]:
+    """A --guidance_interval value 'LO:HI' (log-SNR; 'inf' and '-inf' allowed)."""
+    low, sep, high = text.partition(":")
+    if not sep:
+        raise ValueError(text)
+    return float(low), float(high)
+
+
+_KIND_NAMES[interval_value] = "LO:HI (two log-SNR numbers)"
+
+
+def add_edit_flags(parser: argparse.ArgumentParser) -> None:
+    """Inpainting, image-to-image and the guidance options (read back with `edit_values`)."""
+    parser.add_argument("--init_image", help="an image (PNG/JPEG) to edit: the start of every prompt's samples")
+    parser.add_argument(
+        "--mask",
+        help="inpainting: a mask image the size of --init_image, white where the image is regenerated, black where "
+        "it is kept (resized to each stage's size)",
+    )
+    parser.add_argument(
+        "--strength",
+        default=None,
+        help="image-to-image: how much of the sampling runs from the noised --init_image, in [0, 1] (0: the input, "
+        "1: text-to-image); one value, or one per stage (default 1)",
+    )
+    parser.add_argument(
+        "--inpaint_resample",
+        type=int,
+        default=1,
+        help="RePaint: each block of --inpaint_jump steps runs this many times (1: no resampling; ~this many "
+        "times the model calls)",
+    )
+    parser.add_argument("--inpaint_jump", type=int, default=1, help="RePaint's jump length in steps (default 1)")
+    parser.add_argument(
+        "--guidance_interval",
+        default=None,
+        help="guide only where the log-SNR lies in LO:HI (e.g. -4:2; default: every step); one, or one per stage",
+    )
+    parser.add_argument(
+        "--guidance_rescale",
+        default=None,
+        help="guidance rescale in [0, 1] (0: off, the default; 0.7 in its paper); one value, or one per stage",
+    )
+
+
+def edit_values(
+    args: argparse.Namespace, count: int, parser: argparse.ArgumentParser
+) -> tuple[list | None, list | None, list | None]:
+    """(strengths, guidance intervals, guidance rescales) for `count` stages from the flags of `add_edit_flags`."""
+    try:
+        return (
+            per_stage(args.strength, count, float, "strength"),
+            per_stage(args.guidance_interval, count, interval_value, "guidance_interval"),
+            per_stage(args.guidance_rescale, count, float, "guidance_rescale"),
+        )
+    except ValueError as e:
+        parser.error(str(e))
+        raise

@@ -15,6 +15,7 @@ gs:// paths go through tf.io.gfile (filesystem.py), imported on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -27,7 +28,8 @@ from PIL import Image
 
 from imagen_jax import filesystem
 from imagen_jax.cascade import Imagen
-from imagen_jax.diffusion import DISCRETE_SCHEDULES, SAMPLERS
+from imagen_jax.diffusion import DISCRETE_SCHEDULES, SAMPLERS, editing
+from imagen_jax.diffusion.guidance import check_guidance_interval, check_guidance_rescale
 from imagen_jax.diffusion.timesteps import check_steps
 from imagen_jax.errors import OutputError, UsageError
 from imagen_jax.files import write_atomically
@@ -106,6 +108,7 @@ def check_arguments(
     steps: Sequence[int] | None = None,
     guidance_scales: Sequence[float] | None = None,
     samplers: Sequence[str] | None = None,
+    edit: Edit | None = None,
 ) -> None:
     """Raises UsageError naming the first bad argument (as its sample.py flag) and its value."""
     if num_prompts < 1:
@@ -119,6 +122,107 @@ def check_arguments(
     if sr_noise_level is not None and not 0.0 <= sr_noise_level <= 1.0:
         raise UsageError(f"--sr_noise_level must be in [0, 1], got {sr_noise_level}")
     stage_settings(num_stages, steps, guidance_scales, samplers)
+    if edit is not None:
+        edit.check(num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """sample.py's editing flags: an image to start from (--init_image), a mask (--mask, white = regenerate), per
+    stage strengths and guidance options (None: the defaults), RePaint's resampling."""
+
+    init_image: str | None = None
+    mask: str | None = None
+    strengths: Sequence[float] | None = None
+    inpaint_resample: int = 1
+    inpaint_jump: int = 1
+    guidance_intervals: Sequence[tuple[float, float]] | None = None
+    guidance_rescales: Sequence[float] | None = None
+
+    def check(self, num_stages: int) -> None:
+        """Raises UsageError naming the first bad flag: values, counts, and the image files themselves."""
+        for name, values in (
+            ("strength", self.strengths),
+            ("guidance_interval", self.guidance_intervals),
+            ("guidance_rescale", self.guidance_rescales),
+        ):
+            if values is not None and len(values) != num_stages:
+                raise UsageError(
+                    f"--{name} has {len(values)} values for {num_stages} stages (give one, or one per stage)"
+                )
+        checks = [(f"--strength {s:g}", editing.check_strength, (s,)) for s in self.strengths or []]
+        checks += [
+            (f"--guidance_interval {a:g}:{b:g}", check_guidance_interval, ((a, b),))
+            for a, b in self.guidance_intervals or []
+        ]
+        checks += [(f"--guidance_rescale {r:g}", check_guidance_rescale, (r,)) for r in self.guidance_rescales or []]
+        checks.append(
+            ("--inpaint_resample/--inpaint_jump", editing.check_resampling, (self.inpaint_resample, self.inpaint_jump))
+        )
+        for flag, check, args in checks:
+            try:
+                check(*args)
+            except ValueError as e:
+                raise UsageError(f"{flag}: {e}") from None
+        if self.mask and not self.init_image:
+            raise UsageError("--mask needs --init_image (the image it masks)")
+        if self.inpaint_resample > 1 and not self.mask:
+            raise UsageError(
+                f"--inpaint_resample {self.inpaint_resample} (RePaint) needs --mask: it only applies to inpainting"
+            )
+        if self.strengths and min(self.strengths) < 1 and not self.init_image:
+            raise UsageError(f"--strength {min(self.strengths):g} (image-to-image) needs --init_image")
+        self.images(1)
+
+    def images(self, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(init images [count,H,W,3] in [-1,1], masks [count,H,W,1] in {0,1}) read from the files, or None."""
+        if not self.init_image:
+            return None, None
+        image = _read_image(self.init_image, "RGB", "--init_image").astype(np.float32) / 127.5 - 1.0
+        mask = None
+        if self.mask:
+            grey = _read_image(self.mask, "L", "--mask")
+            if grey.shape != image.shape[:2]:
+                raise UsageError(
+                    f"--mask {self.mask!r} is {grey.shape[1]}x{grey.shape[0]} but --init_image {self.init_image!r} is "
+                    f"{image.shape[1]}x{image.shape[0]}: they must be the same size"
+                )
+            mask = np.repeat((grey >= 128).astype(np.float32)[None, :, :, None], count, axis=0)
+        return np.repeat(image[None], count, axis=0), mask
+
+    def settings(self, stage: int) -> dict:
+        """What samples.json records of the editing for stage `stage` (nothing when not editing)."""
+        entry = {}
+        if self.strengths is not None:
+            entry["strength"] = self.strengths[stage]
+        if self.guidance_intervals is not None:
+            entry["guidance_interval"] = [str(v) if math.isinf(v) else v for v in self.guidance_intervals[stage]]
+        if self.guidance_rescales is not None:
+            entry["guidance_rescale"] = self.guidance_rescales[stage]
+        return entry
+
+    def run_settings(self) -> dict:
+        """The editing of the whole run, for samples.json."""
+        entry = {}
+        if self.init_image:
+            entry["init_image"] = self.init_image
+        if self.mask:
+            entry.update(mask=self.mask, inpaint_resample=self.inpaint_resample, inpaint_jump=self.inpaint_jump)
+        return entry
+
+
+def _read_image(path: str, mode: str, flag: str) -> np.ndarray:
+    """uint8 [H,W,3] (mode RGB) or [H,W] (L) of an image file; UsageError naming the flag and file if unreadable."""
+    fs = filesystem.for_path(path)
+    try:
+        with fs.GFile(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert(mode), np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{flag} {path!r} is not a readable image: {_message(e)}") from None
+    except fs.errors as e:
+        raise UsageError(f"{flag} {path!r} cannot be read: {_message(e)}") from None
 
 
 def previous_images(out: str) -> list[str]:
@@ -173,13 +277,16 @@ def sample_to_folder(
     checkpoint_steps: Sequence[int | None] | None = None,
     text_encoder: str | None = None,
     dtype: str | None = None,
+    adapters: Sequence[tuple[int, str, float]] = (),
+    edit: Edit | None = None,
 ) -> list[str]:
     """Samples num_images per prompt through the cascade (image i of the run: seed + i) into `out`.
 
     steps / guidance_scales / samplers: one value per stage; None takes each stage's config
     (train.sample_steps, train.sample_guidance_scale) and 'ddpm'. sr_noise_level: None takes each SR stage
     config's diffusion.sr_noise_level. A folder with another run's images needs `overwrite`. checkpoint_steps:
-    one per stage (None: the latest), for workdirs. text_encoder, dtype: see `Imagen.load`.
+    one per stage (None: the latest), for workdirs. text_encoder, dtype, adapters: see `Imagen.load`. edit: an
+    image to inpaint or start from, and the guidance options (`Edit`).
     Returns the final images' file names, as samples.json lists them.
     """
     from tqdm import tqdm
@@ -196,17 +303,20 @@ def sample_to_folder(
         steps=steps,
         guidance_scales=guidance_scales,
         samplers=samplers,
+        edit=edit,
     )
+    edit = edit or Edit()
     check_writable(out, overwrite=overwrite)
-    imagen = Imagen.load(list(workdirs), checkpoint_steps, text_encoder=text_encoder, dtype=dtype)
+    imagen = Imagen.load(list(workdirs), checkpoint_steps, text_encoder=text_encoder, dtype=dtype, adapters=adapters)
     stages = imagen.stages
     n = len(stages)
     steps_, scales, samplers_ = stage_settings(n, steps, guidance_scales, samplers, [s.config for s in stages])
     jobs = [(p, prompt, j, seed + p * num_images + j) for p, prompt in enumerate(prompts) for j in range(num_images)]
+    visits = [edit_visits(step_count(steps_[i]), edit, i) for i in range(n)]
     results: list[list[np.ndarray]] = [[] for _ in stages]
     bars = [
         tqdm(
-            total=len(jobs) * step_count(steps_[i]),
+            total=len(jobs) * visits[i],
             desc=f"stage {i + 1}/{n} ({stage.image_size}px)",
             unit="step",
             position=i,
@@ -221,6 +331,7 @@ def sample_to_folder(
             bars[stage].update((finished - done[stage]) * images)
             done[stage] = finished
 
+        init_images, masks = edit.images(len(chunk))
         outputs = imagen(
             [c[1] for c in chunk],
             [c[3] for c in chunk],
@@ -229,6 +340,13 @@ def sample_to_folder(
             samplers=samplers_,
             sr_noise_level=sr_noise_level,
             progress=progress,
+            init_images=init_images,
+            masks=masks,
+            strengths=edit.strengths,
+            inpaint_resample=edit.inpaint_resample,
+            inpaint_jump=edit.inpaint_jump,
+            guidance_intervals=edit.guidance_intervals,
+            guidance_rescales=edit.guidance_rescales,
         )
         for i, x in enumerate(outputs):
             results[i].extend(images_lib.to_uint8(x))
@@ -236,10 +354,12 @@ def sample_to_folder(
         bar.close()
     files: dict[str, np.ndarray] = {}
     index = {}
+    stage_adapters = [[[path, scale] for k, path, scale in adapters if k == i] for i in range(n)]
     for k, (p, prompt, j, image_seed) in enumerate(jobs):
         name = f"{p:03d}_{j:02d}_{slug(prompt)}.png"
         files[name] = results[-1][k]
-        entry = {"prompt": prompt, "seed": image_seed, "image_size": stages[-1].image_size, "stages": []}
+        entry = {"prompt": prompt, "seed": image_seed, "image_size": stages[-1].image_size, **edit.run_settings()}
+        entry["stages"] = []
         for i, stage in enumerate(stages):
             stage_file = name
             if i < n - 1:  # intermediate resolutions, in a folder per size
@@ -255,13 +375,24 @@ def sample_to_folder(
                     "guidance_scale": scales[i],
                     "sampler": samplers_[i],
                     "file": stage_file,
+                    **({"lora": stage_adapters[i]} if stage_adapters[i] else {}),
                     **({"sr_noise_level": level} if stage.lowres_size else {}),
+                    **edit.settings(i),
                 }
             )
         index[name] = entry
     files[GRID_FILE] = images_lib.make_grid(np.stack(results[-1]), columns=num_images)
     write_folder(out, files, {"grid": GRID_FILE, "images": index})
     return list(index)
+
+
+def edit_visits(steps: int, edit: Edit, stage: int) -> int:
+    """The model evaluations a stage of `steps` runs under `edit`: fewer for image-to-image, more with RePaint."""
+    strength = 1.0 if edit.strengths is None or not edit.init_image else edit.strengths[stage]
+    first = editing.first_evaluation(steps, strength)
+    if not edit.mask or edit.inpaint_resample == 1:
+        return steps - first
+    return len(editing.evaluation_order(steps, first, edit.inpaint_resample, edit.inpaint_jump))
 
 
 def write_folder(out: str, images: dict[str, np.ndarray], index: dict) -> None:

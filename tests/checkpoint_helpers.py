@@ -18,6 +18,6 @@ def latest_checkpoint(workdir, text_dim: int = 16) -> tuple[int, dict, dict]:
     config = checkpointer.restore_config(step)
     mesh = mesh_lib.make_mesh(config.mesh)
     tx = optimizer_lib.make_optimizer(config.train)
-    shardings = state_lib.state_shardings(stage_model(config, text_dim, mesh), tx, mesh)
+    shardings = state_lib.state_shardings(config, stage_model(config, text_dim, mesh), tx, mesh)
     state, data = checkpointer.restore(step, state_lib.abstract_state(config, text_dim, tx, shardings))
     return step, jax.device_get(state), data

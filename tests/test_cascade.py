@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from imagen_jax import config as config_lib
+from imagen_jax import images as images_lib
 from imagen_jax.cascade import check_cascade
 from imagen_jax.data import demo
 from imagen_jax.sample_args import per_stage
@@ -83,6 +84,36 @@ def test_tiny_cascade_end_to_end(tmp_path):
     assert entry["stages"][1]["sr_noise_level"] == 0.1  # the SR config's (configs/demo_sr.py)
     assert np.asarray(Image.open(out / names[0])).shape == (16, 16, 3)
     assert np.asarray(Image.open(out / entry["stages"][0]["file"])).shape == (8, 8, 3)
+
+    # Editing through both stages: the right half regenerated, the left kept bit for bit at 16 px (the input's
+    # size) and at 8 px (the input resized), with RePaint; then image-to-image at strength 0 returns the input.
+    from imagen_jax.sample_files import Edit
+
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    Image.fromarray(image).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    edit = Edit(init_image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), inpaint_resample=2)
+    edited = tmp_path / "edited"
+    names = sample_to_folder(
+        [str(tmp_path / "base"), str(tmp_path / "sr")], ["a blue square"], out=str(edited), num_images=2, seed=1,
+        steps=[3, 2], guidance_scales=[2.0, 1.0], samplers=["ddpm", "ddim"], edit=edit,
+    )  # fmt: skip
+    entry = json.load(open(edited / "samples.json"))["images"][names[0]]
+    assert entry["mask"] == str(tmp_path / "mask.png") and entry["inpaint_resample"] == 2
+    final = np.asarray(Image.open(edited / names[0]))
+    np.testing.assert_array_equal(final[:, :8], image[:, :8])
+    assert np.abs(final[:, 8:].astype(int) - image[:, 8:]).mean() > 20  # regenerated, not the random input
+    small = images_lib.to_uint8(images_lib.resize(images_lib.from_uint8(image)[None], 8))[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(edited / entry["stages"][0]["file"]))[:, :4], small[:, :4])
+    names = sample_to_folder(
+        [str(tmp_path / "base"), str(tmp_path / "sr")], ["a blue square"], out=str(edited), num_images=1, seed=1,
+        steps=[3, 2], guidance_scales=[2.0, 1.0], overwrite=True,
+        edit=Edit(init_image=str(tmp_path / "in.png"), strengths=[0.0, 0.0]),
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(Image.open(edited / names[0])), image)
+    assert json.load(open(edited / "samples.json"))["images"][names[0]]["stages"][1]["strength"] == 0.0
 
 
 def test_sample_py_runs_without_tensorflow_on_local_folders(tmp_path):

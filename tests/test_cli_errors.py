@@ -111,6 +111,12 @@ SAMPLE_ARGUMENT_ERRORS = [
     (["--sr_noise_level", "1.5"], "--sr_noise_level must be in [0, 1], got 1.5"),
     (["--sr_noise_level", "-0.1"], "--sr_noise_level must be in [0, 1], got -0.1"),
     (["--sr_noise_level", "high"], "argument --sr_noise_level: invalid float value: 'high'"),
+    (
+        ["--strength", "1.5"],
+        "--strength 1.5: strength must be in [0, 1] (0: the input unchanged, 1: text-to-image), got 1.5",
+    ),
+    (["--mask", "mask.png"], "--mask needs --init_image (the image it masks)"),
+    (["--guidance_interval", "3"], "--guidance_interval '3': each value must be LO:HI (two log-SNR numbers)"),
     (["--seed", "-1"], "--seed must be in [0, 4294967292] (image i uses seed + i, a uint32), got -1"),
     (
         ["--num_images", "2", "--seed", "4294967295"],
@@ -289,10 +295,10 @@ class FakeImagen:
             self.stages.append(Stage(workdir=workdir, config=config, params=None, denoiser=None, step=7, mesh=None))
 
     @classmethod
-    def load(cls, workdirs, steps=None, *, text_encoder=None, dtype=None):
+    def load(cls, workdirs, steps=None, *, text_encoder=None, dtype=None, adapters=()):
         return cls(workdirs)
 
-    def __call__(self, prompts, seeds, *, steps, guidance_scales, samplers, sr_noise_level, progress):
+    def __call__(self, prompts, seeds, *, steps, guidance_scales, samplers, sr_noise_level, progress, **editing):
         rng = np.random.default_rng(seeds[0])
         return [rng.uniform(-1, 1, (len(seeds), s.image_size, s.image_size, 3)) for s in self.stages]
 

@@ -148,7 +148,7 @@ def test_tools_parse_arguments_before_importing_jax_or_tensorflow():
     """`--help` and argument errors answer at once: no tool imports JAX or TensorFlow before parsing."""
     script = """
 import importlib, json, sys
-tools = ["bench", "convert_shards", "demo", "encode_text", "eval_demo", "export", "sampler_bench"]
+tools = ["bench", "convert_shards", "demo", "dreambooth", "encode_text", "eval_demo", "export", "sampler_bench"]
 for name in tools:
     module = importlib.import_module(f"imagen_jax.tools.{name}")
     try:

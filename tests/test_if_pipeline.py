@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from imagen_jax.text import T5Encoder
+from tests.if_helpers import PIPELINE, if_pipeline_folders
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-PIPELINE = os.path.join(FIXTURES, "if", "pipeline")
 GOLDEN = dict(np.load(os.path.join(PIPELINE, "golden.npz")))
 for _name in ("stage1_noise", "stage2_noise"):  # torch's NCHW draws, as this project's NHWC
     GOLDEN[_name] = np.moveaxis(GOLDEN[_name], -3, -1)
@@ -24,11 +23,7 @@ PROMPTS = ["  A Red Circle on the LEFT ", "a blue square at the bottom"]  # as t
 @pytest.fixture(scope="module")
 def if_folders(tmp_path_factory):
     """(stage1, stage2) pipeline folders, stage I's tokenizer completed with the shared spiece.model."""
-    root = tmp_path_factory.mktemp("if")
-    for name in ("stage1", "stage2"):
-        shutil.copytree(os.path.join(PIPELINE, name), root / name)
-    shutil.copy(os.path.join(FIXTURES, "t5", "relu", "spiece.model"), root / "stage1" / "tokenizer")
-    return str(root / "stage1"), str(root / "stage2")
+    return if_pipeline_folders(tmp_path_factory.mktemp("if"))
 
 
 def test_text_encoder_of_the_pipeline_folder_matches_diffusers(if_folders):
@@ -90,6 +85,27 @@ def test_cascade_matches_diffusers_pipelines(cascade):
     difference = np.abs(stage2 - GOLDEN["stage2_images"])
     assert np.median(difference) < 1e-5 and difference.max() < 2e-3, (np.median(difference), difference.max())
     assert (np.abs(stage2) < 0.999).mean() > 0.5  # mostly inside the clip range: the comparison has power
+
+
+def test_if_stages_inpaint_and_edit(cascade):
+    """IF stages I and II (learned variance, discrete schedule, the upscaled low-res input) edit like the
+    project's own: kept pixels exact at both sizes with RePaint, strength 0 the input, guidance options on."""
+    from imagen_jax import images as images_lib
+
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    mask = np.zeros((1, 32, 32, 1), np.float32)
+    mask[:, 8:24, 8:24] = 1.0
+    stage1, stage2 = cascade(
+        ["a red circle"], [0], steps=[3, 2], guidance_scales=[7.0, 4.0], init_images=image, masks=mask,
+        inpaint_resample=2, guidance_intervals=[(-5.0, 5.0), (-np.inf, np.inf)], guidance_rescales=[0.7, 0.0],
+    )  # fmt: skip
+    kept = mask[0, ..., 0] < 0.5
+    np.testing.assert_array_equal(stage2[0][kept], image[0][kept])
+    assert np.abs(stage2[0][~kept] - image[0][~kept]).mean() > 0.1
+    small, small_mask = images_lib.resize(image, 16), images_lib.resize_mask(mask, 16)
+    np.testing.assert_array_equal(stage1[0][small_mask[0, ..., 0] < 0.5], small[0][small_mask[0, ..., 0] < 0.5])
+    same = cascade(["a red circle"], [0], steps=[3, 2], guidance_scales=[7.0, 4.0], init_images=image, strengths=[0, 0])
+    np.testing.assert_array_equal(same[1], image)
 
 
 def test_sample_to_folder_takes_if_folders_and_named_steps(if_folders, tmp_path):

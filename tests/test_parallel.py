@@ -57,7 +57,7 @@ def test_adafactor_state_gets_shardings_that_fit_its_factored_moments():
     c.data.image_size, c.train.optimizer = 8, "adafactor"
     mesh = mesh_lib.make_mesh(c.mesh)
     tx = optimizer_lib.make_optimizer(c.train)
-    shardings = state_lib.state_shardings(stage_model(c, 16, mesh), tx, mesh)
+    shardings = state_lib.state_shardings(c, stage_model(c, 16, mesh), tx, mesh)
     abstract = state_lib.abstract_state(c, 16, tx, shardings)  # Raised for every factored moment before.
     state = state_lib.init_state(c, 16, tx, shardings)
     ranks = {len(leaf.shape) for leaf in jax.tree.leaves(state["opt_state"])}

@@ -28,6 +28,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 210, 220),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Shapes the dataset never draws: a concept to teach a trained demo model (tools.dreambooth), drawn by `render` and
+# told apart by `classify_shape(..., shapes=SHAPES + NEW_SHAPES)`, never captioned.
+NEW_SHAPES: tuple[str, ...] = ("ring",)
+RING_INNER = 0.5  # a ring's hole, as a fraction of its outer diameter
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")
 
 BACKGROUND = (40, 40, 40)
@@ -45,8 +49,8 @@ _SUPERSAMPLE = 4
 _FOREGROUND_DISTANCE = 60.0
 
 
-def _check(color: str, shape: str, position: str) -> None:
-    for name, value, allowed in (("color", color, COLORS), ("shape", shape, SHAPES), ("position", position, POSITIONS)):
+def _check(color: str, shape: str, position: str, shapes: tuple[str, ...] = SHAPES) -> None:
+    for name, value, allowed in (("color", color, COLORS), ("shape", shape, shapes), ("position", position, POSITIONS)):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(allowed)}")
 
@@ -63,8 +67,9 @@ def all_captions() -> list[str]:
 
 
 def render(color: str, shape: str, position: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draws one antialiased image, uint8 [size, size, 3], with small random jitter in size, place and hue."""
-    _check(color, shape, position)
+    """Draws one antialiased image, uint8 [size, size, 3], with small random jitter in size, place and hue; `shape`
+    one of SHAPES or NEW_SHAPES."""
+    _check(color, shape, position, SHAPES + NEW_SHAPES)
     big = size * _SUPERSAMPLE
     background = tuple(int(v) for v in np.clip(np.array(BACKGROUND) + rng.integers(-8, 9, 3), 0, 255))
     fill = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + rng.integers(-15, 16, 3), 0, 255))
@@ -72,14 +77,22 @@ def render(color: str, shape: str, position: str, size: int, rng: np.random.Gene
     cx, cy = (np.array(_CENTERS[position]) + rng.uniform(-0.03, 0.03, 2)) * big
     half = extent / 2
     canvas = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(canvas)
-    if shape == "circle":
-        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    elif shape == "square":
-        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    else:  # Upward triangle filling the bounding box.
-        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    _draw(ImageDraw.Draw(canvas), shape, cx, cy, half, fill, background)
     return np.asarray(canvas.resize((size, size), Image.Resampling.BOX))
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, fill, background) -> None:
+    """`shape` in its bounding box of half-side `half` centred at (cx, cy); a triangle points up."""
+    box = [cx - half, cy - half, cx + half, cy + half]
+    if shape in ("circle", "ring"):
+        draw.ellipse(box, fill=fill)
+        if shape == "ring":
+            inner = half * RING_INNER
+            draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=background)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -91,7 +104,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def _foreground(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def foreground(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns (pixels as float [H, W, 3], foreground mask): pixels far from the median border colour."""
     pixels = _to_uint8(image).astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -105,7 +118,7 @@ def _foreground(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def classify_color(image: np.ndarray) -> str:
     """The COLORS name nearest to the median foreground colour; image uint8 [S,S,3] or float in [-1, 1]."""
-    pixels, mask = _foreground(image)
+    pixels, mask = foreground(image)
     median = np.median(pixels[mask], axis=0)
     names = list(COLORS)
     palette = np.array([COLORS[n] for n in names], np.float32)
@@ -114,7 +127,7 @@ def classify_color(image: np.ndarray) -> str:
 
 def classify_position(image: np.ndarray) -> str:
     """The POSITIONS name whose centre is nearest to the foreground centroid."""
-    pixels, mask = _foreground(image)
+    pixels, mask = foreground(image)
     ys, xs = np.nonzero(mask)
     height, width = mask.shape
     centroid = np.array([(xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height])
@@ -123,14 +136,14 @@ def classify_position(image: np.ndarray) -> str:
 
 
 # Area of each shape as a fraction of its bounding box's: fixes a hypothesis's size from the drawn area.
-_AREA_FRACTION = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+_AREA_FRACTION = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "ring": np.pi / 4 * (1 - RING_INNER**2)}
 _TEMPLATE_SUPERSAMPLE = 8
 
 
 def _coverage(image: np.ndarray) -> np.ndarray:
     """Per pixel, the fraction covered by the shape [H, W] in [0, 1]: each pixel projected onto the line from the
     background colour to the shape's colour, so antialiased and blurred edges count partly, as `render` draws them."""
-    pixels, mask = _foreground(image)
+    pixels, mask = foreground(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
     direction = np.median(pixels[mask], axis=0) - background
@@ -142,19 +155,13 @@ def _template(shape: str, cx: float, cy: float, extent: float, size: int) -> np.
     scale = _TEMPLATE_SUPERSAMPLE
     big = size * scale
     canvas = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy, half = cx * scale, cy * scale, extent * scale / 2
-    if shape == "circle":
-        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=255)
-    elif shape == "square":
-        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=255)
-    else:
-        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=255)
+    _draw(ImageDraw.Draw(canvas), shape, cx * scale, cy * scale, extent * scale / 2, 255, 0)
     return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), np.float32) / 255.0
 
 
-def classify_shape(image: np.ndarray) -> str:
-    """The SHAPES name whose template best explains the drawn coverage (least squares).
+def classify_shape(image: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> str:
+    """The name among `shapes` (SHAPES, or with NEW_SHAPES) whose template best explains the drawn coverage (least
+    squares).
 
     A 16x16 shape is ~6 pixels across, too few for corners or edges to be counted, so each hypothesis is
     rendered as `render` would draw it: with the drawn area and centroid (a triangle's centroid sits a sixth of
@@ -167,7 +174,7 @@ def classify_shape(image: np.ndarray) -> str:
     ys, xs = np.mgrid[:size, : covered.shape[1]] + 0.5
     mx, my = float((covered * xs).sum()) / area, float((covered * ys).sum()) / area
     errors = {}
-    for shape in SHAPES:
+    for shape in shapes:
         extent = np.sqrt(area / _AREA_FRACTION[shape])
         cy = my - (extent / 6 if shape == "triangle" else 0.0)
         errors[shape] = min(
@@ -237,6 +244,19 @@ def write_demo_shards(out_dir: str, *, num_examples: int, image_size: int, num_s
     return paths
 
 
+def write_concept_images(
+    out_dir: str, shape: str, color: str, position: str, *, count: int, image_size: int, seed: int = 0
+) -> list[str]:
+    """`count` PNG renders `00.png`, ... of one shape (e.g. a NEW_SHAPES one) in one colour and place, each with
+    `render`'s jitter: a DreamBooth instance folder (tools.dreambooth). Returns their paths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{i:02d}.png") for i in range(count)]
+    for path in paths:
+        Image.fromarray(render(color, shape, position, image_size, rng)).save(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic coloured-shapes demo dataset.")
     parser.add_argument("--out", required=True, help="output folder (local or gs://)")
@@ -244,7 +264,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--num_shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--concept", choices=SHAPES + NEW_SHAPES, help="write --num_examples PNGs of this shape instead of shards"
+    )
+    parser.add_argument("--color", default="green", choices=tuple(COLORS), help="--concept's colour")
+    parser.add_argument("--position", default="middle", choices=POSITIONS, help="--concept's place")
     args = parser.parse_args(argv)
+    if args.concept:
+        size, seed = args.image_size, args.seed
+        paths = write_concept_images(
+            args.out, args.concept, args.color, args.position, count=args.num_examples, image_size=size, seed=seed
+        )
+        print(f"wrote {len(paths)} {args.color} {args.concept} images of {args.image_size} px to {args.out}")
+        return
     # TensorFlow is imported later, by the writer: keep its start-up banners out of the CLI's output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -6,6 +6,7 @@ continues every stream exactly where it stopped. On a different number of proces
 changes, so positions cannot carry over: every process starts a fresh epoch numbered one past the largest
 saved epoch (with the new assignment, so each file is still read once per epoch and nothing is repeated
 twice in a row); the unread rest of the interrupted epoch is not seen. This is logged when it happens.
+DreamBooth's class stream (data.prior_shards) keeps its own positions beside them, under "prior_positions".
 """
 
 from __future__ import annotations
@@ -17,12 +18,30 @@ from jax.experimental import multihost_utils
 from imagen_jax.data.pipeline import Position
 from imagen_jax.errors import DataError
 
+PRIOR = "prior_positions"  # DreamBooth's class stream (data.prior_shards), beside the instance stream's
 
-def gather_positions(position: Position) -> dict:
-    """All processes' stream positions as the checkpoint's JSON item. A collective: every process calls it."""
+
+def _gathered(position: Position) -> list[list[int]]:
     local = np.array([position.epoch, position.index], np.int64)
     stacked = multihost_utils.process_allgather(local) if jax.process_count() > 1 else local[None]
-    return {"process_count": int(jax.process_count()), "positions": np.asarray(stacked).reshape(-1, 2).tolist()}
+    return np.asarray(stacked).reshape(-1, 2).tolist()
+
+
+def gather_positions(position: Position, prior: Position | None = None) -> dict:
+    """All processes' stream positions as the checkpoint's JSON item, with the class stream's under PRIOR when
+    there is one. A collective: every process calls it."""
+    item = {"process_count": int(jax.process_count()), "positions": _gathered(position)}
+    if prior is not None:
+        item[PRIOR] = _gathered(prior)
+    return item
+
+
+def prior_start_position(saved: dict | None, process_index: int, process_count: int) -> tuple[Position, str]:
+    """`start_position` of the class stream (data.prior_shards); a checkpoint saved without one starts it afresh."""
+    if saved and PRIOR not in saved:
+        return Position(0, 0), "prior data: the checkpoint holds no class-image position; starting at epoch 0"
+    position, message = start_position(saved and {**saved, "positions": saved[PRIOR]}, process_index, process_count)
+    return position, f"prior {message}"
 
 
 def start_position(saved: dict | None, process_index: int, process_count: int) -> tuple[Position, str]:

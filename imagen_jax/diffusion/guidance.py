@@ -3,6 +3,12 @@
 High guidance weights push the predicted x0 far outside the data range [-1, 1]; sampling then diverges or
 saturates. Static clipping cuts values at +-1; dynamic thresholding rescales each image by a high
 percentile of its |x0| so saturated pixels are pushed inwards instead of flattened.
+
+Two later refinements, both off by default. A guidance interval (Kynkaanniemi et al. 2024, arXiv 2404.07724)
+guides only at middle noise levels: at the noisiest steps guidance mostly costs diversity and at the cleanest
+it does little. Guidance rescale (Lin et al. 2023, arXiv 2305.08891, section 3.4) scales the guided prediction
+back to the standard deviation of the conditional one, which high scales inflate (over-exposed images), and
+mixes that in with weight `rescale`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,30 @@ THRESHOLD_MODES = ("dynamic", "static", "none")
 def guided_prediction(pred_cond: jax.Array, pred_uncond: jax.Array, scale: float | jax.Array) -> jax.Array:
     """uncond + scale (cond - uncond): scale 1 is the plain conditional model, > 1 strengthens the text."""
     return pred_uncond + scale * (pred_cond - pred_uncond)
+
+
+def rescaled_guidance(guided: jax.Array, pred_cond: jax.Array, rescale: float | jax.Array) -> jax.Array:
+    """rescale * guided * std(pred_cond) / std(guided) + (1 - rescale) * guided, the std per example over all its
+    elements; rescale 0 returns `guided` itself (bit for bit)."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = jnp.std(pred_cond, axis=axes, keepdims=True) / jnp.maximum(jnp.std(guided, axis=axes, keepdims=True), 1e-12)
+    mixed = rescale * (guided * ratio) + (1.0 - rescale) * guided
+    return jnp.where(rescale > 0, mixed, guided)
+
+
+def check_guidance_interval(interval: tuple[float, float]) -> None:
+    """Raises ValueError unless `interval` is (lowest, highest) log-SNR with lowest <= highest (infinite ends
+    allowed: (-inf, inf) guides every step)."""
+    if len(interval) != 2 or math.isnan(interval[0]) or math.isnan(interval[1]) or interval[0] > interval[1]:
+        raise ValueError(
+            f"guidance interval must be (lowest, highest) log-SNR with lowest <= highest, got {tuple(interval)}"
+        )
+
+
+def check_guidance_rescale(rescale: float) -> None:
+    """Raises ValueError unless 0 <= rescale <= 1."""
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale must be in [0, 1] (0: off; the paper uses 0.7), got {rescale}")
 
 
 def check_percentile(percentile: float) -> None:

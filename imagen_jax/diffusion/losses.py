@@ -175,6 +175,7 @@ def diffusion_loss(
     model_kwargs: Mapping[str, Any] | None = None,
     variance_loss: str = "none",
     variance_loss_weight: float = VLB_WEIGHT,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Monte-Carlo denoising loss: MSE between the model's prediction and the objective's target.
 
@@ -188,6 +189,8 @@ def diffusion_loss(
     `variance_loss='vlb'` (discrete schedules, 2C channels) adds `variance_loss_weight` times the whole bound,
     estimated as 1000 times the sampled term L_k (`vlb_terms`, bits per dimension): the default 0.001 is
     improved-DDPM's hybrid loss, L_simple + L_k. The aux dict then also holds 'mse' and 'vlb' (mean L_k).
+    `weights` [B] scales each example's loss, summed and divided by B (DreamBooth's prior preservation weighs
+    instance and class examples apart); None is the plain mean.
     """
     check_schedule(schedule)
     check_objective(objective)
@@ -216,11 +219,14 @@ def diffusion_loss(
         pred, v = pred[..., :channels], pred[..., channels:]
     elif pred.shape[-1] != channels:
         raise ValueError(f"the model output has {pred.shape[-1]} channels; expected {channels} or {2 * channels}")
-    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target(x0, noise, alpha, sigma, objective)))
+    squared = jnp.square(pred.astype(jnp.float32) - target(x0, noise, alpha, sigma, objective))
+    axes = tuple(range(1, x0.ndim))
+    mean = jnp.mean if weights is None else lambda per_example: jnp.mean(per_example * weights)
+    loss = jnp.mean(squared) if weights is None else mean(jnp.mean(squared, axes))
     if variance_loss == "none":
         return loss, {"loss": loss}
     if v is None:
         raise ValueError(f"variance_loss='vlb' needs a model output of {2 * channels} channels, got {channels}")
-    vlb = jnp.mean(vlb_terms(pred, v, x_t, x0, t, schedule, objective))
+    vlb = mean(vlb_terms(pred, v, x_t, x0, t, schedule, objective))
     total = loss + variance_loss_weight * NUM_TIMESTEPS * vlb
     return total, {"loss": total, "mse": loss, "vlb": vlb}

@@ -11,6 +11,11 @@ A model may output 2C channels for C image channels (DeepFloyd IF): the predicti
 [-1, 1]. Guidance combines the first C channels only, v comes from the conditional half, and only the ancestral
 sampler with variance='learned_range' reads it; the others use the first C channels alone.
 
+Editing (editing.py) changes only where the loop starts (image-to-image runs the last evaluations), which
+evaluation it visits next (RePaint's resampling revisits blocks, after a jump back up) and what it does to x
+between evaluations (inpainting's kept pixels). Draws are keyed by the visit, which is the evaluation index
+whenever nothing is revisited, so plain sampling draws what it always drew.
+
 Speed: the step loop is a `lax.fori_loop` inside `jax.jit` whose bounds are traced, so every chunk (the
 last partial one included), every step count and every chunk size reuse one executable per sampler.
 The loop state is (x_t, the last x0 estimate), which carries DPM-Solver++'s history across chunks. Step
@@ -28,16 +33,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion import editing
 from imagen_jax.diffusion.denoiser import Denoiser, fused
 from imagen_jax.diffusion.guidance import (
+    check_guidance_interval,
+    check_guidance_rescale,
     check_percentile,
     check_threshold_max,
     check_threshold_mode,
     guided_prediction,
+    rescaled_guidance,
     threshold,
 )
 from imagen_jax.diffusion.losses import ApplyFn, check_objective, pred_to_x0
-from imagen_jax.diffusion.schedule import check_schedule, log_snr
+from imagen_jax.diffusion.schedule import alpha_sigma, check_schedule, log_snr
 from imagen_jax.diffusion.solvers import (
     DPM_START_LOG_SNR,
     check_sampler,
@@ -75,9 +84,10 @@ def _split_variance(pred, channels):
     raise ValueError(f"the model output has {pred.shape[-1]} channels; expected {channels} or {2 * channels}")
 
 
-def _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided):
+def _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided, lsnr_t, guide):
     """(prediction, variance output or None) of one model call; with guidance, on [cond; uncond] concatenated
-    along the batch, guiding the prediction channels and taking the variance from the conditional half."""
+    along the batch, guiding the prediction channels (inside the guidance interval, rescaled: `guide` = (lowest,
+    highest log-SNR, rescale)) and taking the variance from the conditional half."""
     batch, channels = x.shape[0], x.shape[-1]
     if not guided:
         return _split_variance(denoiser.denoise(params, x, jnp.full((batch,), t), context, **model_kwargs), channels)
@@ -86,7 +96,10 @@ def _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guid
     pred, var = _split_variance(
         denoiser.denoise(params, twice(x), jnp.full((2 * batch,), t), context, **kwargs), channels
     )
-    return guided_prediction(pred[:batch], pred[batch:], guidance_scale), None if var is None else var[:batch]
+    lowest, highest, rescale = guide
+    scale = jnp.where((lsnr_t >= lowest) & (lsnr_t <= highest), guidance_scale, 1.0)
+    guided_pred = rescaled_guidance(guided_prediction(pred[:batch], pred[batch:], scale), pred[:batch], rescale)
+    return guided_pred, None if var is None else var[:batch]
 
 
 def sampler_update(
@@ -133,6 +146,22 @@ def sampler_update(
     return posterior_step(x, x0, lsnr_t, lsnr_s, log_var, noise), x0
 
 
+def _times(indices, steps, grid, sampler, schedule, start_log_snr):
+    """Times of evaluation `indices` (an int array; the time after the last evaluation is past its end)."""
+    if grid is None:
+        return time_grid(indices, steps, sampler, schedule, start_log_snr)
+    return grid[jnp.clip(indices, 0, grid.shape[0] - 1)]
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "schedule"))
+def _log_snr_at(index, steps, grid, start_log_snr, *, sampler, schedule):
+    """The log-SNR of evaluation `index`: where image-to-image and inpainting start."""
+    return log_snr(_times(index, steps, grid, sampler, schedule, start_log_snr), schedule)
+
+
+KNOWN_STREAM, JUMP_STREAM = 0x6B6E, 0x6A70  # noise streams of inpainting's kept region and RePaint's jumps
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -142,31 +171,49 @@ def sampler_update(
 )  # fmt: skip
 def _run_chunk(
     params, state, key, start, stop, steps, context, model_kwargs, guidance_scale, eta, start_log_snr, grid,
-    step_noise, *, denoiser, sampler, schedule, objective, thresholding, percentile, threshold_max, variance, guided,
+    step_noise, first, order, edit, guide, *, denoiser, sampler, schedule, objective, thresholding, percentile,
+    threshold_max, variance, guided,
 ):  # fmt: skip
-    """Runs evaluations [start, stop) of `steps` on state (x at the start's time, previous x0); key: one per
-    example. `grid`: a discrete schedule's padded times (else None); `step_noise`: [steps + 1, B, ...] or None."""
+    """Runs visits [start, stop) of the run's evaluations on state (x at the start's time, previous x0); key: one per
+    example. Visit k evaluates index k, or order[k] with RePaint resampling (a descending index is a jump back
+    up); `first`: the run's first visit (image-to-image starts late). `grid`: a discrete schedule's padded times
+    (else None); `step_noise`: [steps + 1, B, ...] or None; `edit`: inpainting's {'image', 'mask'} or None."""
 
-    def body(i, state):
+    def draw(stream, k):  # one normal draw per example, from its key's `stream`, for visit k
+        fold = lambda b: jax.random.fold_in(jax.random.fold_in(b, stream), k)  # noqa: E731
+        return jax.vmap(lambda b: jax.random.normal(fold(b), state[0].shape[1:]))(key)
+
+    def body(k, state):
         x, x0_prev = state
-        if grid is None:
-            times = time_grid(i + jnp.arange(-1, 2), steps, sampler, schedule, start_log_snr)  # previous, this, next
-        else:  # the first evaluation is its own previous one (no history); past the last, t < 0
-            times = grid[jnp.clip(i + jnp.arange(-1, 2), 0, grid.shape[0] - 1)]
-        lsnr_prev, lsnr_t, lsnr_s = log_snr(times, schedule)
-        t = times[1]
-        pred, var = _predict(denoiser, params, x, t, context, model_kwargs, guidance_scale, guided)
+        i = k if order is None else order[k]
+        before = k - 1 if order is None else order[jnp.maximum(k - 1, 0)]  # the previous visit's index
+        continuing = (k > first) & (before + 1 == i)
+        # previous evaluation (for DPM-Solver++'s history; none at the start or after a jump), this, next, and
+        # where the previous visit's step left x (a jump starts there)
+        indices = jnp.stack([jnp.where(continuing, i - 1, i), i, i + 1, before + 1])
+        times = _times(indices, steps, grid, sampler, schedule, start_log_snr)
+        lsnr_prev, lsnr_t, lsnr_s, lsnr_left = log_snr(times, schedule)
+        if order is not None:  # RePaint: noise x from where the last step left it back up to this evaluation
+            jumped = editing.forward_jump(x, lsnr_left, lsnr_t, draw(JUMP_STREAM, k))
+            x = jnp.where(continuing | (k == first), x, jumped)
+        pred, var = _predict(
+            denoiser, params, x, times[1], context, model_kwargs, guidance_scale, guided, lsnr_t, guide
+        )
         noise = None  # DPM-Solver++ draws none
         if sampler != "dpmpp_2m" and step_noise is not None:
-            noise = step_noise[i + 1]
+            noise = step_noise[k + 1]
         elif sampler != "dpmpp_2m":
-            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
+            noise = jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(b, k), x.shape[1:], jnp.float32))(key)
         x_s, x0 = sampler_update(
             x, pred, var, x0_prev, lsnr_prev, lsnr_t, lsnr_s, noise, eta, sampler=sampler, objective=objective,
             thresholding=thresholding, percentile=percentile, threshold_max=threshold_max, variance=variance,
             discrete=grid is not None,
         )  # fmt: skip
-        return jnp.where(i == steps - 1, x0, x_s), x0
+        result = x0
+        if edit is not None:  # inpainting: the kept pixels from the input, noised to the next time or exact
+            x_s = editing.keep_known(x_s, edit["image"], edit["mask"], lsnr_s, draw(KNOWN_STREAM, k + 1))
+            result = editing.compose(x0, edit["image"], edit["mask"])
+        return jnp.where(i == steps - 1, result, x_s), x0
 
     return jax.lax.fori_loop(start, stop, body, state)
 
@@ -202,6 +249,13 @@ def sample(
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    init_image: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    strength: float = 1.0,
+    resample: int = 1,
+    jump_length: int = 1,
+    guidance_interval: tuple[float, float] = (-math.inf, math.inf),
+    guidance_rescale: float = 0.0,
 ) -> jax.Array:
     """Draws x0 [B, H, W, C] (float32; in [-1, 1] unless thresholding='none') for text [B, L, D].
 
@@ -230,6 +284,14 @@ def sample(
     noise[0] is the start and noise[i + 1] the noise of evaluation i's step (ancestral 'ddpm', 'ddim' with
     eta > 0; the last evaluation returns x0 and ignores noise[steps]), to reproduce another implementation's
     draws; this form compiles once per step count.
+
+    Editing (editing.py): `init_image` [B, H, W, C] in [-1, 1] with `strength` S < 1 is image-to-image (only the
+    last floor(S steps) evaluations run, from the input noised to the first of them); with `mask` ([B, H, W, 1],
+    1 = regenerate, 0 = keep) it is inpainted: kept pixels come from the input (forward-noised to every step's
+    time, and exactly in the result), with `resample` r > 1 RePaint's resampling (every `jump_length` evaluations
+    are repeated r times in all, after a jump back up; about r times the evaluations). `progress` then counts
+    the evaluations that really run. Guidance options (guidance.py): classifier-free guidance only where the
+    log-SNR lies in `guidance_interval` (elsewhere the conditional prediction, scale 1), and `guidance_rescale`.
     """
     check_schedule(schedule)
     steps, grid = resolve_steps(steps, schedule)
@@ -245,6 +307,25 @@ def sample(
     check_percentile(percentile)
     check_threshold_max(threshold_max)
     check_variance(variance)
+    check_guidance_interval(guidance_interval)
+    check_guidance_rescale(guidance_rescale)
+    editing.check_strength(strength)
+    editing.check_resampling(resample, jump_length)
+    first, order = 0, None
+    if init_image is not None:
+        if tuple(init_image.shape) != tuple(shape):
+            raise ValueError(f"init_image has shape {tuple(init_image.shape)}, expected the sample's {tuple(shape)}")
+        first = editing.first_evaluation(steps, strength)
+    if mask is not None:
+        if init_image is None:
+            raise ValueError("a mask needs the init_image it masks")
+        if tuple(mask.shape) != (*shape[:-1], 1):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(*shape[:-1], 1)} (one channel)")
+    elif resample > 1:
+        raise ValueError(f"resample={resample} (RePaint) needs a mask: it only applies to inpainting")
+    if resample > 1:
+        order = editing.evaluation_order(steps, first, resample, jump_length)
+    visits = steps if order is None else first + order.size
 
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         raise ValueError("key must be a typed PRNG key (jax.random.key), not raw key data")
@@ -258,14 +339,16 @@ def sample(
         x = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(key_init)
     elif tuple(noise.shape) == tuple(shape):
         x = jnp.asarray(noise, jnp.float32)
-    elif tuple(noise.shape) == (steps + 1, *shape):
+    elif tuple(noise.shape) == (steps + 1, *shape) and order is None:
         step_noise = jnp.asarray(noise, jnp.float32)
         x = step_noise[0]
     else:
         raise ValueError(
             f"noise has shape {tuple(noise.shape)}, expected the sample shape {tuple(shape)} or "
-            f"{(steps + 1, *shape)} (the start and each step's noise)"
+            f"{(steps + 1, *shape)} (the start and each step's noise; not with RePaint resampling)"
         )
+    if init_image is not None and first == steps:  # strength 0: nothing to run
+        return jnp.asarray(init_image, jnp.float32)
     denoiser = model if isinstance(model, Denoiser) else fused(model)
     guided = guidance_scale != 1.0
     context = _condition(params, text, text_mask, denoiser=denoiser, guided=guided)
@@ -286,14 +369,27 @@ def sample(
     scale, eta_arr = np.asarray(guidance_scale, np.float32), np.asarray(eta, np.float32)
     start_lsnr = np.asarray(dpm_start_log_snr, np.float32)
     kwargs = dict(model_kwargs or {})
+    guide = tuple(np.asarray(v, np.float32) for v in (*guidance_interval, guidance_rescale))
+    edit = None
+    if init_image is not None and (first > 0 or mask is not None):
+        start_lsnr_x = _log_snr_at(np.int32(first), steps_arr, grid, start_lsnr, sampler=sampler, schedule=schedule)
+        image = jnp.asarray(init_image, jnp.float32)
+        if first > 0:  # image-to-image: the input noised to the first evaluation's time, by the start noise
+            alpha, sigma = alpha_sigma(start_lsnr_x)
+            x = alpha * image + sigma * x
+        if mask is not None:
+            edit = {"image": image, "mask": jnp.asarray(mask, jnp.float32)}
+            start_noise = jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(b, KNOWN_STREAM), x.shape[1:]))
+            x = editing.keep_known(x, image, edit["mask"], start_lsnr_x, start_noise(key_steps))
+    order_arr = None if order is None else np.concatenate([np.zeros(first, np.int32), order])
     state = (x, jnp.zeros_like(x))
-    for chunk in range(math.ceil(steps / chunk_size)):
-        start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, steps)
+    for chunk in range(math.ceil((visits - first) / chunk_size)):
+        start, stop = first + chunk * chunk_size, min(first + (chunk + 1) * chunk_size, visits)
         state = run(
             params, state, key_steps, np.int32(start), np.int32(stop), steps_arr, context, kwargs, scale, eta_arr,
-            start_lsnr, grid, step_noise,
+            start_lsnr, grid, step_noise, np.int32(first), order_arr, edit, guide,
         )  # fmt: skip
         if progress is not None:
             state[0].block_until_ready()
-            progress(stop, steps)
+            progress(stop - first, visits - first)
     return state[0]

@@ -73,10 +73,22 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
 
 
 def _structural_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The fields that decide the train state's arrays: the U-Net (model.*) and the optimizer's state."""
-    fields = _flatten(config.get("model", ml_collections.ConfigDict()), "model.")
-    fields["train.optimizer"] = config.get("train", {}).get("optimizer", _MISSING)
+    """The fields that decide the train state's arrays: the U-Net (model.*), the optimizer's state, and which
+    parameters train (the optimizer state covers those alone) and carry LoRA adapters."""
+    fields = model_fields(config)
+    train = config.get("train", {})
+    fields["train.optimizer"] = train.get("optimizer", _MISSING)
+    for key, default in (("trainable", ()), ("lora_rank", 0), ("lora_targets", ())):
+        value = train.get(key, default)
+        fields[f"train.{key}"] = tuple(value) if isinstance(value, list) else value
+    if not fields["train.lora_rank"]:
+        del fields["train.lora_targets"]  # no adapters: the targets change nothing
     return fields
+
+
+def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The U-Net's fields (model.*), flattened: two configs build the same model when these are equal."""
+    return _flatten(config.get("model", ml_collections.ConfigDict()), "model.")
 
 
 def _show(value: Any) -> str:

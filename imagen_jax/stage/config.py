@@ -13,6 +13,7 @@ import ml_collections
 from imagen_jax.diffusion import OBJECTIVES, SCHEDULES, THRESHOLD_MODES, VARIANCE_LOSSES, VARIANCES
 from imagen_jax.errors import ConfigError
 from imagen_jax.models.layers import ATTENTION_KINDS, REMAT_POLICIES
+from imagen_jax.stage import lora
 from imagen_jax.stage.model import DTYPES, MODEL_KINDS, model_kind
 
 
@@ -33,6 +34,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.data.train_shards = (
         ""  # glob, brace pattern ({00000..01242}.tfrecord), list, comma list or .txt list file; local or gs://
     )
+    # DreamBooth's class images (tools.dreambooth writes them): shards mixed into every batch, half of it, beside
+    # train_shards' instance images, each stream resumed at its own position; "" = none.
+    c.data.prior_shards = ""
     c.data.format = "tfrecord"  # img2dataset TFRecord shards (webdataset .tar: convert with tools.convert_shards)
     c.data.image_size = 64  # the stage's output resolution (short side resized to it, centre crop)
     c.data.crop_size = 0  # SR stages trained on random crops (0 = no crop)
@@ -80,9 +84,27 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 2048  # global batch, split over processes and data-parallel devices
     # Fine-tuning: start from a trained stage's weights instead of a random initialisation: a training workdir (its
-    # latest EMA weights), an export folder, or a DeepFloyd IF pipeline folder (whose model, diffusion and text
-    # settings then replace the config's: train/init_from.py). Read only when the workdir has no checkpoint yet.
+    # latest checkpoint, or WORKDIR:STEP), an export folder, or a DeepFloyd IF pipeline folder (whose model, diffusion
+    # and text settings then replace the config's: train/init_from.py). Fresh optimizer, step 0, EMA = the loaded
+    # weights. Read only when the workdir has no checkpoint yet (a resumed run logs that it is ignored).
     c.train.init_from = ""
+    # init_from's EMA weights (True) or its raw training params (False: a training workdir only; exports and IF
+    # folders hold EMA weights alone).
+    c.train.init_from_ema = True
+    # Train a subset: regular expressions over parameter paths ('/'-joined keys of the params dict, as exports name
+    # tensors: 'down/0/1/cross_attn/q/kernel'; re.search, so a pattern matches anywhere). Only matching parameters
+    # get gradients, optimizer state and updates; () = all (with LoRA: the adapters, plus what these match).
+    c.train.trainable = ()
+    # LoRA: rank of the low-rank adapters beside the lora_targets kernels (0 = off; needs train.init_from, the base
+    # whose weights stay frozen); the adapters are scaled by lora_alpha / lora_rank (stage/lora.py).
+    c.train.lora_rank = 0
+    c.train.lora_alpha = 1.0
+    # Regular expressions over kernel paths that get adapters (default: attention q/k/v/out, IF's add_k/add_v and
+    # the feed-forward linears; add r'res/conv[12]/kernel$' for the residual blocks' 3x3 convolutions).
+    c.train.lora_targets = lora.DEFAULT_TARGETS
+    # DreamBooth's prior-preservation weight lambda (with data.prior_shards): the loss is mean(instance loss) +
+    # lambda * mean(class loss), over the batch's two halves; 0 trains on the instance images alone.
+    c.train.prior_loss_weight = 1.0
     c.train.num_steps = 2_500_000
     c.train.optimizer = "adamw"  # adamw | adafactor
     c.train.learning_rate = 1e-4  # peak, after linear warm-up

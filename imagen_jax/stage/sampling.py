@@ -52,6 +52,13 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
     noise: np.ndarray | None = None,
     lowres_noise: np.ndarray | None = None,
+    init_image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    strength: float = 1.0,
+    resample: int = 1,
+    jump_length: int = 1,
+    guidance_interval: tuple[float, float] = (-math.inf, math.inf),
+    guidance_rescale: float = 0.0,
 ) -> np.ndarray:
     """Images in [-1,1], [B,size,size,3] (size: data.image_size, or e.g. a training crop for SR stages), on
     every process. `params` live on `mesh`; text, mask and lowres are host data or global arrays on `mesh`
@@ -60,7 +67,10 @@ def sample(
     SR stages need `lowres` [B,s,s,3] with s = `lowres_size(config, size)`; it is noise-augmented at
     `sr_noise_level` (default: the config's), after upscaling for kinds that take it at full size (IF).
     `noise` ([B,...] or [steps + 1, B, ...], see `diffusion.sample`) and `lowres_noise` (the augmentation's, shaped
-    like what is augmented) replace the draws from the seeds: to reproduce another implementation's samples."""
+    like what is augmented) replace the draws from the seeds: to reproduce another implementation's samples.
+    Editing: `init_image` [B,size,size,3] in [-1,1], `mask` [B,size,size,1] (1 = regenerate), `strength`,
+    `resample`, `jump_length`, and the guidance options `guidance_interval` (log-SNR) and `guidance_rescale`: see
+    `diffusion.sample`."""
     size = int(config.data.image_size) if size is None else int(size)
     count = len(seeds)
     rows = mesh_lib.padded_rows(count, mesh)
@@ -114,6 +124,13 @@ def sample(
             progress=progress,
             chunk_size=None if progress is None else max(1, step_count(steps) // 10),
             model_kwargs=model_kwargs,
+            init_image=None if init_image is None else place(np.asarray(init_image, np.float32)),
+            mask=None if mask is None else place(np.asarray(mask, np.float32)),
+            strength=strength,
+            resample=resample,
+            jump_length=jump_length,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
         )
     return mesh_lib.gather_rows(x, count, mesh)
 

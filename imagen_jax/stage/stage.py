@@ -20,10 +20,10 @@ from jax.sharding import Mesh
 from imagen_jax.diffusion import Denoiser
 from imagen_jax.errors import MissingError, StageError, first_line
 from imagen_jax.stage import export as export_lib
-from imagen_jax.stage import if_folder, sampling
+from imagen_jax.stage import if_folder, lora, sampling
 from imagen_jax.stage.checkpoint import Checkpointer, checkpoint_dir
 from imagen_jax.stage.config import complete
-from imagen_jax.stage.model import MODEL_KINDS, lowres_size, shape_differences, stage_model
+from imagen_jax.stage.model import MODEL_KINDS, StageModel, lowres_size, shape_differences, stage_model
 from imagen_jax.text import T5Encoder
 
 
@@ -70,12 +70,19 @@ class Stage(StageSpec):
         step: int | None = None,
         encoder: T5Encoder | None = None,
         config: ml_collections.ConfigDict | None = None,
+        adapters: Sequence[tuple[str, float]] = (),
     ) -> Stage:
         """A workdir's checkpoint at `step` (default: the latest), an export folder, or a DeepFloyd IF pipeline
         folder (stage/if_folder.py; `encoder` encodes its unconditional input, the empty prompt), its weights read
         straight into their shardings on `mesh`; `text_dim`: the stage's T5 width. `config`: the folder's config as the
         caller adjusted it (`stage_config`, then e.g. another compute dtype, or an IF SR stage's low-res size);
-        default: the folder's own."""
+        default: the folder's own. `adapters`: LoRA adapters files (tools.export --lora_only) with a scale each,
+        merged into the weights (each checked to be made for this stage's parameters)."""
+        if adapters:
+            stage = cls.load(workdir, text_dim=text_dim, mesh=mesh, step=step, encoder=encoder, config=config)
+            model = stage_model(stage.config, text_dim, mesh)
+            stage.params = lora.apply_adapters(stage.params, list(adapters), model.param_shardings, workdir)
+            return stage
         if if_folder.is_if_folder(workdir):
             if step is not None:
                 raise StageError(f"{workdir} is a DeepFloyd IF folder (one set of weights); a step cannot be chosen")
@@ -105,7 +112,7 @@ class Stage(StageSpec):
         try:
             config = checkpoint_config(checkpointer, workdir, step) if config is None else config
             model = stage_model(config, text_dim, mesh)
-            params = restore_ema(checkpointer, workdir, step, model.abstract_params, text_dim)
+            params = restore_weights(checkpointer, workdir, step, config, model, text_dim)
         finally:
             checkpointer.close()
         return cls(workdir=workdir, config=config, params=params, denoiser=model.denoiser, step=step, mesh=mesh)
@@ -124,9 +131,11 @@ class Stage(StageSpec):
         progress: Callable[[int, int], None] | None = None,
         noise: np.ndarray | None = None,
         lowres_noise: np.ndarray | None = None,
+        **editing: Any,
     ) -> np.ndarray:
         """Images in [-1,1], [B,S,S,3] (see `stage.sampling.sample`; the SR noise level defaults to the config's;
-        `noise` and `lowres_noise` replace the seeds' draws)."""
+        `noise` and `lowres_noise` replace the seeds' draws; `editing`: its inpainting, image-to-image and
+        guidance options)."""
         return sampling.sample(
             self.config,
             self.denoiser,
@@ -143,6 +152,7 @@ class Stage(StageSpec):
             progress=progress,
             noise=noise,
             lowres_noise=lowres_noise,
+            **editing,
         )
 
 
@@ -156,6 +166,25 @@ def restore_ema(checkpointer: Checkpointer, workdir: str, step: int, abstract_pa
             f"{checkpoint_dir(workdir)}/{step}: cannot restore the EMA weights of the model "
             f"its config describes (text width {text_dim}): {first_line(e)}"
         ) from e
+
+
+def restore_weights(
+    checkpointer: Checkpointer,
+    workdir: str,
+    step: int,
+    config: ml_collections.ConfigDict,
+    model: StageModel,
+    text_dim: int,
+    *,
+    merge: bool = True,
+) -> Any:
+    """The EMA weights of checkpoint `step` in `model`'s shardings; a LoRA run's (train.lora_rank) with its adapters
+    merged into their kernels, or beside them with `merge=False` (what tools.export --lora_only writes)."""
+    abstract, _ = lora.with_adapters(config, model.abstract_params, model.param_shardings)
+    params = restore_ema(checkpointer, workdir, step, abstract, text_dim)
+    if not merge or not lora.rank(config):
+        return params
+    return jax.jit(lambda p: lora.merged(config, p), out_shardings=model.param_shardings)(params)
 
 
 def open_checkpoint(workdir: str, step: int | None = None) -> tuple[Checkpointer, int]:

@@ -198,6 +198,10 @@ def _time(trainer: setup_lib.TrainSetup, traced: Any, text: setup_lib.Text, batc
         "model_gflop_per_step": round(counted / 1e9, 4),
         "model_tflops": round(counted / step_s / 1e12, 3),
     }
+    # What the state holds per device: frozen parameters (train.trainable, LoRA) have no optimizer state.
+    held = trainer.abstract_state()
+    for part in ("params", "ema", "opt_state"):
+        result[f"{part}_mib_per_device"] = round(plan_lib.bytes_per_device(held[part]) / 2**20, 2)
     stats = jax.devices()[0].memory_stats()  # None on CPU
     if stats and "peak_bytes_in_use" in stats:
         result["peak_device_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)

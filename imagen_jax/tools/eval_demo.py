@@ -8,6 +8,10 @@ sharpness and brightness bias.
 For each of the demo's captions (6 colours x 3 shapes x 5 positions) it samples `--per_prompt` images and
 reads back the shape's colour, shape and position with `imagen_jax.data.demo`'s classifiers; it reports the
 share that match the prompt, with guidance and, as the baseline, without (guidance scale 1).
+
+With --concept_prompt (e.g. "a sks shape" after tools.dreambooth taught the model a ring) it also samples
+--concept_images images of that prompt and reports the share whose shape reads back as --concept_shape, among
+the demo's shapes and the new ones (data.demo.NEW_SHAPES), and the share in --concept_color when given.
 """
 
 from __future__ import annotations
@@ -104,7 +108,50 @@ def evaluate(
     return results
 
 
+def concept(
+    imagen: Imagen,
+    prompt: str,
+    shape: str,
+    *,
+    color: str | None,
+    num_images: int,
+    guidance_scale: float,
+    steps: int,
+    seed: int = 0,
+    sampler: str = "ddpm",
+    out: str | None = None,
+) -> dict:
+    """Share of `num_images` samples of `prompt` (base stage, seeds seed..) whose shape reads back as `shape` among
+    SHAPES + NEW_SHAPES (and whose colour is `color`, when given); a grid goes to `out`."""
+    from imagen_jax import images as images_lib
+    from imagen_jax.cascade import Imagen
+    from imagen_jax.data import demo
+
+    base = Imagen(imagen.encoder, imagen.stages[:1], imagen.mesh)
+    x = base([prompt] * num_images, list(range(seed, seed + num_images)), steps=[steps],
+             guidance_scales=[guidance_scale], samplers=[sampler])[0]  # fmt: skip
+    samples = images_lib.to_uint8(x)
+    shapes = [demo.classify_shape(image, demo.SHAPES + demo.NEW_SHAPES) for image in samples]
+    result = {
+        "prompt": prompt,
+        "shape": shape,
+        "num_images": num_images,
+        "guidance_scale": guidance_scale,
+        "shape_share": float(np.mean([s == shape for s in shapes])),
+        "shapes_read": {name: shapes.count(name) for name in sorted(set(shapes))},
+    }
+    if color:
+        result["color"] = color
+        result["color_share"] = float(np.mean([demo.classify_color(image) == color for image in samples]))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        images_lib.save_png(images_lib.make_grid(samples, columns=10), os.path.join(out, "concept.png"))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
+    from imagen_jax.data import demo
+
     parser = argparse.ArgumentParser(
         prog="eval_demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -116,12 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_baseline", action="store_true", help="skip the unguided (scale 1) baseline")
     parser.add_argument("--sr_workdir", help="also score this SR stage (its input is the base stage's size)")
     parser.add_argument("--sr_steps", type=int, default=32)
+    parser.add_argument("--concept_prompt", help='also score a taught concept\'s prompt, e.g. "a sks shape"')
+    parser.add_argument(
+        "--concept_shape", default="ring", choices=demo.SHAPES + demo.NEW_SHAPES, help="what the concept must draw"
+    )
+    parser.add_argument("--concept_color", choices=tuple(demo.COLORS), help="and its colour")
+    parser.add_argument("--concept_images", type=int, default=40, help="samples of the concept prompt")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.per_prompt < 1 or args.sr_steps < 1:
         parser.error("--steps, --sr_steps and --per_prompt must be >= 1")
+    if args.concept_images < 1:
+        parser.error("--concept_images must be >= 1")
     from imagen_jax.cli import main_guard
 
     def body() -> int:
+        from imagen_jax.cascade import Imagen
+
+        imagen = Imagen.load([args.workdir] + ([args.sr_workdir] if args.sr_workdir else []))
         results = evaluate(
             args.workdir,
             guidance_scale=args.guidance_scale,
@@ -132,7 +190,20 @@ def main(argv: list[str] | None = None) -> int:
             out=os.path.join(args.workdir, "eval"),
             sr_workdir=args.sr_workdir,
             sr_steps=args.sr_steps,
+            imagen=imagen,
         )
+        if args.concept_prompt:
+            results["concept"] = concept(
+                imagen,
+                args.concept_prompt,
+                args.concept_shape,
+                color=args.concept_color,
+                num_images=args.concept_images,
+                guidance_scale=args.guidance_scale,
+                steps=args.steps,
+                seed=args.seed,
+                out=os.path.join(args.workdir, "eval"),
+            )
         if args.sr_workdir:
             results["super_resolution"] = evaluate_sr(
                 args.workdir, args.sr_workdir, steps=args.sr_steps, seed=args.seed

@@ -1,9 +1,13 @@
 """Export a trained stage's EMA weights and config as plain files (no orbax, no optimizer state).
 
     python -m imagen_jax.tools.export --workdir runs/base64 --out exports/base64 [--step N] [--overwrite]
+    python -m imagen_jax.tools.export --workdir runs/base64_lora --out base64_sks.safetensors --lora_only
 
 Writes OUT/config.json, OUT/ema.safetensors and OUT/export.json (see imagen_jax.stage.export) from the latest
-checkpoint of the workdir, or the one at --step. The U-Net's text width is read from the config.json of the
+checkpoint of the workdir, or the one at --step. A LoRA run (train.lora_rank) exports its adapters merged into full
+weights (an export like any other, its config's lora_rank 0), or with --lora_only its adapters alone: one small
+safetensors file OUT whose metadata names its base (train.init_from and a fingerprint of its parameters; see
+imagen_jax.stage.lora), for sample.py --lora. The U-Net's text width is read from the config.json of the
 stage's T5 folder (config.text.encoder); pass --text_dim when that folder is not on this machine.
 Exit status 2 for a bad argument, 1 when the workdir or --out cannot be used; the error is one line.
 """
@@ -24,17 +28,29 @@ def t5_dim(folder: str) -> int:
 
 
 def export_workdir(
-    workdir: str, out: str, *, step: int | None = None, text_dim: int | None = None, overwrite: bool = False
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    text_dim: int | None = None,
+    overwrite: bool = False,
+    lora_only: bool = False,
 ) -> dict:
-    """Exports checkpoint `step` (default: latest) of `workdir` to `out`; returns the export's metadata."""
+    """Exports checkpoint `step` (default: latest) of `workdir` to `out` (with `lora_only`: a LoRA run's adapters
+    alone, to the file `out`); returns the export's metadata."""
     import jax
 
-    from imagen_jax.errors import MissingError
+    from imagen_jax.errors import MissingError, OutputError, StageError
     from imagen_jax.stage import export as export_lib
+    from imagen_jax.stage import lora
     from imagen_jax.stage.model import local_mesh, stage_model
-    from imagen_jax.stage.stage import checkpoint_config, open_checkpoint, restore_ema
+    from imagen_jax.stage.stage import checkpoint_config, open_checkpoint, restore_weights
 
-    export_lib.check_writable(out, overwrite=overwrite)  # before the (possibly long) restore
+    if lora_only:
+        if os.path.exists(out) and (os.path.isdir(out) or not overwrite):
+            raise OutputError(f"{out}: already exists (--overwrite replaces a file)")
+    else:
+        export_lib.check_writable(out, overwrite=overwrite)  # before the (possibly long) restore
     checkpointer, step = open_checkpoint(workdir, step)
     try:
         config = checkpoint_config(checkpointer, workdir, step)
@@ -43,11 +59,20 @@ def export_workdir(
                 text_dim = t5_dim(config.text.encoder)
             except FileNotFoundError as e:
                 raise MissingError(f"{e} (the stage's T5 folder; pass --text_dim to export without it)") from None
-        params = restore_ema(
-            checkpointer, workdir, step, stage_model(config, text_dim, local_mesh()).abstract_params, text_dim
-        )
+        if lora_only and not lora.rank(config):
+            raise StageError(f"{workdir} is not a LoRA run (train.lora_rank is 0): export its full weights instead")
+        model = stage_model(config, text_dim, local_mesh())
+        params = restore_weights(checkpointer, workdir, step, config, model, text_dim, merge=not lora_only)
     finally:
         checkpointer.close()
+    if lora_only:
+        base = config.train.init_from
+        return lora.write_adapters(
+            out, config, jax.device_get(params), base=base, base_params=model.abstract_params, step=step
+        )
+    if lora.rank(config):  # the adapters are in the weights now: the export is a plain stage
+        config = config.copy_and_resolve_references()
+        config.train.lora_rank = 0
     export_lib.write_export(
         out,
         config,
@@ -69,6 +94,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--text_dim", type=int, default=None, help="T5 width (default: the T5 folder's d_model)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    parser.add_argument(
+        "--lora_only",
+        action="store_true",
+        help="a LoRA run's adapters alone, to the safetensors file --out (default: merged into full weights)",
+    )
     args = parser.parse_args(argv)
     if args.step is not None and args.step < 0:
         parser.error(f"--step must be >= 0, got {args.step}")
@@ -78,7 +108,12 @@ def main(argv: list[str]) -> int:
 
     def body() -> int:
         metadata = export_workdir(
-            args.workdir, args.out, step=args.step, text_dim=args.text_dim, overwrite=args.overwrite
+            args.workdir,
+            args.out,
+            step=args.step,
+            text_dim=args.text_dim,
+            overwrite=args.overwrite,
+            lora_only=args.lora_only,
         )
         print(json.dumps({"out": os.path.abspath(args.out), **metadata}))
         return 0

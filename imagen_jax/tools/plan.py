@@ -76,6 +76,11 @@ def format_report(config_path: str, r: dict) -> str:
         f"FLOPs per step: {versus}{counted:.4g} (matmuls + convolutions counted{agreement})",
         f"roofline: {r['roofline_step_s'] * 1e3:.1f} ms per step ({r['roofline_bound']}-bound), "
         f"{r['roofline_images_per_s']:.0f} images/s",
+        *([
+            f"trainable: {r['trainable_params'] / 1e6:.2f}M of {r['all_params'] / 1e6:.1f}M params "
+            f"({r['trainable_params'] / r['all_params']:.2%}); the frozen ones save "
+            f"{r['optimizer_bytes_saved_by_frozen'] / GIB:.2f} GiB of optimizer state per device"
+        ] if "trainable_params" in r else []),
     ])  # fmt: skip
 
 

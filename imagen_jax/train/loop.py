@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -12,17 +13,17 @@ import tensorflow as tf
 
 from imagen_jax import config as config_lib
 from imagen_jax import images as images_lib
-from imagen_jax.data.pipeline import Position, make_dataset, numpy_batches, position_after
-from imagen_jax.data.resume import gather_positions, start_position
+from imagen_jax.data.pipeline import DatasetStats, Position, make_dataset, numpy_batches, position_after
+from imagen_jax.data.resume import gather_positions, prior_start_position, start_position
 from imagen_jax.diffusion import augment
 from imagen_jax.errors import ConfigError, TrainingDiverged
 from imagen_jax.files import write_atomically
 from imagen_jax.models import upsample_lowres
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.stage import sampling
+from imagen_jax.stage import lora, sampling
 from imagen_jax.stage.checkpoint import Checkpointer
 from imagen_jax.stage.model import lowres_size
-from imagen_jax.train import init_from
+from imagen_jax.train import init_from, trainable
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.feed import FEED_NICE, Prefetch
 from imagen_jax.train.metrics import MetricWriter
@@ -46,6 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ----------------------------------------------------------------------------------------------
     config = init_from.adopt_source(config)  # an IF folder in train.init_from brings its model and recipe
     setup_lib.validate(config, jax.process_count())
+    init_from.check(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     setup_lib.check_batch_split(config, mesh)
     prepare_workdir(workdir)
@@ -78,6 +80,7 @@ def _train(
     log(text.description)
     trainer = setup_lib.setup(config, mesh, text)
     log(f"U-Net: {trainer.model.num_params / 1e6:.2f}M parameters")
+    log(trainable.describe(config, trainer.abstract_state()["params"]))
     # The newest checkpoint that restores (older ones are fallbacks, logged); a config whose model or
     # optimizer differs from the checkpoint's is an error listing the fields.
     restored = checkpointer.restore_latest(trainer.abstract_state(), config, log=log)
@@ -92,34 +95,59 @@ def _train(
     else:
         latest, state, saved_data = restored
         log(f"resumed from checkpoint at step {latest} in {workdir}")
+        if config.train.init_from:
+            log(f"train.init_from={config.train.init_from!r} ignored: the run resumes from its own checkpoints")
     start_step = int(state["step"])
     if jax.process_index() == 0:  # After the restore: a mismatch error points at the config the run was saved with.
         write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(config_lib.to_json(config), indent=2))
 
     # ----------------------------------------------------------------------------------------------
     # Data: each process reads its own shard files from its saved stream position; local batches
-    # become global arrays.
+    # become global arrays. DreamBooth (data.prior_shards): each local batch is half instance examples, half
+    # class examples from a second stream with its own saved position.
     # ----------------------------------------------------------------------------------------------
     local_batch = config.train.batch_size // jax.process_count()
+    prior = bool(config.data.prior_shards)
+    stream_batch = local_batch // 2 if prior else local_batch
+
+    def stream(data_cfg: ml_collections.ConfigDict, start: Position) -> tuple[Iterator[dict], DatasetStats]:
+        dataset, stats = make_dataset(
+            data_cfg,
+            batch_size=stream_batch,
+            seed=config.seed,
+            start=start,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            text_max_length=config.text.max_length,
+            text_lowercase=bool(config.text.lowercase),
+        )
+        return numpy_batches(dataset, stats), stats  # An epoch that delivers nothing is an error, not a hang.
+
     position, message = start_position(saved_data, jax.process_index(), jax.process_count())
     log(message)
-    dataset, data_stats = make_dataset(
-        config.data,
-        batch_size=local_batch,
-        seed=config.seed,
-        start=position,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        text_max_length=config.text.max_length,
-        text_lowercase=bool(config.text.lowercase),
-    )
-    batches = numpy_batches(dataset, data_stats)  # An epoch that delivers nothing is an error, not a hang.
+    batches, data_stats = stream(config.data, position)
+    prior_batches, weight = None, None
+    if prior:
+        prior_position, message = prior_start_position(saved_data, jax.process_index(), jax.process_count())
+        log(message)
+        prior_cfg = config.data.copy_and_resolve_references()
+        prior_cfg.train_shards = config.data.prior_shards
+        prior_batches, _ = stream(prior_cfg, prior_position)
+        # mean(instance loss) + lambda mean(class loss) as one weighted mean over the batch (diffusion_loss).
+        lam = float(config.train.prior_loss_weight)
+        weight = np.repeat(np.array([2.0, 2.0 * lam], np.float32), stream_batch)
 
     encoder = text.encoder
 
-    def next_batch() -> tuple[dict, Position, list[bytes]]:
-        """The next global batch, this process's stream position after it, and its local captions."""
+    def next_batch() -> tuple[dict, tuple[Position, ...], list[bytes]]:
+        """The next global batch, this process's stream positions after it (instance, then class stream), and
+        its local captions."""
         raw = next(batches)
+        positions = (position_after(raw),)
+        if prior_batches is not None:
+            extra = next(prior_batches)
+            positions += (position_after(extra),)
+            raw = {k: np.concatenate([raw[k], extra[k]]) for k in raw}
         if encoder is None:
             local = {"image": raw["image"], "text": raw["text"], "mask": raw["mask"]}
         else:
@@ -127,7 +155,9 @@ def _train(
                 [c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length
             )
             local = {"image": raw["image"], "ids": ids, "mask": mask}
-        return mesh_lib.global_batch(local, mesh), position_after(raw), list(raw["caption"])
+        if weight is not None:
+            local["weight"] = weight
+        return mesh_lib.global_batch(local, mesh), positions, list(raw["caption"])
 
     # ----------------------------------------------------------------------------------------------
     # Periodic sample grids, from the EMA weights, through the same code as sample.py.
@@ -142,6 +172,10 @@ def _train(
     if prompts:  # on the mesh, like every computation of a multi-process run
         sample_text = sampling.encode(encoder, *encoder.tokenizer(prompts, config.text.max_length), mesh)
     denoiser = trainer.model.denoiser
+
+    def ema_weights() -> dict:
+        """The EMA weights as the U-Net takes them (a LoRA run's adapters merged)."""
+        return lora.merged(config, state["ema"])
 
     def batch_text(batch: dict, n: int) -> tuple[jax.Array, jax.Array]:
         if encoder is None:
@@ -162,7 +196,7 @@ def _train(
             x = sampling.sample(
                 config,
                 denoiser,
-                state["ema"],
+                ema_weights(),
                 text_n,
                 mask_n,
                 seeds[:n],
@@ -176,7 +210,7 @@ def _train(
         elif prompts or encoder is None:
             n = len(prompts) or min(4, local_batch)
             text_n, mask_n = sample_text if prompts else batch_text(batch, n)
-            x = sampling.sample(config, denoiser, state["ema"], text_n, mask_n, seeds[:n], mesh=mesh, **settings)
+            x = sampling.sample(config, denoiser, ema_weights(), text_n, mask_n, seeds[:n], mesh=mesh, **settings)
             shown = prompts or [c.decode("utf-8", "replace") for c in captions[:n]]
             grid, caption = images_lib.make_grid(images_lib.to_uint8(x)), " | ".join(shown)
         else:
@@ -225,10 +259,10 @@ def _train(
             writer.scalars(done, last_metrics, suffix=progress.summary(done))
         return 0 < max_bad <= streak
 
-    def save(done: int, position: Position, force: bool) -> None:
+    def save(done: int, position: tuple[Position, ...], force: bool) -> None:
         nonlocal saved_step
         if done != saved_step and (force or checkpointer.due(done)):
-            checkpointer.save(done, state, config, gather_positions(position), force=force)
+            checkpointer.save(done, state, config, gather_positions(*position), force=force)
             saved_step = done
 
     def close() -> None:
@@ -236,7 +270,7 @@ def _train(
         writer.close()
         progress.close()
 
-    def diverged(done: int, position: Position) -> TrainingDiverged:
+    def diverged(done: int, position: tuple[Position, ...]) -> TrainingDiverged:
         """Saves step `done` (its state is the last finite one's), closes up, and says why the run stops."""
         save(done, position, force=True)
         close()
@@ -264,7 +298,7 @@ def _train(
             if config.train.sample_every and (done % config.train.sample_every == 0 or done == num_steps):
                 write_samples(done, batch, captions)
             if periodic_eval is not None and (periodic_eval.due(done) or done == num_steps):
-                writer.scalars(done, periodic_eval(state["ema"]), suffix="(evaluation)")
+                writer.scalars(done, periodic_eval(ema_weights()), suffix="(evaluation)")
             preempted = preemption.reached(done)
             if done == num_steps or preempted:
                 if observe(done, metrics):  # the last step ended a streak

@@ -38,7 +38,7 @@ from imagen_jax.errors import ConfigError, UsageError, first_line
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage import config as stage_config
-from imagen_jax.stage import sampling
+from imagen_jax.stage import lora, sampling
 from imagen_jax.stage.model import (
     compute_dtype,
     conditioning_image,
@@ -49,6 +49,8 @@ from imagen_jax.stage.model import (
 )
 from imagen_jax.text import T5Encoder
 from imagen_jax.train import setup as setup_lib
+from imagen_jax.train import state as state_lib
+from imagen_jax.train import trainable
 
 GIB = 2**30
 # XLA's refusal when a program's temporaries do not fit: "... HLO temporaries (49.37G) exceeds available HBM ..."
@@ -343,6 +345,7 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "t5": bytes_per_device(text.params),
         "batch": bytes_per_device(batch),
     }
+    fine_tuning = frozen_savings(config, trainer, state, held["optimizer"])
     traced = trainer.train_step.trace(state, text.params, batch, streak)
     flops_counted = matmul_flops(traced.jaxpr)
     step = compile_program("train step", traced.lower(), sum(held.values()), n, f"the train step for {slice_name}")
@@ -375,6 +378,26 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "roofline_bound": bound,
         "compiled": step.compiled,
         "roofline_images_per_s": config.train.batch_size / step_s if step_s else float("inf"),
+        **fine_tuning,
+    }
+
+
+def frozen_savings(
+    config: ml_collections.ConfigDict, trainer: setup_lib.TrainSetup, state: dict, optimizer: int
+) -> dict:
+    """With train.trainable or LoRA: the trained parameters (count, of all, adapters included) and the per-device
+    optimizer bytes the frozen ones save (every model parameter trained, no adapters, minus `optimizer`); else {}."""
+    if not config.train.trainable and not lora.rank(config):
+        return {}
+    everything = config.copy_and_resolve_references()
+    everything.train.trainable, everything.train.lora_rank = (), 0
+    shardings = state_lib.state_shardings(everything, trainer.model, trainer.tx, trainer.mesh)
+    full = state_lib.abstract_state(everything, trainer.text.dim, trainer.tx, shardings)["opt_state"]
+    sizes = {p: math.prod(s.shape) for p, s in lora.named(state["params"]).items()}
+    return {
+        "trainable_params": sum(sizes[p] for p in trainable.trained_paths(config, state["params"])),
+        "all_params": sum(sizes.values()),
+        "optimizer_bytes_saved_by_frozen": bytes_per_device(full) - optimizer,
     }
 
 
@@ -496,6 +519,7 @@ def plan_sampling(
         chunk_args = (
             model.abstract_params, (x, x), _abstract((rows,), key_dtype, batch), index, index, index, context,
             model_kwargs, scalar, scalar, scalar, None if grid is None else _abstract(grid.shape, grid.dtype), None,
+            index, None, None, (scalar, scalar, scalar),  # first visit; no RePaint order, no inpainting; guidance
         )  # fmt: skip
         with activation_layout(mesh, rules):
             traced = sampler_lib._run_chunk.trace(

@@ -109,7 +109,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, text: Text) -> TrainSet
     model = stage_model(config, text.dim, mesh)
     tx = optimizer_lib.make_optimizer(config.train)
     schedule = optimizer_lib.learning_rate_schedule(config.train)
-    shardings = state_lib.state_shardings(model, tx, mesh)
+    shardings = state_lib.state_shardings(config, model, tx, mesh)
     step = make_train_step(
         config,
         model.graphdef,
@@ -160,8 +160,10 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
         ("train.sample_steps", 1),
         ("train.max_consecutive_nonfinite", 0),
         ("train.microbatches", 1),
+        ("train.lora_rank", 0),
     ):
         _at_least(config, key, minimum)
+    _validate_fine_tuning(config)
     if config.train.batch_size % config.train.microbatches:
         raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by "
@@ -171,6 +173,15 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
         raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by {process_count} processes"
         )
+    if config.data.prior_shards:
+        if config.train.batch_size % (2 * process_count):
+            raise ConfigError(
+                f"config.train.batch_size={config.train.batch_size} must be divisible by 2 x {process_count} "
+                "processes with data.prior_shards (every process's batch is half instance, half class examples)"
+            )
+        weight = config.train.prior_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ConfigError(f"config.train.prior_loss_weight={weight!r} must be a finite number >= 0")
     if not config.train.learning_rate > 0:
         raise ConfigError(f"config.train.learning_rate={config.train.learning_rate!r} must be > 0")
     if not config.data.precomputed_text:
@@ -182,6 +193,30 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
         T5Config.from_json(os.path.join(config.text.encoder, "config.json"))  # names the file when it is bad
     _validate_data(config)
     _validate_eval(config)
+
+
+def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
+    """train.trainable and LoRA's fields, as far as they can be checked without the model's parameter paths
+    (patterns that match nothing are named when the train state is laid out: train/trainable.py, stage/lora.py)."""
+    for key in ("trainable", "lora_targets"):
+        patterns = config.train[key]
+        if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) and p for p in patterns):
+            raise ConfigError(
+                f"config.train.{key}={patterns!r} must be a tuple of regular expressions, e.g. "
+                f"--config.train.{key}=\"('cross_attn', 'text_proj')\""
+            )
+    if not config.train.lora_rank:
+        return
+    if not config.train.init_from:
+        raise ConfigError(
+            f"config.train.lora_rank={config.train.lora_rank} needs train.init_from: the trained stage whose weights "
+            "the adapters adapt (they stay frozen)"
+        )
+    alpha = config.train.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+        raise ConfigError(f"config.train.lora_alpha={alpha!r} must be a finite number > 0")
+    if not config.train.lora_targets:
+        raise ConfigError("config.train.lora_targets is empty but train.lora_rank is set: name the kernels to adapt")
 
 
 def _validate_eval(config: ml_collections.ConfigDict) -> None:
@@ -221,3 +256,5 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
             "list or .txt list file; local or gs://)"
         )
     list_shards(config.data.train_shards)  # every pattern must match: a MissingError naming the one that does not
+    if config.data.prior_shards:
+        list_shards(config.data.prior_shards)

@@ -13,6 +13,10 @@ the loop, reading the streak a step late, stops with exactly the state of the st
 With train.microbatches = k the batch is processed in k parts by a compiled loop that sums gradients (gradient
 accumulation): the same update as one pass over the whole batch (every example draws its noise, time and text
 dropout from its own key), with a k-th of the activations in memory. Only the model's dropout masks are drawn per part.
+
+Only the trained parameters (train/trainable.py) are differentiated, optimized and averaged into the EMA; the frozen
+ones enter the loss as constants and leave the step bit for bit as they came. A LoRA run's adapters are merged into
+their kernels inside the loss, at use (stage/lora.py), so the gradient reaches the adapters alone.
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ from imagen_jax import images as images_lib
 from imagen_jax.diffusion import augment, diffusion_loss
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
+from imagen_jax.stage import lora
 from imagen_jax.stage.model import (
-    FROZEN_PARAMS,
     compute_dtype,
     conditioning_image,
     lowres_size,
     make_apply_fn,
     train_size,
 )
+from imagen_jax.train import trainable
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
@@ -63,8 +68,9 @@ def make_train_step(
 
     batch: {'image': [B,H,W,3] uint8 (or floats already in [-1,1]), 'ids': [B,L] int32, 'mask': [B,L] bool},
     sharded over the batch axes. With precomputed text (text_fn None, t5_params {}), 'text' [B,L,D] replaces
-    'ids'. streak: int32 scalar, the non-finite steps in a row before this one (0 to start; then the last
-    step's metrics['nonfinite_streak']).
+    'ids'. An optional 'weight' [B] float32 scales each example's loss (DreamBooth's prior preservation).
+    streak: int32 scalar, the non-finite steps in a row before this one (0 to start; then the last step's
+    metrics['nonfinite_streak']).
     """
     apply_fn = make_apply_fn(graphdef)
     dcfg = config.diffusion
@@ -75,9 +81,15 @@ def make_train_step(
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
     max_nonfinite = int(config.train.max_consecutive_nonfinite)  # 0: never stop
     rules = mesh_lib.rules_dict(config.mesh.rules)
+    trained_paths = trainable.trained_paths(config, state_shardings["params"])
+    trained_shardings = trainable.split(state_shardings["params"], trained_paths)[0]
 
-    def micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
-        """The loss of one micro-batch; `part` carries each example's own keys ('loss_key', 'augment_key')."""
+    def micro_loss(
+        params: Any, frozen: Any, t5_params: Any, part: dict, dropout_key: jax.Array
+    ) -> tuple[jax.Array, dict]:
+        """The loss of one micro-batch (`params`: the trained parameters, `frozen`: the others); `part` carries each
+        example's own keys ('loss_key', 'augment_key')."""
+        params = lora.merged(config, trainable.combine(params, frozen))
         # T5 and the U-Net pin their activations to the mesh (batch, tensor), the U-Net its weights at each use
         with activation_layout(mesh, rules):
             return _micro_loss(params, t5_params, part, dropout_key)
@@ -108,20 +120,21 @@ def make_train_step(
             model_kwargs=model_kwargs,
             variance_loss=dcfg.variance_loss,
             variance_loss_weight=float(dcfg.variance_loss_weight),
+            weights=part.get("weight"),  # DreamBooth: instance and class examples weighed apart (loop.py)
         )
 
-    def grad_fn(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple:
-        """((loss, aux), grads), the gradients laid out like the parameters (reduce-scattered under FSDP, never
-        a whole copy per device; the micro-batch loop's running sum too)."""
-        (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, t5_params, part, dropout_key)
-        return (loss, aux), jax.lax.with_sharding_constraint(grads, state_shardings["params"])
+    def grad_fn(params: Any, frozen: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple:
+        """((loss, aux), grads of the trained `params`), the gradients laid out like the parameters
+        (reduce-scattered under FSDP, never a whole copy per device; the micro-batch loop's running sum too)."""
+        (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, frozen, t5_params, part, dropout_key)
+        return (loss, aux), jax.lax.with_sharding_constraint(grads, trained_shardings)
 
-    def loss_and_grads(params: Any, t5_params: Any, batch: dict, dropout_key: jax.Array) -> tuple:
+    def loss_and_grads(params: Any, frozen: Any, t5_params: Any, batch: dict, dropout_key: jax.Array) -> tuple:
         """Mean loss and gradients over the batch, in `microbatches` sequential parts (a compiled loop that
         sums gradients; activations are held for one part at a time). Micro-batch i takes examples
         i, i + k, i + 2k, ... of every device's shard, so each part stays spread over all devices."""
         if microbatches == 1:
-            return grad_fn(params, t5_params, batch, dropout_key)
+            return grad_fn(params, frozen, t5_params, batch, dropout_key)
         parts = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
                 x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), micro_sharding
@@ -131,10 +144,10 @@ def make_train_step(
 
         def accumulate(carry: tuple, inputs: tuple) -> tuple:
             part, index = inputs
-            (loss, aux), grads = grad_fn(params, t5_params, part, jax.random.fold_in(dropout_key, index))
+            (loss, aux), grads = grad_fn(params, frozen, t5_params, part, jax.random.fold_in(dropout_key, index))
             return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
 
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, t5_params, jax.tree.map(
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, frozen, t5_params, jax.tree.map(
             lambda x: x[0], parts), dropout_key))  # fmt: skip
         total, _ = jax.lax.scan(accumulate, zero, (parts, jnp.arange(microbatches)))
         return jax.tree.map(lambda x: x / microbatches, total)
@@ -151,14 +164,18 @@ def make_train_step(
             "loss_key": jax.vmap(lambda i: jax.random.fold_in(loss_key, i))(index),
             "augment_key": jax.vmap(lambda i: jax.random.fold_in(augment_key, i))(index),
         }
-        (loss, aux), grads = loss_and_grads(state["params"], t5_params, batch, dropout_key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # Parameters no step may move (decoupled weight decay moves even a parameter without gradient): IF's
-        # null_text, the T5 encoding of the empty prompt.
-        params = {k: state["params"][k] if k in FROZEN_PARAMS else v for k, v in params.items()}
+        # Frozen parameters (IF's null_text always: decoupled weight decay would move even a parameter without
+        # gradient) get no gradient, no update and no EMA step: they leave the step exactly as they came.
+        trained, frozen = trainable.split(state["params"], trained_paths)
+        (loss, aux), grads = loss_and_grads(trained, frozen, t5_params, batch, dropout_key)
+        updates, opt_state = tx.update(grads, state["opt_state"], trained)
+        trained = optax.apply_updates(trained, updates)
+        params = trainable.combine(trained, frozen)
         decay = ema_decay(state["step"], config.train.ema_decay)
-        ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state["ema"], params)
+        ema_trained, ema_frozen = trainable.split(state["ema"], trained_paths)
+        ema = trainable.combine(
+            jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), ema_trained, trained), ema_frozen
+        )
         grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
         # Numerical guard: a step whose loss, gradients or new parameters are not finite keeps the old
         # parameters, EMA and optimizer moments; counters (step, the schedule's count) still advance.
