@@ -37,6 +37,7 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage import lora
 from imagen_jax.stage.model import (
+    FROZEN_PARAMS,
     compute_dtype,
     conditioning_image,
     lowres_size,
@@ -170,6 +171,9 @@ def make_train_step(
         (loss, aux), grads = loss_and_grads(trained, frozen, t5_params, batch, dropout_key)
         updates, opt_state = tx.update(grads, state["opt_state"], trained)
         trained = optax.apply_updates(trained, updates)
+        # FROZEN_PARAMS (IF's null_text) in a full run have optimizer moments but never move: decoupled weight
+        # decay would move even a parameter without gradient.
+        trained = {k: state["params"][k] if k in FROZEN_PARAMS else v for k, v in trained.items()}
         params = trainable.combine(trained, frozen)
         decay = ema_decay(state["step"], config.train.ema_decay)
         ema_trained, ema_frozen = trainable.split(state["ema"], trained_paths)

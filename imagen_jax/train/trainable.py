@@ -26,11 +26,14 @@ from imagen_jax.stage.model import FROZEN_PARAMS
 def trained_paths(config: ml_collections.ConfigDict, params: Any) -> frozenset[str]:
     """The paths of `params` (arrays, shapes or shardings; LoRA's adapters included) that the run trains; a pattern
     of train.trainable that matches no parameter is a ConfigError naming it."""
-    paths = [p for p in lora.named(params) if p.split("/")[0] not in FROZEN_PARAMS]
+    everything = list(lora.named(params))
+    paths = [p for p in everything if p.split("/")[0] not in FROZEN_PARAMS]
     adapters = {p for p in paths if p.endswith((lora.DOWN, lora.UP))}
     patterns = tuple(config.train.trainable)
     if not patterns:
-        return frozenset(adapters or paths)
+        # A full run keeps optimizer moments for FROZEN_PARAMS too (the step never moves them): the state's layout
+        # since the first checkpoints, so that runs saved before trainable subsets existed resume.
+        return frozenset(adapters or everything)
     chosen = set(adapters) | lora.matching(paths, patterns, "train.trainable", "parameter")
     return frozenset(chosen)
 
