@@ -313,6 +313,7 @@ def sample_to_folder(
     steps_, scales, samplers_ = stage_settings(n, steps, guidance_scales, samplers, [s.config for s in stages])
     jobs = [(p, prompt, j, seed + p * num_images + j) for p, prompt in enumerate(prompts) for j in range(num_images)]
     visits = [edit_visits(step_count(steps_[i]), edit, i) for i in range(n)]
+    edit_inputs = edit.images(1)  # read once, repeated for each batch
     results: list[list[np.ndarray]] = [[] for _ in stages]
     bars = [
         tqdm(
@@ -331,7 +332,7 @@ def sample_to_folder(
             bars[stage].update((finished - done[stage]) * images)
             done[stage] = finished
 
-        init_images, masks = edit.images(len(chunk))
+        init_images, masks = (None if x is None else np.repeat(x, len(chunk), axis=0) for x in edit_inputs)
         outputs = imagen(
             [c[1] for c in chunk],
             [c[3] for c in chunk],
