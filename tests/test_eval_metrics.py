@@ -21,6 +21,7 @@ from imagen_jax.eval.metrics import (
     frechet_distance,
     kernel_inception_distance,
     kid_subset_indices,
+    neighbour_radii,
     polynomial_mmd2,
     precision_recall,
 )
@@ -131,6 +132,34 @@ def test_precision_recall_matches_torch_fidelity(case):
         for name in ("torch_fidelity_float32", "torch_fidelity_float64"):
             np.testing.assert_allclose([precision, recall], expected["precision_recall"][name], rtol=0, atol=1e-7)
     assert precision_recall(real, real) == (1.0, 1.0)
+    # the real set's radii, computed once (a reference file keeps them), give the same figures
+    radii = neighbour_radii(real, neighborhood=3)
+    assert precision_recall(gen, real, real_radii=radii) == precision_recall(gen, real)
+    with pytest.raises(MetricsError, match=r"real_radii has shape \(5,\), expected"):
+        precision_recall(gen, real, real_radii=radii[:5])
+
+
+def test_a_reference_keeps_its_radii_and_computes_them_once_without(tmp_path, monkeypatch):
+    from imagen_jax.eval import metrics
+
+    stats = _stats()
+    with_radii = stats.with_radii()
+    np.testing.assert_array_equal(with_radii.radii, neighbour_radii(stats.features, neighborhood=3))
+    path = str(tmp_path / "ref.npz")
+    reference_stats.save(path, with_radii)
+    loaded = reference_stats.load(path)
+    np.testing.assert_array_equal(loaded.radii, with_radii.radii)
+    assert loaded.radii.dtype == np.float64 and reference_stats.load(path, load_features=False).radii is None
+
+    calls = []
+    real_radii = metrics._radii
+    monkeypatch.setattr(metrics, "_radii", lambda *a: calls.append(1) or real_radii(*a))
+    loaded.neighbour_radii()
+    assert not calls  # the file's
+    older = dataclasses.replace(loaded, radii=None)  # a file written before radii were kept
+    np.testing.assert_array_equal(older.neighbour_radii(), with_radii.radii)
+    np.testing.assert_array_equal(older.neighbour_radii(), with_radii.radii)
+    assert len(calls) == 1  # computed once per loaded reference, not once per evaluation
 
 
 def test_streaming_statistics_equal_one_shot():

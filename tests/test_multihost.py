@@ -3,6 +3,7 @@ files, checkpoints carry both stream positions, and a resumed two-process run eq
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -185,3 +186,30 @@ def test_two_processes_write_the_sample_grids_one_process_samples(tmp_path):
             size, pad = one.shape[1], 2
             grid = grid[size + pad : 2 * (size + pad) + pad]
         np.testing.assert_array_equal(grid, expected)
+
+
+def test_process_0s_listing_reaches_every_process():
+    """The shard list is made once, by process 0, and every process splits the files by that one list, even where
+    a host's own listing would differ (issue 29, point 4)."""
+    script = textwrap.dedent("""
+        import json, sys
+        import jax
+        index, port = int(sys.argv[1]), sys.argv[2]
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=index)
+        from imagen_jax.parallel import distributed
+        calls = []
+        mine = ["gs://b/0.tfrecord", "gs://b/ü.tfrecord"] if index == 0 else ["gs://b/other.tfrecord"]
+        print(json.dumps([distributed.process_0s(lambda: calls.append(1) or mine), len(calls)]))
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(i), str(port)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results == [[["gs://b/0.tfrecord", "gs://b/ü.tfrecord"], 1], [["gs://b/0.tfrecord", "gs://b/ü.tfrecord"], 0]]

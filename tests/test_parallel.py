@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -43,6 +45,28 @@ def test_bad_rules_and_mesh_sizes_are_clear_errors():
     cfg = ml_collections.ConfigDict({"data": 3, "fsdp": 1, "tensor": 1})
     with pytest.raises(ValueError, match="need 3 devices, have 1"):
         mesh_lib.make_mesh(cfg, devices=jax.devices()[:1])
+
+
+def _mesh_of_processes(processes: list[list[list[int]]]):
+    """A mesh stand-in whose devices [data, fsdp, tensor] belong to the given processes."""
+    devices = np.vectorize(lambda p: types.SimpleNamespace(process_index=p), otypes=[object])(np.array(processes))
+    return types.SimpleNamespace(devices=devices, shape=dict(zip(mesh_lib.AXES, devices.shape)))
+
+
+def test_a_tensor_group_spanning_processes_is_refused():
+    """Each process loads its own examples into its devices' batch shards: a shard whose tensor group spans two
+    processes would be fed two batches, which jax assembles without an error (issue 29, point 4)."""
+    from imagen_jax.errors import ConfigError
+    from imagen_jax.train.setup import check_batch_split
+
+    config = ml_collections.ConfigDict({"train": {"batch_size": 8, "microbatches": 1}})
+    check_batch_split(config, _mesh_of_processes([[[0, 0], [1, 1]]]))  # fsdp over processes, tensor within
+    with pytest.raises(ConfigError) as e:
+        check_batch_split(config, _mesh_of_processes([[[0, 1], [0, 1]]]))
+    assert str(e.value) == (
+        "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}: the 2 devices of a batch shard (its tensor group) span processes "
+        "[0, 1], which each load their own examples; keep config.mesh.tensor within one process's 2 devices"
+    )
 
 
 def test_adafactor_state_gets_shardings_that_fit_its_factored_moments():

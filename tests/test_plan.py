@@ -7,8 +7,10 @@ import json
 import pytest
 
 from imagen_jax import config as config_lib
-from imagen_jax.errors import UsageError
+from imagen_jax.errors import ConfigError, UsageError
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.train.plan import parse_slice
+from imagen_jax.train.setup import check_batch_split
 
 
 @pytest.mark.parametrize(
@@ -187,6 +189,20 @@ def test_one_and_two_chip_slices_have_their_devices():
 
     assert len(slice_devices(parse_slice("v5p-2"))) == 1
     assert len(slice_devices(parse_slice("v5e-2"))) == 2
+
+
+def test_a_mesh_whose_tensor_groups_span_hosts_is_refused():
+    """v4-16 is two hosts of 4 chips: a tensor axis of 8 puts chips of both hosts in every batch shard."""
+    pytest.importorskip("libtpu", reason='the TPU compiler: pip install -e ".[plan]"')
+    from imagen_jax.train.plan import slice_devices
+
+    devices = slice_devices(parse_slice("v4-16"))
+    config = config_lib.load_config_file("configs/demo.py")
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 4
+    check_batch_split(config, mesh_lib.make_mesh(config.mesh, devices))
+    config.mesh.fsdp, config.mesh.tensor = 1, 8
+    with pytest.raises(ConfigError, match=r"span processes \[0, 1\].*within one process's 4 devices"):
+        check_batch_split(config, mesh_lib.make_mesh(config.mesh, devices))
 
 
 @pytest.mark.parametrize(

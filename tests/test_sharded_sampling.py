@@ -70,3 +70,21 @@ def test_eight_devices_sample_the_images_of_one(tmp_path):
         [sys.executable, "-c", SCRIPT, *stages], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_sampling_casts_kernels_to_the_compute_dtype_once_per_call():
+    """The float32 EMA's kernels and embeddings reach the sampler's step loop in the compute dtype (cast once per
+    call, as the train step casts them), vectors and integers as they are (issue 29, point 5)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from imagen_jax.stage.sampling import in_compute_dtype
+
+    params = {
+        "kernel": np.ones((3, 3, 4, 8), np.float32),
+        "scale": np.ones(8, np.float32),
+        "ids": np.ones((2, 2), np.int32),
+    }
+    cast = in_compute_dtype(params, jnp.bfloat16)
+    assert {k: v.dtype for k, v in cast.items()} == {"kernel": jnp.bfloat16, "scale": jnp.float32, "ids": jnp.int32}
+    assert all(v.dtype == jnp.float32 for k, v in in_compute_dtype(params, jnp.float32).items() if k != "ids")

@@ -36,7 +36,7 @@ Config fields read from `data_cfg` (an `ml_collections.ConfigDict`; imagen_jax/s
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import ml_collections
@@ -171,6 +171,7 @@ def make_dataset(
     start: Position = Position(0, 0),
     text_max_length: int | None = None,
     text_lowercase: bool | None = None,
+    files: Sequence[str] | None = None,
 ) -> tuple[tf.data.Dataset, DatasetStats]:
     """Builds this process's stream of batches, starting at stream position `start`.
 
@@ -181,7 +182,8 @@ def make_dataset(
     zero-padded) and 'mask' bool [B,L]. `batch_size` is per process. `repeat=False` gives only epoch
     `start.epoch` (for tests and tools).
     `text_max_length` and `text_lowercase` (precomputed text) must equal the max_length and caption
-    lower-casing the embeddings were stored with.
+    lower-casing the embeddings were stored with. `files`: the listing of data.train_shards when the caller
+    made it (a multi-host run lists once, on process 0, and hands every process the same list).
     """
     fmt = data_cfg.get("format", "tfrecord")
     if fmt not in SUPPORTED_FORMATS:
@@ -203,7 +205,7 @@ def make_dataset(
     parallel = int(data_cfg.get("num_parallel_calls", -1))
     parallel_or_auto = tf.data.AUTOTUNE if parallel == -1 else parallel
 
-    all_files = list_shards(data_cfg.train_shards)
+    all_files = list_shards(data_cfg.train_shards) if files is None else list(files)
     files = process_files(all_files, seed, process_index, process_count)
     text = None
     if data_cfg.get("precomputed_text", False):

@@ -61,11 +61,12 @@ from imagen_jax.diffusion.solvers import (
     time_grid,
 )
 from imagen_jax.diffusion.timesteps import resolve_steps
+from imagen_jax.parallel import activations
 
 ProgressFn = Callable[[int, int], None]
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "guided"))
+@activations.jit(static_argnames=("denoiser", "guided"))
 def _condition(params, text, text_mask, *, denoiser, guided):
     """The context of every step: the text's; with guidance, [text's; null text's] along the batch."""
     context = denoiser.condition(params, text, text_mask)
@@ -162,8 +163,7 @@ def _log_snr_at(index, steps, grid, start_log_snr, *, sampler, schedule):
 KNOWN_STREAM, JUMP_STREAM = 0x6B6E, 0x6A70  # noise streams of inpainting's kept region and RePaint's jumps
 
 
-@functools.partial(
-    jax.jit,
+@activations.jit(
     static_argnames=(
         "denoiser", "sampler", "schedule", "objective", "thresholding", "percentile", "threshold_max", "variance",
         "guided",

@@ -118,7 +118,10 @@ def summarise(
         kid, kid_std = metrics_lib.kernel_inception_distance(
             features, reference.features, subsets=kid_subsets, subset_size=size
         )
-        precision, recall = metrics_lib.precision_recall(features, reference.features)
+        precision, recall = metrics_lib.precision_recall(
+            features, reference.features, neighborhood=reference_stats.RADII_NEIGHBORHOOD,
+            real_radii=reference.neighbour_radii(),
+        )  # fmt: skip
         result |= {"kid": kid, "kid_std": kid_std, "kid_subset_size": size, "precision": precision, "recall": recall}
     if clip is not None:
         result["clip_score"] = clip_score.mean_score(float(np.sum(clip, dtype=np.float64)), len(clip))

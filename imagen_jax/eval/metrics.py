@@ -215,16 +215,36 @@ def _fraction_inside(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray
     return float(np.concatenate(inside).mean())
 
 
+def neighbour_radii(features: np.ndarray, *, neighborhood: int = 3, batch_size: int = 1000) -> np.ndarray:
+    """Squared distance (float64) from each of `features` [N, D] to its `neighborhood`-th nearest other one: the
+    real set's balls of precision/recall, the costly half for a large reference (N^2 D), so a reference file keeps
+    them (reference_stats.py)."""
+    x = _features(features, "features").astype(np.float64)
+    if x.shape[0] <= neighborhood:
+        raise MetricsError(f"precision/recall with {neighborhood} neighbours needs more than {x.shape[0]} samples")
+    return _radii(x, neighborhood, batch_size)
+
+
 def precision_recall(
-    generated: np.ndarray, real: np.ndarray, *, neighborhood: int = 3, batch_size: int = 1000
+    generated: np.ndarray,
+    real: np.ndarray,
+    *,
+    neighborhood: int = 3,
+    batch_size: int = 1000,
+    real_radii: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """(precision, recall) of the generated features against the real ones; memory is batch_size x N floats."""
+    """(precision, recall) of the generated features against the real ones; memory is batch_size x N floats.
+    `real_radii`: `neighbour_radii(real, neighborhood=...)` when already known (a reference file's)."""
     g, r = (a.astype(np.float64) for a in _pair(generated, real))
     for name, n in (("generated", g.shape[0]), ("real", r.shape[0])):
         if n <= neighborhood:
             raise MetricsError(f"precision/recall with {neighborhood} neighbours needs more than {n} {name} samples")
     if batch_size < 1:
         raise MetricsError(f"precision/recall batch size must be positive, got {batch_size}")
-    precision = _fraction_inside(g, r, _radii(r, neighborhood, batch_size), batch_size)
+    if real_radii is None:
+        real_radii = _radii(r, neighborhood, batch_size)
+    elif real_radii.shape != (r.shape[0],):
+        raise MetricsError(f"real_radii has shape {real_radii.shape}, expected ({r.shape[0]},): one per real sample")
+    precision = _fraction_inside(g, r, real_radii, batch_size)
     recall = _fraction_inside(r, g, _radii(g, neighborhood, batch_size), batch_size)
     return precision, recall

@@ -209,8 +209,9 @@ class EfficientUNet(TextConditioning, nnx.Module):
         self.up = nnx.List(up)
         self.upsamples = nnx.List(upsamples)
 
-        self.out_norm = GroupNorm(2 * dim, rngs=rngs, dtype=dtype)
-        self.out_conv = conv(2 * dim, out_channels, rngs=rngs, dtype=dtype, zero_init=True)
+        # in float32, as unet.py's (x0 amplifies the prediction's rounding at high noise)
+        self.out_norm = GroupNorm(2 * dim, rngs=rngs, dtype=jnp.float32)
+        self.out_conv = conv(2 * dim, out_channels, rngs=rngs, dtype=jnp.float32, zero_init=True)
 
     def _check_inputs(self, x: Array, lowres: Array) -> None:
         if x.shape[-1] != self.in_channels or lowres.shape[-1] != self.in_channels:

@@ -338,8 +338,10 @@ class IFUNet(nnx.Module):
         self.mid = block(layout.mid)
         self.mid_res = res_block(layout.mid_res)
         self.up = nnx.List([level(spec) for spec in layout.up])
-        self.out_norm = GroupNorm(c0, eps=fields["norm_eps"], groups=fields["norm_num_groups"], **common)
-        self.out_conv = conv(c0, fields["out_channels"], zero_init=True, **common)
+        # in float32, as unet.py's (x0 amplifies the prediction's rounding at high noise)
+        head = dict(rngs=rngs, dtype=jnp.float32)
+        self.out_norm = GroupNorm(c0, eps=fields["norm_eps"], groups=fields["norm_num_groups"], **head)
+        self.out_conv = conv(c0, fields["out_channels"], zero_init=True, **head)
 
     def __call__(
         self,

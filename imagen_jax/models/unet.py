@@ -190,8 +190,9 @@ class UNet(TextConditioning, nnx.Module):
         self.up = nnx.List(up)
         self.upsamples = nnx.List(upsamples)
 
-        self.out_norm = GroupNorm(ch, rngs=rngs, dtype=dtype)
-        self.out_conv = conv(ch, out_channels, rngs=rngs, dtype=dtype, zero_init=True)
+        # in float32 (issue 29, point 6): x0 = (x - sigma eps) / alpha amplifies eps's rounding at high noise
+        self.out_norm = GroupNorm(ch, rngs=rngs, dtype=jnp.float32)
+        self.out_conv = conv(ch, out_channels, rngs=rngs, dtype=jnp.float32, zero_init=True)
 
     def __call__(
         self,

@@ -16,14 +16,22 @@ activation split over data x fsdp and tensor, into a program that computes diffe
 tests/test_tensor_parallel.py). `per_shard` runs a computation the partitioner cannot split
 (a Pallas kernel is an opaque custom call, around which XLA would gather its inputs whole) on each device's
 block of that same layout.
+
+The layout is read while a function is traced, and `jax.jit` does not know it: a program traced outside the
+context would be reused inside it without its constraints, and the reverse (issue 29, point 6). A jitted
+function whose trace can run a model is therefore made with this module's `jit`, which passes the layout in
+force at each call as a static argument, so each layout gets its own trace. (The train step enters the layout
+inside its traced function, which needs nothing more.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding
@@ -31,8 +39,17 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax.parallel.mesh import BATCH_AXES, spec_for
 
-_LAYOUT: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_layout", default=None)
-_RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("weight_rules", default=None)
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The mesh activations are pinned to and the weight rules (sorted (logical name, axis) pairs, or None: weights
+    left where they are stored); hashable, so that it can be a static argument of `jax.jit`."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, str | None], ...] | None
+
+
+_LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("activation_layout", default=None)
 
 
 @contextlib.contextmanager
@@ -40,22 +57,61 @@ def activation_layout(mesh: Mesh, rules: dict | None = None) -> Iterator[None]:
     """Within the block, `constrain` pins activations to `mesh` (batch over data x fsdp, inner widths over
     tensor) and, with the parameters' `rules` (`mesh.rules_dict` of the config's mesh.rules), `at_use` places
     each weight where it is used."""
-    tokens = _LAYOUT.set(mesh), _RULES.set(rules)
+    with _entered(Layout(mesh, None if rules is None else tuple(sorted(rules.items())))):
+        yield
+
+
+@contextlib.contextmanager
+def _entered(layout: Layout | None) -> Iterator[None]:
+    token = _LAYOUT.set(layout)
     try:
         yield
     finally:
-        _LAYOUT.reset(tokens[0])
-        _RULES.reset(tokens[1])
+        _LAYOUT.reset(token)
+
+
+class jit:  # noqa: N801 (used as jax.jit is: a decorator, or a call on a function)
+    """`jax.jit(fn, **kwargs)` that traces `fn` under the activation layout in force where it is called (none
+    outside `activation_layout`), as a static argument: one trace per layout, never one reused under another.
+    Calls, `.trace` and `.lower` as jax.jit's; `static_argnums` count `fn`'s own positional arguments."""
+
+    def __init__(self, fn: Callable | None = None, **jit_kwargs: Any) -> None:
+        self._fn, self._kwargs = fn, jit_kwargs
+        if fn is None:
+            return
+        statics = (*jit_kwargs.pop("static_argnames", ()), "layout")
+
+        def traced(*args: Any, layout: Layout | None, **kwargs: Any) -> Any:
+            with _entered(layout):
+                return fn(*args, **kwargs)
+
+        self._jitted = jax.jit(traced, static_argnames=statics, **jit_kwargs)
+        self.__doc__, self.__name__ = fn.__doc__, getattr(fn, "__name__", "jit")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fn is None:  # used as @jit(**kwargs): this call receives the function
+            return jit(*args, **self._kwargs)
+        return self._jitted(*args, layout=_LAYOUT.get(), **kwargs)
+
+    def trace(self, *args: Any, **kwargs: Any) -> Any:
+        return self._jitted.trace(*args, layout=_LAYOUT.get(), **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self._jitted.lower(*args, layout=_LAYOUT.get(), **kwargs)
+
+    def _cache_size(self) -> int:  # jax.jit's count of compiled programs, which tests read
+        return self._jitted._cache_size()
 
 
 def at_use(w: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Weight `w`, whose axes have the logical `names`, laid out for its use: split as the rules store it but
     over no batch axis (gathered over fsdp), so each device holds what its part of the batch needs. Outside
     `activation_layout` with rules, the identity."""
-    mesh, rules = _LAYOUT.get(), _RULES.get()
-    if mesh is None or rules is None:
+    layout = _LAYOUT.get()
+    if layout is None or layout.rules is None:
         return w
-    stored = spec_for(names, w.shape, mesh, rules)
+    mesh = layout.mesh
+    stored = spec_for(names, w.shape, mesh, dict(layout.rules))
     spec = [None if axis in BATCH_AXES else axis for axis in (*stored, *[None] * (w.ndim - len(stored)))]
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(*spec)))
 
@@ -64,19 +120,20 @@ def constrain(x: jax.Array, inner: int | None = None) -> jax.Array:
     """`x` [B, ...] with its batch over the data-parallel axes and, when `inner` names an axis (e.g. -1 for the
     channels of a block's hidden activation, 2 for the heads of [B, L, heads, D]), that axis over `tensor`.
     Axes a mesh axis does not divide stay whole; outside `activation_layout` this is the identity."""
-    mesh = _LAYOUT.get()
-    if mesh is None:
+    layout = _LAYOUT.get()
+    if layout is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _spec(mesh, x, inner)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, _spec(layout.mesh, x, inner)))
 
 
 def per_shard(fn: Callable[..., jax.Array], *xs: jax.Array, inner: tuple[int | None, ...]) -> jax.Array:
     """`fn(*xs)` computed on each device's block of `xs` (each laid out as `constrain(x, inner[i])` lays it out),
     its output laid out as the first input. Outside `activation_layout`, plainly `fn(*xs)`. `fn` must treat
     the examples of the batch and the entries of each `inner` axis independently (as attention does heads)."""
-    mesh = _LAYOUT.get()
-    if mesh is None:
+    layout = _LAYOUT.get()
+    if layout is None:
         return fn(*xs)
+    mesh = layout.mesh
     specs = tuple(_spec(mesh, x, axis) for x, axis in zip(xs, inner, strict=True))
     batched = {spec[0] for spec in specs}
     if len(batched) > 1:  # e.g. a batch the data axes divide for one input only: keep them all whole

@@ -8,7 +8,9 @@ their collectives over gloo (JAX's CPU default has no cross-process collectives)
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 
 from imagen_jax.errors import UsageError
 
@@ -36,3 +38,20 @@ def initialize() -> None:
             f"--distributed: jax.distributed.initialize() found no cluster to join ({e}); run it on every host of "
             f"a TPU pod slice, or set {', '.join(ENV[:2])} and {ENV[2]}"
         ) from None
+
+
+def process_0s(make: Callable[[], list[str]]) -> list[str]:
+    """`make()` run by process 0 alone and its result handed to every process: one listing of a bucket (not one
+    per host), and the same one everywhere, so that hosts split the files between them by one list (two hosts
+    that saw different listings would read overlapping or missing files). One process: `make()`."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return make()
+    data = np.frombuffer(json.dumps(make()).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[: data.size] = data
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes().decode())

@@ -24,6 +24,7 @@ from jax.typing import DTypeLike
 from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.flax_settings import init_rngs
+from imagen_jax.parallel import activations
 from imagen_jax.parallel.activations import constrain
 from imagen_jax.text.tokenizer import VOCAB_FILES, Tokenizer
 from imagen_jax.text.weight_files import WeightFolder
@@ -284,7 +285,7 @@ class T5Encoder:
         self.module = module
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(module)
-        self._forward = jax.jit(self.apply)
+        self._forward = activations.jit(self.apply)
 
     @classmethod
     def from_pretrained(

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         from imagen_jax.eval import reference_stats
 
-        reference_stats.save(args.out, stats)
+        reference_stats.save(args.out, stats.with_radii())  # precision/recall's real balls, once, here
         print(f"wrote {args.out}: {stats.count} images, {args.image_size}px, weights {stats.weights_id}")
         return 0
 

@@ -15,23 +15,31 @@ from imagen_jax import config as config_lib
 from imagen_jax import images as images_lib
 from imagen_jax.data.pipeline import DatasetStats, Position, make_dataset, numpy_batches, position_after
 from imagen_jax.data.resume import gather_positions, prior_start_position, start_position
+from imagen_jax.data.shards import list_shards
 from imagen_jax.diffusion import augment
 from imagen_jax.errors import ConfigError, TrainingDiverged
 from imagen_jax.files import write_atomically
 from imagen_jax.models import upsample_lowres
+from imagen_jax.parallel import distributed
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import lora, sampling
 from imagen_jax.stage.checkpoint import Checkpointer
 from imagen_jax.stage.model import lowres_size
-from imagen_jax.train import init_from, trainable
+from imagen_jax.train import compile_cache, init_from, trainable
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.feed import FEED_NICE, Prefetch
+from imagen_jax.train.host_writes import HostWrites
 from imagen_jax.train.metrics import MetricWriter
 from imagen_jax.train.periodic_eval import PeriodicEval
 from imagen_jax.train.preemption import PreemptionWatch
 from imagen_jax.train.progress import Progress
 
 CONFIG_FILE = "config.json"
+
+
+def _save_grid(grid: np.ndarray, path: str) -> None:
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    images_lib.save_png(grid, path)
 
 
 def log(message: str) -> None:
@@ -55,12 +63,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, "
         f"mesh: {dict(mesh.shape)}"
     )
+    cache, description = compile_cache.cache_dir(config, workdir)
+    log(description)
     checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
     # Watched from here on: a SIGTERM while T5 loads, the state restores or the step compiles is answered
     # after the first step, like one during training. Every jit gets explicit NamedShardings, so no ambient
     # mesh is set: under jax.set_mesh, nnx.eval_shape would try to read logical parameter names as mesh axes.
-    with PreemptionWatch(checkpointer.manager) as preemption:
-        return _train(config, workdir, mesh, checkpointer, preemption)
+    with compile_cache.using(cache), PreemptionWatch(checkpointer.manager) as preemption:
+        compiled_before = compile_cache.counts()
+        try:
+            return _train(config, workdir, mesh, checkpointer, preemption)
+        finally:
+            if cache:
+                log(_compiled_since(compiled_before))
 
 
 def _train(
@@ -99,7 +114,8 @@ def _train(
             log(f"train.init_from={config.train.init_from!r} ignored: the run resumes from its own checkpoints")
     start_step = int(state["step"])
     if jax.process_index() == 0:  # After the restore: a mismatch error points at the config the run was saved with.
-        write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(config_lib.to_json(config), indent=2))
+        config_json, path = json.dumps(config_lib.to_json(config), indent=2), os.path.join(workdir, CONFIG_FILE)
+        HostWrites(log).attempt(CONFIG_FILE, "the run's config", lambda: write_atomically(path, config_json))
 
     # ----------------------------------------------------------------------------------------------
     # Data: each process reads its own shard files from its saved stream position; local batches
@@ -111,8 +127,10 @@ def _train(
     stream_batch = local_batch // 2 if prior else local_batch
 
     def stream(data_cfg: ml_collections.ConfigDict, start: Position) -> tuple[Iterator[dict], DatasetStats]:
+        files = distributed.process_0s(lambda: list_shards(data_cfg.train_shards))  # one listing, the same on all
         dataset, stats = make_dataset(
             data_cfg,
+            files=files,
             batch_size=stream_batch,
             seed=config.seed,
             start=start,
@@ -216,8 +234,8 @@ def _train(
         else:
             return
         if jax.process_index() == 0:
-            tf.io.gfile.makedirs(os.path.join(workdir, "samples"))
-            images_lib.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+            path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+            writer.writes.attempt("sample grids", path, lambda: _save_grid(grid, path))
         writer.image(step, "samples", grid)
         writer.text(step, "samples", caption)
 
@@ -318,6 +336,12 @@ def _train(
     close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")
     return last_metrics
+
+
+def _compiled_since(start: tuple[int, int]) -> str:
+    """'compilation cache: N programs loaded, M compiled' since `start` (compile_cache.counts() then)."""
+    loaded, compiled = (now - then for now, then in zip(compile_cache.counts(), start))
+    return f"compilation cache: {loaded} programs loaded, {compiled} compiled"
 
 
 def read(values: dict) -> dict:

@@ -124,12 +124,23 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, text: Text) -> TrainSet
 
 
 def check_batch_split(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """Every micro-batch must split evenly over the data-parallel devices of `mesh`."""
+    """Every micro-batch must split evenly over the data-parallel devices of `mesh`, and the devices that share a
+    batch shard (a tensor group) must be one process's: each process loads its own examples into the shards of its
+    devices, so a group spanning two would be fed two different batches (jax assembles them without an error)."""
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % (replicas * config.train.microbatches):
         raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by train.microbatches="
             f"{config.train.microbatches} x the {replicas} data-parallel devices of mesh {dict(mesh.shape)}"
+        )
+    groups = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices).reshape(replicas, -1)
+    spanning = [sorted(set(group)) for group in groups.tolist() if len(set(group)) > 1]
+    if spanning:
+        per_process = mesh.devices.size // len(np.unique(groups))
+        raise ConfigError(
+            f"mesh {dict(mesh.shape)}: the {mesh.shape['tensor']} devices of a batch shard (its tensor group) span "
+            f"processes {spanning[0]}, which each load their own examples; keep config.mesh.tensor within one "
+            f"process's {per_process} devices"
         )
 
 

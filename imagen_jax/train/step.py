@@ -1,5 +1,8 @@
 """The jitted train step: frozen T5 -> diffusion loss -> optimizer update -> EMA.
 
+The frozen T5 encodes the step's whole batch once, before the micro-batch loop: its weights are gathered once per
+step however many micro-batches there are (issue 29, point 1), and its activations are never kept (no gradient).
+
 One pure function over the train-state pytree, compiled once with explicit in/out shardings and the state
 donated, so a step never holds two copies of the parameters. Images arrive as uint8 (a quarter of float32's
 bytes to transfer) and are mapped to [-1,1] here, on the device.
@@ -85,23 +88,28 @@ def make_train_step(
     trained_paths = trainable.trained_paths(config, state_shardings["params"])
     trained_shardings = trainable.split(state_shardings["params"], trained_paths)[0]
 
-    def micro_loss(
-        params: Any, frozen: Any, t5_params: Any, part: dict, dropout_key: jax.Array
-    ) -> tuple[jax.Array, dict]:
+    def encode(t5_params: Any, batch: dict) -> dict:
+        """The batch with T5's embeddings as 'text' (the frozen T5 runs inside the step, on the whole batch; its
+        params are an argument, never differentiated), or as it came with precomputed text."""
+        if text_fn is None:
+            return batch
+        with activation_layout(mesh, rules):  # T5 pins its activations to the mesh (batch, tensor)
+            text = jax.lax.stop_gradient(text_fn(t5_params, batch["ids"], batch["mask"]))
+        return {**{k: v for k, v in batch.items() if k != "ids"}, "text": text}
+
+    def micro_loss(params: Any, frozen: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
         """The loss of one micro-batch (`params`: the trained parameters, `frozen`: the others); `part` carries each
         example's own keys ('loss_key', 'augment_key')."""
         params = lora.merged(config, trainable.combine(params, frozen))
-        # T5 and the U-Net pin their activations to the mesh (batch, tensor), the U-Net its weights at each use
+        # the U-Net pins its activations to the mesh (batch, tensor) and its weights at each use
         with activation_layout(mesh, rules):
-            return _micro_loss(params, t5_params, part, dropout_key)
+            return _micro_loss(params, part, dropout_key)
 
-    def _micro_loss(params: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
+    def _micro_loss(params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
         # Kernels and embeddings in the compute dtype once, up front (the layers would cast them at every use):
         # with FSDP the all-gathers then move bfloat16, half the bytes. Gradients still reach the float32 params.
         params = jax.tree.map(lambda p: p.astype(compute) if p.ndim >= 2 else p, params)
-        # The frozen T5 runs inside the step; its params are an argument, never differentiated.
-        text = part["text"] if text_fn is None else text_fn(t5_params, part["ids"], part["mask"])
-        text = jax.lax.stop_gradient(text)
+        text = part["text"]
         model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
         if lowres is not None:
             z = conditioning_image(config, augment.downsample(part["image"], lowres), part["image"].shape[1])
@@ -124,18 +132,18 @@ def make_train_step(
             weights=part.get("weight"),  # DreamBooth: instance and class examples weighed apart (loop.py)
         )
 
-    def grad_fn(params: Any, frozen: Any, t5_params: Any, part: dict, dropout_key: jax.Array) -> tuple:
+    def grad_fn(params: Any, frozen: Any, part: dict, dropout_key: jax.Array) -> tuple:
         """((loss, aux), grads of the trained `params`), the gradients laid out like the parameters
         (reduce-scattered under FSDP, never a whole copy per device; the micro-batch loop's running sum too)."""
-        (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, frozen, t5_params, part, dropout_key)
+        (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, frozen, part, dropout_key)
         return (loss, aux), jax.lax.with_sharding_constraint(grads, trained_shardings)
 
-    def loss_and_grads(params: Any, frozen: Any, t5_params: Any, batch: dict, dropout_key: jax.Array) -> tuple:
+    def loss_and_grads(params: Any, frozen: Any, batch: dict, dropout_key: jax.Array) -> tuple:
         """Mean loss and gradients over the batch, in `microbatches` sequential parts (a compiled loop that
         sums gradients; activations are held for one part at a time). Micro-batch i takes examples
         i, i + k, i + 2k, ... of every device's shard, so each part stays spread over all devices."""
         if microbatches == 1:
-            return grad_fn(params, frozen, t5_params, batch, dropout_key)
+            return grad_fn(params, frozen, batch, dropout_key)
         parts = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
                 x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), micro_sharding
@@ -145,11 +153,12 @@ def make_train_step(
 
         def accumulate(carry: tuple, inputs: tuple) -> tuple:
             part, index = inputs
-            (loss, aux), grads = grad_fn(params, frozen, t5_params, part, jax.random.fold_in(dropout_key, index))
+            (loss, aux), grads = grad_fn(params, frozen, part, jax.random.fold_in(dropout_key, index))
             return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
 
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, frozen, t5_params, jax.tree.map(
-            lambda x: x[0], parts), dropout_key))  # fmt: skip
+        zero = jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], parts), dropout_key)
+        )
         total, _ = jax.lax.scan(accumulate, zero, (parts, jnp.arange(microbatches)))
         return jax.tree.map(lambda x: x / microbatches, total)
 
@@ -168,7 +177,7 @@ def make_train_step(
         # Frozen parameters (IF's null_text always: decoupled weight decay would move even a parameter without
         # gradient) get no gradient, no update and no EMA step: they leave the step exactly as they came.
         trained, frozen = trainable.split(state["params"], trained_paths)
-        (loss, aux), grads = loss_and_grads(trained, frozen, t5_params, batch, dropout_key)
+        (loss, aux), grads = loss_and_grads(trained, frozen, encode(t5_params, batch), dropout_key)
         updates, opt_state = tx.update(grads, state["opt_state"], trained)
         trained = optax.apply_updates(trained, updates)
         # FROZEN_PARAMS (IF's null_text) in a full run have optimizer moments but never move: decoupled weight
