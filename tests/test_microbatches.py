@@ -58,6 +58,7 @@ def _avals(jaxpr) -> list:
     return found
 
 
+@pytest.mark.slow  # traces a train step with a tiny T5: ~15 s
 def test_t5_encodes_the_batch_once_before_the_microbatch_loop(tmp_path):
     """The frozen T5 runs once per step on the whole batch (its weights gathered once), not once per micro-batch
     (issue 29, point 1): the loop takes the embeddings [k, B/k, L, D], never the token ids [k, B/k, L]."""

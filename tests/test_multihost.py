@@ -188,6 +188,7 @@ def test_two_processes_write_the_sample_grids_one_process_samples(tmp_path):
         np.testing.assert_array_equal(grid, expected)
 
 
+@pytest.mark.slow  # two JAX processes joining: ~10 s
 def test_process_0s_listing_reaches_every_process():
     """The shard list is made once, by process 0, and every process splits the files by that one list, even where
     a host's own listing would differ (issue 29, point 4)."""
