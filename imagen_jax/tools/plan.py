@@ -13,8 +13,10 @@ With --config.data.precomputed_text=True the step has no T5 (compare both set-up
 Printed per device: parameters, optimizer state, EMA, T5 and the batch (from the arrays' shardings), the
 compiler's temporaries (activations, gradients, workspace), their total against the chip's HBM (v4 32 GiB, v5e
 16, v5p 95, v6e 32) with the margin; FLOPs per step from the compiled cost analysis beside a count of the
-step's matmuls and convolutions from its jaxpr; a roofline step time (the larger of FLOPs / bf16 peak and
-bytes accessed / HBM bandwidth) and images/s.
+step's matmuls and convolutions from its jaxpr; the bytes each device sends for the program's collectives, by
+kind (all-gather, reduce-scatter, all-reduce, ...; ring algorithms); a roofline step time (the largest of FLOPs /
+bf16 peak, bytes accessed / HBM bandwidth and collective bytes / the chip's share of the interconnect, each
+term printed) and images/s.
 
     python -m imagen_jax.tools.plan --sample --config configs/if_i_xl.py --config configs/if_ii_l.py \
         --topology v5e-8 [--batch_size 4] [--t5 xxl] [--json]
@@ -80,7 +82,9 @@ def format_report(config_path: str, r: dict) -> str:
         + f"  / HBM {r['hbm_bytes'] / GIB:.0f} -> {verdict}",
         f"FLOPs per step: {versus}{counted:.4g} (matmuls + convolutions counted{agreement})",
         f"roofline: {r['roofline_step_s'] * 1e3:.1f} ms per step ({r['roofline_bound']}-bound), "
-        f"{r['roofline_images_per_s']:.0f} images/s",
+        f"{r['roofline_images_per_s']:.0f} images/s; terms: compute {r['compute_s'] * 1e3:.1f} ms at peak, "
+        f"memory {r['memory_s'] * 1e3:.1f} ms, communication {r['collective_s'] * 1e3:.1f} ms",
+        *([_collectives_line(r["collectives_per_device"])] if r.get("collectives_per_device") else []),
         *([
             f"trainable: {r['trainable_params'] / 1e6:.2f}M of {r['all_params'] / 1e6:.1f}M params "
             f"({r['trainable_params'] / r['all_params']:.2%}); the frozen ones save "
@@ -137,6 +141,11 @@ def format_sampling_report(r: dict) -> str:
         )
     lines.append(f"  cascade: {r['roofline_cascade_s']:.2f} s for {r['prompts']} prompts")
     return "\n".join(lines)
+
+
+def _collectives_line(collectives: dict) -> str:
+    kinds = [f"{kind} {c['bytes'] / GIB:.3f} GiB ({c['count']})" for kind, c in collectives.items() if c["count"]]
+    return "collectives sent per device (ring algorithms; a loop body once): " + (", ".join(kinds) or "none")
 
 
 def _planned_here(r: dict) -> str:

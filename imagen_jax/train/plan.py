@@ -74,13 +74,17 @@ class Chip:
     cores_in_name: int  # slice names count TensorCores (v4, v5p: 2 per chip) or chips (v5e, v6e)
     topology_prefix: str  # what libtpu calls the generation in a topology name
     torus_dims: int  # 3: v4/v5p (megacore chips, 3-D torus); 2: v5e/v6e
+    # A chip's share of the published all-reduce bandwidth of a pod (v4: 1.1 PB/s over 4096 chips; v5e 51.2 TB/s
+    # and v6e 102.4 TB/s over 256), half its bidirectional ICI bandwidth where that is given (v5e 400, v6e 800
+    # GB/s); v5p publishes only its ICI (1200 GB/s): half of it. The collectives' bytes are sent at this rate.
+    collective_gbps: float
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GIB, 275.0, 1200.0, 2, "v4", 3),
-    "v5p": Chip("TPU v5p", 95 * GIB, 459.0, 2765.0, 2, "v5", 3),
-    "v5e": Chip("TPU v5e", 16 * GIB, 197.0, 819.0, 1, "v5e", 2),
-    "v6e": Chip("TPU v6e", 32 * GIB, 918.0, 1640.0, 1, "v6e", 2),
+    "v4": Chip("TPU v4", 32 * GIB, 275.0, 1200.0, 2, "v4", 3, 268.6),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459.0, 2765.0, 2, "v5", 3, 600.0),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197.0, 819.0, 1, "v5e", 2, 200.0),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918.0, 1640.0, 1, "v6e", 2, 400.0),
 }
 
 
@@ -243,6 +247,62 @@ def windowed_loops(hlo: str) -> int:
     return len(_WINDOWED_LOOP.findall(hlo))
 
 
+_COLLECTIVE = re.compile(
+    r"= (?P<result>.*?) (?P<kind>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+    r"(?P<start>-start)?\((?P<attrs>[^\n]*)"
+)
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "bf16": 2}
+# replica groups as the TPU compiler prints them: over named mesh axes, as an iota [groups,size]<=..., or listed
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([\d,]+)\}")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def _shapes_bytes(text: str) -> list[int]:
+    sizes = []
+    for dtype, dims in _SHAPE.findall(text):
+        width = _DTYPE_BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype)[:2]) // 8)
+        sizes.append(math.prod(int(d) for d in dims.split(",") if d) * width)
+    return sizes
+
+
+def _group_size(attrs: str) -> int:
+    if m := _MESH_GROUPS.search(attrs):
+        axes = dict(re.findall(r"'(\w+)'=(\d+)", m[1]))
+        return math.prod(int(axes[a]) for a in re.findall(r"'(\w+)'", m[2]))
+    if m := _IOTA_GROUPS.search(attrs):
+        return int(m[1])
+    if m := _LISTED_GROUPS.search(attrs):
+        return len(m[1].split(","))
+    return 1
+
+
+def collective_bytes(hlo: str) -> dict[str, dict[str, float]]:
+    """Per kind of collective in a compiled per-device program (`compiled.as_text()`): how many, and the bytes one
+    device sends over the interconnect for them, by ring algorithms over a group of n devices: an all-gather to R
+    bytes sends R (n - 1) / n, a reduce-scatter to a shard of R bytes R (n - 1), an all-reduce of R bytes
+    2 R (n - 1) / n, an all-to-all R (n - 1) / n, a permute R. A loop's body is counted once, as in XLA's cost
+    analysis."""
+    found = {kind: {"count": 0, "bytes": 0.0} for kind in COLLECTIVES}
+    for m in _COLLECTIVE.finditer(hlo):
+        kind, sizes = m["kind"], _shapes_bytes(m["result"])
+        if m["start"] and kind in ("all-gather", "collective-permute"):  # async: (operands..., outputs...)
+            sizes = sizes[len(sizes) // 2 :]
+        size, n = sum(sizes), _group_size(m["attrs"])
+        moved = {
+            "all-gather": size * (n - 1) / n,
+            "reduce-scatter": size * (n - 1),
+            "all-reduce": 2 * size * (n - 1) / n,
+            "all-to-all": size * (n - 1) / n,
+            "collective-permute": size,
+        }[kind]
+        found[kind]["count"] += 1
+        found[kind]["bytes"] += moved
+    return found
+
+
 def flops_note(microbatches: int, windowed: int, flops_xla: float | None, flops_counted: float) -> tuple[str, float]:
     """Why XLA's FLOPs fall short of the step's, if they do, and the FLOPs the roofline should use.
 
@@ -284,6 +344,7 @@ class Program:
     bytes_accessed: float | None
     windowed: int  # windowed-einsum loops in the compiled program
     output_shardings: Any = None
+    collectives: dict | None = None  # collective_bytes of the compiled program; None if not compiled
 
 
 def compile_program(name: str, lowered: Any, arguments: int, devices: int, what: str) -> Program:
@@ -312,17 +373,31 @@ def compile_program(name: str, lowered: Any, arguments: int, devices: int, what:
         total,
         float(cost.get("flops", 0.0)) * devices,  # the cost analysis is of one device's partitioned program
         float(cost.get("bytes accessed", 0.0)),
-        windowed_loops(compiled.as_text()),
+        windowed_loops(hlo := compiled.as_text()),
         compiled.output_shardings,
+        collective_bytes(hlo),
     )
 
 
-def roofline(flops: float, bytes_accessed: float, chip: Chip, devices: int) -> tuple[float, str]:
-    """(seconds, 'compute' or 'memory'): the larger of FLOPs over the devices' bf16 peak and one device's bytes
-    accessed over its HBM bandwidth."""
-    compute_s = flops / devices / (chip.bf16_tflops * 1e12)
-    memory_s = bytes_accessed / (chip.hbm_gbps * 1e9)
-    return max(compute_s, memory_s), "compute" if compute_s >= memory_s else "memory"
+def roofline(
+    flops: float, bytes_accessed: float, chip: Chip, devices: int, collective: float = 0.0
+) -> tuple[float, str]:
+    """(seconds, the dominant term: 'compute', 'memory' or 'communication'): the largest of FLOPs over the devices'
+    bf16 peak, one device's bytes accessed over its HBM bandwidth and the bytes its collectives send
+    (`collective_bytes`) over its share of the interconnect (`Chip.collective_gbps`); the three overlap (XLA runs
+    collectives asynchronously), so the step takes the longest."""
+    terms = {
+        "compute": flops / devices / (chip.bf16_tflops * 1e12),
+        "memory": bytes_accessed / (chip.hbm_gbps * 1e9),
+        "communication": collective / (chip.collective_gbps * 1e9),
+    }
+    bound = max(terms, key=terms.get)
+    return terms[bound], bound
+
+
+def collective_total(program: Program) -> float:
+    """The bytes one device sends for the program's collectives (0 when not compiled)."""
+    return sum(c["bytes"] for c in (program.collectives or {}).values())
 
 
 def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "xxl") -> dict:
@@ -352,8 +427,9 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
     note, compute_flops = flops_note(int(config.train.microbatches), step.windowed, step.flops_xla, flops_counted)
     # The micro-batch loop's bytes are counted once too: scaled by its trip count (which counts the optimizer's
     # share k times, so a slight overestimate).
+    loops = int(config.train.microbatches)
     step_s, bound = roofline(
-        compute_flops, (step.bytes_accessed or 0.0) * int(config.train.microbatches), tpu_slice.chip, n
+        compute_flops, (step.bytes_accessed or 0.0) * loops, tpu_slice.chip, n, collective_total(step) * loops
     )
     return {
         "slice": slice_name,
@@ -374,6 +450,10 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "flops_note": note,
         "windowed_loops": step.windowed,
         "bytes_accessed_per_device": step.bytes_accessed,
+        "collectives_per_device": step.collectives,  # one pass of the micro-batch loop's body
+        "collective_s": collective_total(step) * loops / (tpu_slice.chip.collective_gbps * 1e9),
+        "compute_s": compute_flops / n / (tpu_slice.chip.bf16_tflops * 1e12),
+        "memory_s": (step.bytes_accessed or 0.0) * loops / (tpu_slice.chip.hbm_gbps * 1e9),
         "roofline_step_s": step_s,
         "roofline_bound": bound,
         "compiled": step.compiled,
@@ -427,7 +507,7 @@ def _figures(traced: Any, name: str, takes: str, weights: int, inputs: int, chip
     program = compile_program(name, traced.lower(), weights + inputs, devices, f"the {name} program")
     counted = matmul_flops(traced.jaxpr)
     note, flops = flops_note(1, program.windowed, program.flops_xla, counted)
-    seconds, bound = roofline(flops, program.bytes_accessed or 0.0, chip, devices)
+    seconds, bound = roofline(flops, program.bytes_accessed or 0.0, chip, devices, collective_total(program))
     return _Figures(program, takes, inputs, counted, flops, note, seconds, bound)
 
 
@@ -580,6 +660,7 @@ def plan_sampling(
                 "flops": f.flops,
                 "flops_note": f.note,
                 "bytes_accessed_per_device": f.program.bytes_accessed,
+                "collectives_per_device": f.program.collectives,
                 "roofline_s": f.seconds,
                 "roofline_bound": f.bound,
             }
