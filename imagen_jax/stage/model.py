@@ -70,6 +70,15 @@ def compute_dtype(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
+def in_compute_dtype(params: Any, dtype: jnp.dtype) -> Any:
+    """Kernels and embeddings (floats of rank >= 2) in the compute dtype, the rest as they are: cast once, up
+    front, by the train step and by sampling, where the layers would cast them at every use (with FSDP the
+    all-gathers then move bfloat16; a sampler would re-read the float32 EMA at every step). Layers that compute in
+    float32 (the output layer) see their kernel rounded, in training and sampling alike."""
+    floating = lambda p: jnp.issubdtype(p.dtype, jnp.floating) and p.ndim >= 2  # noqa: E731
+    return jax.tree.map(lambda p: p.astype(dtype) if floating(p) else p, params)
+
+
 def model_kind(config: ml_collections.ConfigDict) -> ModelKind:
     kind = config.model.get("kind", "unet")
     if kind not in MODEL_KINDS:

@@ -12,7 +12,6 @@ noise-augmentation level of their input from `config.diffusion.sr_noise_level` u
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from imagen_jax.errors import StageError
 from imagen_jax.parallel import activations
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
+from imagen_jax.stage import model as model_lib
 from imagen_jax.stage.model import compute_dtype, conditioning_image, lowres_size
 from imagen_jax.text import T5Encoder
 
@@ -137,14 +137,8 @@ def sample(
     return mesh_lib.gather_rows(x, count, mesh)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def in_compute_dtype(params: Any, dtype: Any) -> Any:
-    """Kernels and embeddings (floats of rank >= 2) in the compute dtype, the rest as they are: the train step's
-    cast, made once per sampling call. The layers would cast the float32 EMA at every use, reading all of it again
-    at every sampler step (a tenth of IF-I-XL's step on a v4-8; issue 29, point 5). Layers that compute in float32
-    (the output layer) then see their kernel rounded as in training."""
-    floating = lambda p: jnp.issubdtype(p.dtype, jnp.floating) and p.ndim >= 2  # noqa: E731
-    return jax.tree.map(lambda p: p.astype(dtype) if floating(p) else p, params)
+# the EMA's kernels cast once per sampling call, not at every layer of every step (issue 29, point 5)
+in_compute_dtype = jax.jit(model_lib.in_compute_dtype, static_argnums=1)
 
 
 def step_count(steps: int | str) -> int:

@@ -43,6 +43,7 @@ from imagen_jax.stage.model import (
     FROZEN_PARAMS,
     compute_dtype,
     conditioning_image,
+    in_compute_dtype,
     lowres_size,
     make_apply_fn,
     train_size,
@@ -106,9 +107,8 @@ def make_train_step(
             return _micro_loss(params, part, dropout_key)
 
     def _micro_loss(params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
-        # Kernels and embeddings in the compute dtype once, up front (the layers would cast them at every use):
-        # with FSDP the all-gathers then move bfloat16, half the bytes. Gradients still reach the float32 params.
-        params = jax.tree.map(lambda p: p.astype(compute) if p.ndim >= 2 else p, params)
+        # Gradients still reach the float32 params through the cast.
+        params = in_compute_dtype(params, compute)
         text = part["text"]
         model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
         if lowres is not None:
