@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 
+import jax
 import pytest
 
 from imagen_jax.config import load_config_file
@@ -17,7 +18,17 @@ from tests.test_faults import ENV, REPO, _command
 from tests.test_train import assets  # noqa: F401  (the module's shards and tiny T5)
 
 
-def test_the_cache_is_the_workdirs_unless_set():
+@pytest.fixture
+def jax_cache(request):
+    """JAX's own cache setting (the test session sets one) as the test wants it, restored after."""
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", request.param)
+    yield request.param
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+@pytest.mark.parametrize("jax_cache", [None], indirect=True)
+def test_the_cache_is_the_workdirs_unless_set(jax_cache):
     config = load_config_file(os.path.join(REPO, "configs/demo.py"))
     assert compile_cache.cache_dir(config, "gs://b/run")[0] == "gs://b/run/compilation_cache"
     assert compile_cache.cache_dir(config, "ram://b/run") == (
@@ -32,11 +43,23 @@ def test_the_cache_is_the_workdirs_unless_set():
     assert compile_cache.cache_dir(config, "gs://b/run")[0] is None
 
 
+@pytest.mark.parametrize("jax_cache", ["/home/me/xla"], indirect=True)
+def test_a_cache_given_to_jax_wins_over_the_workdirs(jax_cache):
+    """JAX_COMPILATION_CACHE_DIR (read into jax.config) is the user's cache for every run: the default keeps it."""
+    config = load_config_file(os.path.join(REPO, "configs/demo.py"))
+    assert compile_cache.cache_dir(config, "gs://b/run")[0] == "/home/me/xla"
+    config.train.compilation_cache = "/shared/xla"
+    assert compile_cache.cache_dir(config, "gs://b/run")[0] == "/shared/xla"
+    config.train.compilation_cache = "off"
+    assert compile_cache.cache_dir(config, "gs://b/run")[0] is None
+
+
 def _train(assets, workdir, num_steps: int) -> tuple[tuple[int, int], str]:
     """((programs loaded, compiled), stdout) of a train.py run that samples and checkpoints every 2 steps."""
     command = _command(assets, workdir, num_steps=num_steps, checkpoint_every=2)
     command += ["--config.train.sample_every=2", "--config.train.sample_steps=2"]
-    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the test session's: not this run's
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = re.findall(r"compilation cache: (\d+) programs loaded, (\d+) compiled", done.stdout)
     return (int(line[0]), int(line[1])), done.stdout + done.stderr

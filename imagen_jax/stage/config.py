@@ -133,8 +133,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.train.log_every = 100  # steps between console/TensorBoard metrics
     c.train.checkpoint_every = 5_000  # steps between checkpoints
     c.train.keep_checkpoints = 3  # newest checkpoints kept
-    # JAX's persistent compilation cache (train/compile_cache.py): '' keeps it in <workdir>/compilation_cache, a
-    # path or URL puts it there, 'off' turns it off. A restart then loads the compiled programs instead of compiling.
+    # JAX's persistent compilation cache (train/compile_cache.py): '' keeps it in <workdir>/compilation_cache (or in
+    # JAX_COMPILATION_CACHE_DIR when that is set), a path or URL puts it there, 'off' turns it off. A restart then
+    # loads the compiled programs instead of compiling.
     c.train.compilation_cache = ""
     # Steps with a non-finite loss/gradient/update leave params, EMA and optimizer moments unchanged; this many
     # in a row stop the run with a checkpoint of the last good state (0 = never stop).

@@ -2,7 +2,9 @@
 loads the train step, the samplers and the evaluation programs instead of compiling them again.
 
 `train.compilation_cache`: '' (the default) keeps the cache in `<workdir>/compilation_cache` (a bucket's too,
-through JAX's own file layer), a path or URL puts it there (a folder several runs share), 'off' turns it off.
+through JAX's own file layer), unless JAX already has one (JAX_COMPILATION_CACHE_DIR, or
+jax.config.jax_compilation_cache_dir): then that one, which the user chose for all their runs. A path or URL puts it
+there (a folder several runs share), 'off' turns it off.
 Every program is written, however fast it compiled, so a second start of the same run and topology compiles
 nothing (tests/test_compile_cache.py). The cache holds executables JAX runs as they are: like the checkpoints,
 it is the run's own data; never point it at a folder others can write to.
@@ -43,6 +45,9 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[str | No
     setting = str(config.train.compilation_cache)
     if setting == OFF:
         return None, "compilation cache: off (train.compilation_cache='off')"
+    if not setting and jax.config.jax_compilation_cache_dir:
+        path = jax.config.jax_compilation_cache_dir
+        return path, f"compilation cache: {path} (JAX's, from JAX_COMPILATION_CACHE_DIR or jax.config)"
     path = setting or os.path.join(workdir, "compilation_cache")
     try:
         epath.Path(path)
