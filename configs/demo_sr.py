@@ -34,6 +34,7 @@ def get_config():
     # Unguided SR needs no dynamic thresholding, which rescales every pixel towards grey whenever 0.5% of them
     # overshoot [-1, 1]: dark images came out brighter (+1.4 grey levels here, ~8 on black-background digits).
     c.diffusion.thresholding = "static"
+    c.mesh.replicate_below = 0  # every parameter split over the mesh: tests shard this tiny model on fake devices
     c.train.batch_size = 16
     c.train.num_steps = 500
     c.train.learning_rate = 1e-3

@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 from imagen_jax.diffusion import sample
 from imagen_jax.parallel import activations
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.mesh import AXES
 
 
@@ -29,11 +30,12 @@ def test_each_layout_gets_its_own_trace():
     with activations.activation_layout(mesh):
         np.testing.assert_array_equal(scaled(x, 2.0), 2 * np.ones((4, 3)))
         assert "sharding_constraint" in str(scaled.trace(x, 2.0).jaxpr)
-    with activations.activation_layout(mesh, {"channels_out": "fsdp"}):
+    rules = mesh_lib.Rules((("channels_out", "fsdp"),))
+    with activations.activation_layout(mesh, rules):
         scaled(x, 2.0)
     scaled(x, 2.0)  # outside again: the first trace, reused
     assert "sharding_constraint" not in str(scaled.trace(x, 2.0).jaxpr)
-    assert [None if s is None else s.rules for s in seen] == [None, None, (("channels_out", "fsdp"),)]
+    assert [None if s is None else s.rules for s in seen] == [None, None, rules]
     assert seen[1].mesh is mesh
 
 

@@ -29,7 +29,7 @@ TINY = dict(
     lowres_size=8,
 )
 IMAGE, TEXT_DIM, LEN, BATCH = 16, 8, 5, 2
-VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", None}
+VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "inner", "text_embed", None}
 
 
 def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) -> EfficientUNet:

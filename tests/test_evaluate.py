@@ -135,6 +135,58 @@ def test_scorer_matches_the_one_device_functions(setup):
     np.testing.assert_allclose(scorer.clip_scores(images, captions), pairs, rtol=1e-5, atol=1e-4)
 
 
+def test_a_scorer_not_resident_holds_its_weights_on_the_devices_only_while_loaded(setup):
+    """Training's periodic evaluation: Inception and CLIP are on the devices inside `loaded()` alone (issue 29,
+    point 5), and score there as a resident scorer does."""
+    import gc
+
+    import jax
+
+    from imagen_jax.eval.scorer import Scorer
+    from imagen_jax.stage.model import local_mesh
+
+    def on_devices() -> int:
+        gc.collect()
+        return sum(x.nbytes for x in jax.live_arrays())
+
+    images = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    captions = ["a red circle on the left", "a"]
+    before = on_devices()
+    scorer = Scorer(str(setup / "inception.safetensors"), local_mesh(), str(setup / "clip"), resident=False)
+    host = sum(x.nbytes for x in jax.tree.leaves(scorer._host))
+    assert host > 1_000_000 and on_devices() - before < host / 100  # the weights wait in host memory
+    with pytest.raises(RuntimeError, match="not on the devices: score inside `with scorer.loaded"):
+        scorer.features(images)
+    resident = Scorer(str(setup / "inception.safetensors"), local_mesh(), str(setup / "clip"))
+    with scorer.loaded():
+        assert on_devices() - before > 1.9 * host  # its copy and the resident scorer's
+        np.testing.assert_array_equal(scorer.features(images), resident.features(images))
+        np.testing.assert_array_equal(scorer.clip_scores(images, captions), resident.clip_scores(images, captions))
+    del resident
+    assert on_devices() - before < host / 100  # freed after the block
+
+
+def test_the_planner_counts_the_bytes_a_scorer_places(setup):
+    """scorer.device_bytes (from the models' shapes and CLIP's config.json, nothing loaded) is what a Scorer puts
+    on each device; the planner adds it beside the held state when eval.every is set."""
+    import jax
+
+    from imagen_jax import config as config_lib
+    from imagen_jax.eval.scorer import Scorer, device_bytes
+    from imagen_jax.stage.model import local_mesh
+    from imagen_jax.train import plan
+
+    scorer = Scorer(str(setup / "inception.safetensors"), local_mesh(), str(setup / "clip"), resident=False)
+    placed = {name: sum(x.nbytes for x in jax.tree.leaves(state)) for name, state in scorer._host.items()}
+    assert device_bytes(str(setup / "clip")) == placed and device_bytes(None) == {"inception": placed["inception"]}
+    config = config_lib.load_config_file(os.path.join(os.path.dirname(LEGACY), "..", "..", "configs", "demo.py"))
+    usable = 15 * 2**30
+    assert plan.evaluation_bytes(config, 10 * 2**30, usable) == {}  # eval.every 0
+    config.eval.every, config.eval.clip = 100, str(setup / "clip")
+    figures = plan.evaluation_bytes(config, usable - sum(placed.values()) + 1, usable)
+    assert figures == {"eval_weights_bytes": placed, "eval_held_total": usable + 1, "eval_fits": False}
+
+
 @pytest.mark.slow  # two processes start, sample and score; then one process does the same: ~60-90 s
 def test_two_processes_share_the_batches_and_score_what_one_process_scores(setup, tmp_path):
     """tools.evaluate --distributed over localhost: each process samples its own batches on its own devices,

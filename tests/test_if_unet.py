@@ -24,7 +24,7 @@ from imagen_jax.text.weight_files import DIFFUSERS_STEMS, WeightFolder
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "if", "unet")
 SIZE = 16
 TOL = dict(rtol=1e-5, atol=1e-5)
-VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", None}
+VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "inner", "text_embed", None}
 # What the goldens' blocks are in our model (make_if_unet_fixtures.BLOCKS names diffusers' submodules).
 BLOCKS = {
     "resnet_shortcut": ("base", lambda m: m.up[0].blocks[0].res),

@@ -24,8 +24,14 @@ class FakeMesh:
     shape = {"data": 2, "fsdp": 4, "tensor": 1}
 
 
+def _rules(table, replicate_below=0):
+    import ml_collections
+
+    return mesh_lib.param_rules(ml_collections.ConfigDict({"rules": table, "replicate_below": replicate_below}))
+
+
 def test_spec_for_maps_names_and_replicates_what_does_not_divide():
-    rules = mesh_lib.rules_dict((("channels_out", "fsdp"), ("channels_in", "fsdp"), ("conv_h", None)))
+    rules = _rules((("channels_out", "fsdp"), ("channels_in", "fsdp"), ("conv_h", None)))
     assert mesh_lib.spec_for(
         ("conv_h", "conv_w", "channels_in", "channels_out"), (3, 3, 64, 128), FakeMesh, rules
     ) == P(None, None, "fsdp", None)
@@ -34,9 +40,38 @@ def test_spec_for_maps_names_and_replicates_what_does_not_divide():
     assert mesh_lib.spec_for(None, (6,), FakeMesh, rules) == P()
 
 
+class TensorMesh:
+    shape = {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_the_default_rules_give_megatron_pairs_and_keep_small_parameters_whole():
+    """Stored: every kernel over fsdp x tensor, the inner width always on tensor (column-parallel kernels take fsdp
+    on their input instead); parameters under mesh.replicate_below elements whole."""
+    from imagen_jax.stage.config import base_config
+
+    rules = mesh_lib.param_rules(base_config().mesh)
+    spec = lambda names, shape: mesh_lib.spec_for(names, shape, TensorMesh, rules)  # noqa: E731
+    plain = ("conv_h", "conv_w", "channels_in", "channels_out")
+    assert spec(plain, (3, 3, 256, 512)) == P(None, None, "tensor", "fsdp")
+    assert spec(("conv_h", "conv_w", "channels_in", "inner"), (3, 3, 256, 512)) == P(None, None, "fsdp", "tensor")
+    assert spec(("conv_h", "conv_w", "inner", "channels_out"), (3, 3, 512, 512)) == P(None, None, "tensor", "fsdp")
+    assert spec(("inner", "channels_out"), (1024, 256)) == P("tensor", "fsdp")
+    assert spec(("channels_in", "channels_out"), (32_768, 3)) == P("tensor", None)  # 3 does not split over fsdp
+    assert spec(("channels_out",), (512,)) == P()  # 512 < 65,536 elements: not 128 per chip
+    assert spec(plain, (3, 3, 64, 64)) == P()  # 36,864
+    assert rules.replicate_below == 65_536
+    small = _rules(base_config().mesh.rules, replicate_below=0)
+    assert mesh_lib.spec_for(("channels_out",), (512,), TensorMesh, small) == P("fsdp")
+    assert mesh_lib.spec_for(("inner",), (512,), TensorMesh, small) == P("tensor")
+
+
 def test_bad_rules_and_mesh_sizes_are_clear_errors():
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
-        mesh_lib.rules_dict((("channels_out", "model"),))
+        _rules((("channels_out", "model"),))
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        _rules((("channels_in", ("tensor", "model")),))
+    with pytest.raises(ValueError, match=r"^mesh.replicate_below must be an integer >= 0 \(elements\), got -1$"):
+        _rules((), replicate_below=-1)
     import ml_collections
 
     cfg = ml_collections.ConfigDict({"data": -1, "fsdp": -1, "tensor": 1})

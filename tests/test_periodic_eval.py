@@ -49,7 +49,7 @@ def test_training_logs_fid_kid_and_clip_score(assets, tmp_path, capsys):
 
     run(eval_config(assets, tmp_path), str(tmp_path / "run"))
     out = capsys.readouterr().out
-    assert "evaluating every 2 steps: 8 captions per guidance scale" in out
+    assert "evaluating every 2 steps: 8 captions per guidance scale, batches of 4" in out
     line = next(line for line in out.splitlines() if line.endswith("(evaluation)"))
     assert line.startswith("step 2: ")
     figures = dict(item.split("=") for item in line[len("step 2: ") : -len("; (evaluation)")].split(", "))
@@ -77,17 +77,19 @@ def test_eval_settings_are_checked_before_training(assets, tmp_path):
 @pytest.mark.slow  # two processes train 2 steps and evaluate; then one process evaluates the same weights: ~90 s
 def test_two_processes_evaluate_together_and_log_what_one_process_computes(assets, tmp_path):
     """train.py --distributed over localhost with config.eval on: both processes sample and score every batch on
-    the shared mesh, process 0 logs the figures, and they are what one process computes from the same EMA."""
+    the shared mesh, process 0 logs the figures, and they are what one process computes from the same EMA (whose
+    batches of 3 are 4 on the two processes' two devices: each caption keeps its seed)."""
     from imagen_jax.cascade import Imagen
     from imagen_jax.train.periodic_eval import PeriodicEval
 
     config = eval_config(assets, tmp_path)
-    config.eval.guidance_scales = (3.0,)
+    config.eval.guidance_scales, config.eval.batch_size = (3.0,), 3
     (tmp_path / "two.py").write_text(
         f"import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({config.to_dict()!r})\n"
     )
     outputs = run_distributed(["train.py", "--config", str(tmp_path / "two.py"), "--workdir", str(tmp_path / "run")])
     assert "processes: 2" in outputs[0] and "(evaluation)" not in outputs[1]
+    assert "8 captions per guidance scale, batches of 4" in outputs[0]
     line = next(line for line in outputs[0].splitlines() if line.endswith("(evaluation)"))
     logged = dict(item.split("=") for item in line[len("step 2: ") : -len("; (evaluation)")].split(", "))
 

@@ -386,7 +386,7 @@ folder, golden = sys.argv[1], np.load(sys.argv[2])
 c = config_lib.load_config_file("configs/demo.py")
 c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 2, 2
 mesh = mesh_lib.make_mesh(c.mesh, jax.devices())
-rules = mesh_lib.rules_dict(c.mesh.rules)
+rules = mesh_lib.param_rules(c.mesh)
 wanted = {}
 
 def place(abstract):

@@ -27,7 +27,7 @@ TINY = dict(
 IMAGE, TEXT_DIM, LEN, BATCH = 16, 8, 5, 2
 
 # The paper's 64x64 base model (2.0B parameters); the lead will import configs/base64.py here.
-VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "text_embed", None}
+VOCABULARY = {"conv_h", "conv_w", "channels_in", "channels_out", "inner", "text_embed", None}
 
 
 def _abstract(cfg=TINY, image_size=IMAGE, text_dim=TEXT_DIM, dtype=jnp.float32) -> UNet:
@@ -130,6 +130,16 @@ def test_every_param_is_annotated_float32():
         assert var.dtype == jnp.float32
     text_kernel = params["text_proj"]["kernel"]
     assert text_kernel.get_metadata()["out_sharding"] == ("text_embed", "channels_out")
+    # Megatron's pairs: into a layer's inner width (split over tensor), then out of it
+    named = {"/".join(map(str, path)): v.get_metadata()["out_sharding"] for path, v in nnx.to_flat_state(params)}
+    pairs = {"res/conv1/kernel": ("conv_h", "conv_w", "channels_in", "inner"),
+             "res/film/kernel": ("channels_in", "inner"), "res/norm2/scale": ("inner",),
+             "res/conv2/kernel": ("conv_h", "conv_w", "inner", "channels_out"),
+             "self_attn/q/kernel": ("channels_in", "inner"), "self_attn/q/bias": ("inner",),
+             "self_attn/out/kernel": ("inner", "channels_out"), "self_attn/out/bias": ("channels_out",)}  # fmt: skip
+    for suffix, names in pairs.items():
+        found = [n for path, n in named.items() if path.endswith(suffix)]
+        assert found and set(found) == {names}, (suffix, set(found))
 
 
 def test_base64_param_count():

@@ -82,7 +82,7 @@ def score_scale(
         chunk = list(captions[start : start + batch_size])
         images = sample(chunk, list(range(seed + start, seed + start + len(chunk))), scale)
         f = scorer.features(images)
-        c = scorer.clip_scores(images, chunk) if scorer.clip is not None else None
+        c = scorer.clip_scores(images, chunk) if scorer.has_clip else None
         if path is not None:
             _save_batch(path, f, c)
             if index == 0:

@@ -266,7 +266,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
         h = constrain(self.input_conv(constrain(jnp.concatenate([x.astype(jnp.float32), cond], -1).astype(self.dtype))))
         skips = [h]
         for downsample, blocks in zip(self.downsamples, self.down):
-            h = constrain(downsample(h))
+            h = calls.layer(downsample, h)
             for blk in blocks:
                 h = calls.block(blk, h)
             skips.append(h)
@@ -277,7 +277,7 @@ class EfficientUNet(TextConditioning, nnx.Module):
                 h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
             for blk in blocks:
                 h = calls.block(blk, h)
-            h = upsample(h)
+            h = calls.layer(upsample, h)
 
         h = constrain(jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1))
         h = constrain(self.out_conv(self.out_norm(h, silu=True)))

@@ -5,8 +5,11 @@ feed-forward layers.
 Conventions:
   * images are NHWC; text tokens are [B, L, C] with a bool mask [B, L] (True = valid token);
   * parameters are always float32 and carry logical axis names (``nnx.with_partitioning``) from the
-    vocabulary ``conv_h, conv_w, channels_in, channels_out, text_embed`` (None = unsharded); the
-    training code maps these names to mesh axes with a rules table;
+    vocabulary ``conv_h, conv_w, channels_in, channels_out, inner, text_embed`` (None = unsharded); the
+    training code maps these names to mesh axes with a rules table. ``inner`` is a layer's inner width, split
+    over the tensor axis (Megatron's layout): the output of the column-parallel layers that enter it (a residual
+    block's first conv and FiLM, attention's q/k/v, the feed-forward's first layer) and the input of the
+    row-parallel layers that leave it (the block's second conv, attention's output, the feed-forward's second);
   * ``dtype`` is the compute dtype: matmuls/convs run in it, normalisation statistics and softmax
     run in float32 and are cast back, so bfloat16 compute stays numerically safe;
   * dropout is functional: a block gets a PRNG key (or None for deterministic) at call time and
@@ -27,17 +30,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from imagen_jax.models.flash_attention import flash_attention
 from imagen_jax.parallel.activations import at_use, constrain, per_shard
+from imagen_jax.parallel.mesh import INNER
 
 Array = jax.Array
 
+# Every convolution's output is tagged with this name, so a remat policy can keep it (XLA's convolutions are not
+# the dot_general that jax's dots policies look for).
+CONV_OUTPUT = "conv_output"
 # Rematerialisation (config train.remat): what the backward pass recomputes instead of keeping from the forward.
 REMAT_POLICIES = {
     "none": None,  # keep every activation the backward pass needs
     "block": jax.checkpoint_policies.nothing_saveable,  # keep each block's inputs only; recompute the block
-    "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # recompute all but matmul outputs
+    # recompute all but the outputs of matmuls and convolutions (norms, activations, attention's softmax)
+    "block_save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT),
+    ),
     "attention": None,  # recompute the attention layers only (their [heads, N, N] logits dominate at 32x32)
 }
 
@@ -60,6 +72,11 @@ Names = tuple[str | None, ...]
 CONV_NAMES: Names = ("conv_h", "conv_w", "channels_in", "channels_out")
 DENSE_NAMES: Names = ("channels_in", "channels_out")
 VECTOR_NAMES: Names = ("channels_out",)
+# Tensor-parallel layer pairs: into the inner width (outputs split over tensor), then out of it (inputs split).
+COLUMN_CONV: Names = ("conv_h", "conv_w", "channels_in", INNER)
+ROW_CONV: Names = ("conv_h", "conv_w", INNER, "channels_out")
+COLUMN_DENSE: Names = ("channels_in", INNER)
+ROW_DENSE: Names = (INNER, "channels_out")
 
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
@@ -92,7 +109,7 @@ class _PlacedAtUse:
                 w = w.astype(dtype)
             return at_use(w, names)
 
-        placed_arrays = (inputs, placed(kernel, self.kernel_names), placed(bias, VECTOR_NAMES))
+        placed_arrays = (inputs, placed(kernel, self.kernel_names), placed(bias, self.kernel_names[-1:]))
         return nnx.nn.dtypes.promote_dtype(placed_arrays, dtype=dtype, inexact=inexact)
 
 
@@ -105,17 +122,25 @@ def dense(
     zero_init: bool = False,
     kernel_names: Names = DENSE_NAMES,
 ) -> nnx.Linear:
-    """Linear layer on the last axis with annotated float32 params and ``dtype`` compute."""
+    """Linear layer on the last axis with annotated float32 params (the bias named as the kernel's output) and
+    ``dtype`` compute."""
     return nnx.Linear(
         in_features,
         out_features,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, kernel_names),
-        bias_init=nnx.with_partitioning(_zeros, VECTOR_NAMES),
+        bias_init=nnx.with_partitioning(_zeros, kernel_names[-1:]),
         promote_dtype=_PlacedAtUse(kernel_names),
         rngs=rngs,
     )
+
+
+class _Conv(nnx.Conv):
+    """nnx.Conv whose output carries the name `CONV_OUTPUT` for the remat policies."""
+
+    def __call__(self, inputs: Array) -> Array:
+        return checkpoint_name(super().__call__(inputs), CONV_OUTPUT)
 
 
 def conv(
@@ -127,10 +152,11 @@ def conv(
     kernel_size: int = 3,
     stride: int = 1,
     zero_init: bool = False,
+    kernel_names: Names = CONV_NAMES,
 ) -> nnx.Conv:
     """Square NHWC convolution with symmetric padding ``kernel_size // 2`` (size-preserving at
     stride 1, exact halving at stride 2 for even sizes)."""
-    return nnx.Conv(
+    return _Conv(
         in_channels,
         out_channels,
         kernel_size=(kernel_size, kernel_size),
@@ -138,9 +164,9 @@ def conv(
         padding=kernel_size // 2,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, CONV_NAMES),
-        bias_init=nnx.with_partitioning(_zeros, VECTOR_NAMES),
-        promote_dtype=_PlacedAtUse(CONV_NAMES),
+        kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, kernel_names),
+        bias_init=nnx.with_partitioning(_zeros, kernel_names[-1:]),
+        promote_dtype=_PlacedAtUse(kernel_names),
         rngs=rngs,
     )
 
@@ -162,15 +188,22 @@ class GroupNorm(nnx.Module):
     """
 
     def __init__(
-        self, channels: int, *, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5, groups: int | None = None
+        self,
+        channels: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        eps: float = 1e-5,
+        groups: int | None = None,
+        names: Names = VECTOR_NAMES,
     ):
         self.groups = num_groups(channels) if groups is None else groups
         if channels % self.groups:
             raise ValueError(f"GroupNorm: {channels} channels do not split into {self.groups} groups")
         self.eps = eps
         self.dtype = dtype
-        self.scale = param(rngs, _ones, (channels,), VECTOR_NAMES)
-        self.bias = param(rngs, _zeros, (channels,), VECTOR_NAMES)
+        self.scale = param(rngs, _ones, (channels,), names)
+        self.bias = param(rngs, _zeros, (channels,), names)
 
     def __call__(
         self,
@@ -492,10 +525,12 @@ class ResBlock(nnx.Module):
         self.skip_time_act = skip_time_act
         self.output_scale = output_scale
         self.norm1 = GroupNorm(in_channels, rngs=rngs, dtype=dtype, eps=eps, groups=groups)
-        self.conv1 = conv(in_channels, out_channels, rngs=rngs, dtype=dtype)
-        self.film = dense(emb_dim, 2 * out_channels, rngs=rngs, dtype=dtype)
-        self.norm2 = GroupNorm(out_channels, rngs=rngs, dtype=dtype, eps=eps, groups=groups)
-        self.conv2 = conv(out_channels, out_channels, rngs=rngs, dtype=dtype, zero_init=zero_init)
+        self.conv1 = conv(in_channels, out_channels, rngs=rngs, dtype=dtype, kernel_names=COLUMN_CONV)
+        self.film = dense(emb_dim, 2 * out_channels, rngs=rngs, dtype=dtype, kernel_names=COLUMN_DENSE)
+        self.norm2 = GroupNorm(out_channels, rngs=rngs, dtype=dtype, eps=eps, groups=groups, names=(INNER,))
+        self.conv2 = conv(
+            out_channels, out_channels, rngs=rngs, dtype=dtype, zero_init=zero_init, kernel_names=ROW_CONV
+        )
         self.skip = (
             conv(in_channels, out_channels, rngs=rngs, dtype=dtype, kernel_size=1)
             if in_channels != out_channels
@@ -540,10 +575,10 @@ class _PixelAttention(nnx.Module):
 
     def _projections(self, channels: int, kv_dim: int, rngs: nnx.Rngs, dtype: jnp.dtype) -> None:
         """Imagen's projections: q of the pixels, k and v of ``kv_dim``-wide tokens, and the zero-init ``out``."""
-        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
-        self.k = dense(kv_dim, channels, rngs=rngs, dtype=dtype)
-        self.v = dense(kv_dim, channels, rngs=rngs, dtype=dtype)
-        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+        self.q = dense(channels, channels, rngs=rngs, dtype=dtype, kernel_names=COLUMN_DENSE)
+        self.k = dense(kv_dim, channels, rngs=rngs, dtype=dtype, kernel_names=COLUMN_DENSE)
+        self.v = dense(kv_dim, channels, rngs=rngs, dtype=dtype, kernel_names=COLUMN_DENSE)
+        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=True, kernel_names=ROW_DENSE)
 
     def _tokens(self, x: Array) -> Array:
         """x [B,H,W,C] GroupNorm'ed, as tokens [B, H*W, C]."""
@@ -656,12 +691,13 @@ class AddedKVAttention(_PixelAttention):
         self.context_norm = (
             GroupNorm(context_dim, rngs=rngs, dtype=dtype, groups=context_groups) if context_norm else None
         )
-        self.q = dense(channels, channels, rngs=rngs, dtype=dtype)
-        self.k = dense(channels, channels, rngs=rngs, dtype=dtype) if self_attention else None
-        self.v = dense(channels, channels, rngs=rngs, dtype=dtype) if self_attention else None
-        self.add_k = dense(context_dim, channels, rngs=rngs, dtype=dtype)
-        self.add_v = dense(context_dim, channels, rngs=rngs, dtype=dtype)
-        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=zero_init)
+        column = dict(rngs=rngs, dtype=dtype, kernel_names=COLUMN_DENSE)
+        self.q = dense(channels, channels, **column)
+        self.k = dense(channels, channels, **column) if self_attention else None
+        self.v = dense(channels, channels, **column) if self_attention else None
+        self.add_k = dense(context_dim, channels, **column)
+        self.add_v = dense(context_dim, channels, **column)
+        self.out = dense(channels, channels, rngs=rngs, dtype=dtype, zero_init=zero_init, kernel_names=ROW_DENSE)
 
     def keys_values(self, context: Array) -> tuple[Array, Array]:
         """The text's keys and values [B, L, heads, head_dim] from context tokens [B, L, context_dim]: the same at
@@ -716,8 +752,8 @@ class FeedForward(nnx.Module):
 
     def __init__(self, channels: int, mult: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
         self.norm = GroupNorm(channels, rngs=rngs, dtype=dtype)
-        self.fc1 = dense(channels, mult * channels, rngs=rngs, dtype=dtype)
-        self.fc2 = dense(mult * channels, channels, rngs=rngs, dtype=dtype, zero_init=True)
+        self.fc1 = dense(channels, mult * channels, rngs=rngs, dtype=dtype, kernel_names=COLUMN_DENSE)
+        self.fc2 = dense(mult * channels, channels, rngs=rngs, dtype=dtype, zero_init=True, kernel_names=ROW_DENSE)
 
     def __call__(self, x: Array) -> Array:
         return constrain(x + self.fc2(jax.nn.gelu(constrain(self.fc1(self.norm(x)), inner=-1))))
@@ -887,7 +923,10 @@ class BlockCalls:
     def block(self, block: UNetBlock, h: Array) -> Array:
         return call_remat(block, h, self.emb, next(self.texts), self.mask, self._next_key(), policy=self.remat)
 
-    def res(self, block: ResBlock, h: Array, *, remat: bool = True) -> Array:
-        """A residual block on its own (a middle's second, IF's resamplers); ``remat`` False: called plainly whatever
-        the policy (the base U-Net's middle ResBlock)."""
-        return call_remat(block, h, self.emb, self._next_key(), policy=self.remat if remat else "none")
+    def res(self, block: ResBlock, h: Array) -> Array:
+        """A residual block on its own (a middle's second, IF's resamplers)."""
+        return call_remat(block, h, self.emb, self._next_key(), policy=self.remat)
+
+    def layer(self, layer: nnx.Module, h: Array) -> Array:
+        """A layer of the activations alone (a resampling convolution), its output pinned to the batch layout."""
+        return constrain(call_remat(layer, h, policy=self.remat))

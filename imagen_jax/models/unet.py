@@ -227,19 +227,19 @@ class UNet(TextConditioning, nnx.Module):
                 h = calls.block(blk, h)
                 skips.append(h)
             if level < len(self.downsamples):
-                h = self.downsamples[level](h)
+                h = calls.layer(self.downsamples[level], h)
                 if self.resample_skips:
                     skips.append(h)
 
         h = calls.block(self.mid, h)
-        h = calls.res(self.mid_res, h, remat=False)
+        h = calls.res(self.mid_res, h)
 
         for level, blocks in enumerate(self.up):
             for blk in blocks:
                 h = constrain(jnp.concatenate([h, skips.pop()], axis=-1))
                 h = calls.block(blk, h)
             if level < len(self.upsamples):
-                h = self.upsamples[level](h)
+                h = calls.layer(self.upsamples[level], h)
 
         h = constrain(self.out_conv(self.out_norm(h, silu=True)))
         return h.astype(jnp.float32)

@@ -8,9 +8,11 @@ traces the model there) the model pins its activations with `constrain`: the bat
 axes, and the inner width of a layer (a residual block's hidden channels, attention heads, the feed-forward
 hidden width) over `tensor`, so tensor-parallel chips each compute their part of the layer (Megatron's split:
 column-parallel into the inner width, row-parallel out of it). Outside the context `constrain` does nothing,
-so single-device code runs unchanged. Given the mesh.rules too, the layers also place their weights at each use
-with `at_use`: whole over the batch axes (FSDP's split, which stores them, undone by an all-gather there) and
-still split over `tensor` as stored. Leaving that gather to the partitioner is not only slower to reason about
+so single-device code runs unchanged. Given the parameter rules too, the layers also place their weights at each
+use with `at_use`: whole over the batch axes (FSDP's split, which stores them, undone by an all-gather there),
+split over `tensor` only along a layer's inner width (logical name 'inner': the output of a column-parallel
+kernel, the input of a row-parallel one), so a block costs one reduction over `tensor` (after its row-parallel
+layer) and every other kernel is used whole. Leaving that gather to the partitioner is not only slower to reason about
 but wrong: XLA (jax 0.10.2) partitions a 3x3 convolution whose kernel is split over fsdp x tensor, fed an
 activation split over data x fsdp and tensor, into a program that computes different numbers (issue 29;
 tests/test_tensor_parallel.py). `per_shard` runs a computation the partitioner cannot split
@@ -37,27 +39,27 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax.parallel.mesh import BATCH_AXES, spec_for
+from imagen_jax.parallel.mesh import BATCH_AXES, INNER, Rules, spec_for
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """The mesh activations are pinned to and the weight rules (sorted (logical name, axis) pairs, or None: weights
-    left where they are stored); hashable, so that it can be a static argument of `jax.jit`."""
+    """The mesh activations are pinned to and the parameter rules (None: weights left where they are stored);
+    hashable, so that it can be a static argument of `jax.jit`."""
 
     mesh: Mesh
-    rules: tuple[tuple[str, str | None], ...] | None
+    rules: Rules | None
 
 
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("activation_layout", default=None)
 
 
 @contextlib.contextmanager
-def activation_layout(mesh: Mesh, rules: dict | None = None) -> Iterator[None]:
+def activation_layout(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
     """Within the block, `constrain` pins activations to `mesh` (batch over data x fsdp, inner widths over
-    tensor) and, with the parameters' `rules` (`mesh.rules_dict` of the config's mesh.rules), `at_use` places
-    each weight where it is used."""
-    with _entered(Layout(mesh, None if rules is None else tuple(sorted(rules.items())))):
+    tensor) and, with the parameters' `rules` (`mesh.param_rules` of the config's mesh), `at_use` places each
+    weight where it is used."""
+    with _entered(Layout(mesh, rules)):
         yield
 
 
@@ -104,15 +106,17 @@ class jit:  # noqa: N801 (used as jax.jit is: a decorator, or a call on a functi
 
 
 def at_use(w: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Weight `w`, whose axes have the logical `names`, laid out for its use: split as the rules store it but
-    over no batch axis (gathered over fsdp), so each device holds what its part of the batch needs. Outside
+    """Weight `w`, whose axes have the logical `names`, laid out for its use: split along its inner width as the
+    rules store it (over `tensor`), whole along every other axis (gathered over fsdp, and over tensor where a
+    kernel is stored split but used whole), so each device holds what its part of the work needs. Outside
     `activation_layout` with rules, the identity."""
     layout = _LAYOUT.get()
     if layout is None or layout.rules is None:
         return w
     mesh = layout.mesh
-    stored = spec_for(names, w.shape, mesh, dict(layout.rules))
-    spec = [None if axis in BATCH_AXES else axis for axis in (*stored, *[None] * (w.ndim - len(stored)))]
+    stored = spec_for(names, w.shape, mesh, layout.rules)
+    stored = (*stored, *[None] * (w.ndim - len(stored)))
+    spec = [axis if name == INNER else None for axis, name in zip(stored, names, strict=True)]
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(*spec)))
 
 

@@ -7,6 +7,7 @@ divide is replicated instead, so small layers of a big model never fail to shard
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ from imagen_jax.errors import ConfigError
 AXES = ("data", "fsdp", "tensor")
 # Batches are split over every axis that holds data-parallel replicas.
 BATCH_AXES = ("data", "fsdp")
+# The logical name of a layer's inner width (a residual block's hidden channels, attention heads x their width,
+# the feed-forward hidden width): the output of a column-parallel kernel and the input of a row-parallel one,
+# split over `tensor` where it is used as where it is stored (Megatron's layout; parallel/activations.py).
+INNER = "inner"
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -45,36 +50,58 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
-def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, str | None]:
-    """The config's rules table ((logical_name, mesh_axis_or_None), ...) as a dict."""
-    table = {}
-    for rule in rules:
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """How parameters lie on the mesh: `table` maps each logical axis name to a mesh axis, to a tuple of mesh axes
+    (the first one still free and dividing the dim is taken) or to None (whole); a parameter with fewer than
+    `replicate_below` elements is whole on every device (split 256 ways, a 512-wide bias is 2 elements per chip
+    and a latency-bound collective per use). Hashable: it is part of the activation layout jit sees."""
+
+    table: tuple[tuple[str, Any], ...]
+    replicate_below: int = 0
+
+    def candidates(self, name: str | None) -> tuple[str, ...]:
+        axis = dict(self.table).get(name) if name is not None else None
+        return () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def param_rules(mesh_cfg: ml_collections.ConfigDict) -> Rules:
+    """The config's mesh.rules and mesh.replicate_below as `Rules`, each checked (ConfigError naming the entry)."""
+    table = []
+    for rule in mesh_cfg.rules:
         if len(rule) != 2:
             raise ConfigError(f"mesh.rules: each rule is (logical_name, mesh_axis or None), got {rule!r}")
         name, axis = rule
-        if axis is not None and axis not in AXES:
-            raise ConfigError(f"mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; axes are {AXES}")
-        table[name] = axis
-    return table
+        axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+        for a in axes:
+            if a not in AXES:
+                raise ConfigError(f"mesh.rules: {name!r} maps to unknown mesh axis {a!r}; axes are {AXES}")
+        table.append((str(name), axis if axis is None or isinstance(axis, str) else tuple(axis)))
+    threshold = mesh_cfg.get("replicate_below", 0)
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ConfigError(f"mesh.replicate_below must be an integer >= 0 (elements), got {threshold!r}")
+    return Rules(tuple(table), threshold)
 
 
-def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: dict) -> P:
-    """PartitionSpec for one array: each named dim goes to its mesh axis when that axis divides it."""
-    if not names:
+def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
+    """PartitionSpec for one array: each named dim goes to its mesh axis when that axis divides it. Names with one
+    axis are placed first, then those with a choice (so ('channels_in', ('tensor', 'fsdp')) takes fsdp where a
+    column-parallel kernel's 'inner' holds tensor); an array under rules.replicate_below elements stays whole."""
+    if not names or math.prod(shape) < rules.replicate_below:
         return P()
     used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape):
-        axis = rules.get(name) if name is not None else None
-        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
-            spec.append(None)
-        else:
-            spec.append(axis)
-            used.add(axis)
+    spec: list[str | None] = [None] * len(shape)
+    order = sorted(range(len(shape)), key=lambda i: len(rules.candidates(names[i])) > 1)
+    for i in order:
+        for axis in rules.candidates(names[i]):
+            if axis not in used and mesh.shape[axis] > 1 and shape[i] % mesh.shape[axis] == 0:
+                spec[i] = axis
+                used.add(axis)
+                break
     return P(*spec)
 
 
-def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict) -> nnx.State:
+def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
     """NamedShardings for an (abstract) nnx.State, read from each variable's logical names."""
 
     def one(variable: nnx.Variable) -> nnx.Variable:

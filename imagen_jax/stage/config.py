@@ -162,7 +162,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.eval.inception = ""  # FID Inception weights, .safetensors (tools.convert_inception)
     c.eval.clip = ""  # a Hugging Face CLIPModel folder for the CLIP score ("" = no CLIP score)
     c.eval.steps = 0  # sampler steps (0 = train.sample_steps)
-    c.eval.batch_size = 64  # images sampled and scored at once (global; split over the mesh)
+    # images sampled and scored at once (global; split over the mesh), rounded up to a multiple of the data-parallel
+    # devices (64 on 256 chips: 256 a batch)
+    c.eval.batch_size = 64
     c.eval.seed = 0  # caption subset and sampling seeds: the same images at every evaluation
 
     c.mesh = ml_collections.ConfigDict()
@@ -172,12 +174,16 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     # feed-forward and T5 widths) is split over this many devices, which compute their parts of it on the same
     # examples (parallel/activations.py); the parameters are split over it too (the rules below).
     c.mesh.tensor = 1
-    # Logical parameter axis -> mesh axis (or None = replicated). A dim the mesh axis does not divide stays replicated.
-    # Kernels are [..., channels_in, channels_out]: stored split over fsdp x tensor, gathered where they are used.
+    # Logical parameter axis -> mesh axis, a tuple of mesh axes (the first free one that divides the dim), or None
+    # (whole). Kernels are [..., channels_in, channels_out]: stored split over fsdp x tensor, gathered where they
+    # are used, except along a layer's inner width ('inner': the output of a residual block's first conv, FiLM and
+    # the attention/feed-forward input projections, the input of the layers that return to the block's width),
+    # which stays split over tensor where it is used (Megatron's layout: one reduction over tensor per layer pair).
     c.mesh.rules = (
         # U-Net
+        ("inner", "tensor"),
         ("channels_out", "fsdp"),
-        ("channels_in", "tensor"),
+        ("channels_in", ("tensor", "fsdp")),
         ("conv_h", None),
         ("conv_w", None),
         ("text_embed", None),
@@ -189,6 +195,10 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
         ("vocab", "tensor"),
         ("relpos_buckets", None),
     )
+    # Parameters with fewer elements than this are whole on every device: split over fsdp=256, a 512-wide bias is
+    # 2 elements per chip, and each use a latency-bound collective. 65,536 float32 elements with their EMA and
+    # Adam moments are 1 MiB per chip; the demo configs set 0 so their tiny models split every parameter.
+    c.mesh.replicate_below = 65_536
     return c
 
 

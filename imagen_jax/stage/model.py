@@ -182,7 +182,7 @@ def stage_model(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) ->
     graphdef, abstract, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"the U-Net has non-parameter state, which the train state does not carry: {rest}")
-    rules = mesh_lib.rules_dict(config.mesh.rules)
+    rules = mesh_lib.param_rules(config.mesh)
     shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh, rules))
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract), shardings
@@ -193,7 +193,7 @@ def stage_model(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) ->
 def t5_shardings(config: ml_collections.ConfigDict, state: Any, mesh: Mesh) -> Any:
     """Where each parameter of a T5 (abstract) `state` lives on `mesh`: its logical names (embed, mlp,
     heads_x_dim, ...) mapped by the config's mesh.rules, like the U-Net's (training and sampling alike)."""
-    return mesh_lib.state_shardings(state, mesh, mesh_lib.rules_dict(config.mesh.rules))
+    return mesh_lib.state_shardings(state, mesh, mesh_lib.param_rules(config.mesh))
 
 
 def local_mesh() -> Mesh:

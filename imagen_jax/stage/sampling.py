@@ -104,7 +104,7 @@ def sample(
             noise = jax.device_put(noise, mesh_lib.replicated(mesh))
     # activations split like the batch, weights gathered at each use, as in training
     params = in_compute_dtype(params, compute_dtype(config.train.compute_dtype))
-    with activation_layout(mesh, mesh_lib.rules_dict(config.mesh.rules)):
+    with activation_layout(mesh, mesh_lib.param_rules(config.mesh)):
         x = diffusion_sample(
             denoiser,
             params,

@@ -11,8 +11,9 @@ chips), v5e-N and v6e-N count chips. --t5 is the shape of the frozen T5 inside t
 With --config.data.precomputed_text=True the step has no T5 (compare both set-ups).
 
 Printed per device: parameters, optimizer state, EMA, T5 and the batch (from the arrays' shardings), the
-compiler's temporaries (activations, gradients, workspace), their total against the chip's HBM (v4 32 GiB, v5e
-16, v5p 95, v6e 32) with the margin; FLOPs per step from the compiled cost analysis beside a count of the
+compiler's temporaries (activations, gradients, workspace), their total against the HBM the TPU compiler lets a
+program use (v4 30.75 of 32 GiB, v5e 15.75 of 16, v5p 95.74 of 95, v6e 31.25 of 32: the compiler's own figure,
+asked at each plan) with the margin; FLOPs per step from the compiled cost analysis beside a count of the
 step's matmuls and convolutions from its jaxpr; the bytes each device sends for the program's collectives, by
 kind (all-gather, reduce-scatter, all-reduce, ...; ring algorithms); a roofline step time (the largest of FLOPs /
 bf16 peak, bytes accessed / HBM bandwidth and collective bytes / the chip's share of the interconnect, each
@@ -26,7 +27,7 @@ every stage's parameters resident at once, split over all the chips as sample.py
 encoding of --batch_size prompts (default 4) and per stage the text conditioning and the sampler's step loop
 (the model on the guidance-doubled batch, and the update; steps and guidance from train.sample_steps and
 train.sample_guidance_scale). Printed per device: T5's and each stage's parameters, each program's
-temporaries, the peak (a program's total beside the weights it does not take) against HBM, and a roofline time
+temporaries, the peak (a program's total beside the weights it does not take) against usable HBM, and a roofline time
 per sampler step per stage and for the whole cascade. --config.KEY=VALUE overrides apply to every stage. A
 one-chip slice (v5p-2, v6e-1, v5e-1) gives the bytes one device needs to hold the whole cascade: the TPU
 compiler's figure, the nearest there is here to what a GPU would need (no GPU compiler runs on this machine).
@@ -79,7 +80,7 @@ def format_report(config_path: str, r: dict) -> str:
         f"U-Net {r['unet_params'] / 1e6:.1f}M params; {r['text']}: {r['t5_params'] / 1e6:.1f}M params; "
         f"global batch {r['global_batch']} ({per_device:g} per data-parallel device)",
         "per-device GiB: " + "  ".join(f"{k} {m[k] / GIB:.2f}" for k in kinds)
-        + f"  / HBM {r['hbm_bytes'] / GIB:.0f} -> {verdict}",
+        + f"  / {_hbm(r)} -> {verdict}",
         f"FLOPs per step: {versus}{counted:.4g} (matmuls + convolutions counted{agreement})",
         f"roofline: {r['roofline_step_s'] * 1e3:.1f} ms per step ({r['roofline_bound']}-bound), "
         f"{r['roofline_images_per_s']:.0f} images/s; terms: compute {r['compute_s'] * 1e3:.1f} ms at peak, "
@@ -90,7 +91,23 @@ def format_report(config_path: str, r: dict) -> str:
             f"({r['trainable_params'] / r['all_params']:.2%}); the frozen ones save "
             f"{r['optimizer_bytes_saved_by_frozen'] / GIB:.2f} GiB of optimizer state per device"
         ] if "trainable_params" in r else []),
+        *([_evaluation_line(r)] if "eval_weights_bytes" in r else []),
     ])  # fmt: skip
+
+
+def _hbm(r: dict) -> str:
+    return f"usable HBM {r['hbm_usable_bytes'] / GIB:.2f} (of {r['hbm_bytes'] / GIB:.0f})"
+
+
+def _evaluation_line(r: dict) -> str:
+    weights = r["eval_weights_bytes"]
+    verdict = "fits" if r["eval_fits"] else "DOES NOT FIT"
+    return (
+        "while evaluating (eval.every): "
+        + " + ".join(f"{name} {size / GIB:.2f}" for name, size in weights.items())
+        + f" GiB per device beside the held state: {r['eval_held_total'] / GIB:.2f} / {_hbm(r)}"
+        f" -> {verdict}, before the sampler's temporaries (--sample plans them)"
+    )
 
 
 def format_sampling_report(r: dict) -> str:
@@ -117,7 +134,7 @@ def format_sampling_report(r: dict) -> str:
         )
     lines.append(
         f"peak per device: {r['peak_bytes_per_device'] / GIB:.2f} GiB (during {r['peak_program']}) "
-        f"/ HBM {r['hbm_bytes'] / GIB:.0f} -> {verdict}"
+        f"/ {_hbm(r)} -> {verdict}"
     )
     if r["devices"] == 1:
         lines.append(

@@ -243,7 +243,10 @@ def _train(
     periodic_eval = None
     if config.eval.every:
         periodic_eval = PeriodicEval(config, mesh, encoder, denoiser, log)
-        log(f"evaluating every {config.eval.every} steps: {len(periodic_eval.captions)} captions per guidance scale")
+        log(
+            f"evaluating every {config.eval.every} steps: {len(periodic_eval.captions)} captions per guidance scale, "
+            f"batches of {periodic_eval.batch_size}"
+        )
 
     # ----------------------------------------------------------------------------------------------
     # Train. The devices always have the next step queued: step n's results are read (which waits for

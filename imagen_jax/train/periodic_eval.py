@@ -1,9 +1,11 @@
 """config.eval during training: FID, KID and CLIP score of the EMA weights' samples, beside the loss.
 
-Every process takes part (the weights and each sampled batch span the mesh); the figures come back whole on
-every process and the loop's writer (process 0) logs them as eval/fid_g<scale>, eval/kid_g<scale>,
+Every process takes part in sampling and scoring (the weights and each sampled batch span the mesh); process 0
+alone, the loop's writer, reduces the features to FID, KID and precision/recall (float64 NumPy, a minute for a
+30k reference: the other hosts would only repeat it) and logs eval/fid_g<scale>, eval/kid_g<scale>,
 eval/clip_score_g<scale>. The captions and seeds are the same at every evaluation, so the curve shows the
-model changing, not the sample.
+model changing, not the sample. Inception and CLIP are on the devices only while evaluating (`Scorer.loaded`),
+and a batch is a whole multiple of the data-parallel width, so only the last one carries padding rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from imagen_jax.diffusion import Denoiser
 from imagen_jax.eval import evaluation, reference_stats
 from imagen_jax.eval import scorer as scorer_lib
 from imagen_jax.eval.sources import read_captions
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import sampling
 
 
@@ -36,14 +39,16 @@ class PeriodicEval:
         settings = config.eval
         self.captions = read_captions(settings.captions, int(settings.num_images), int(settings.seed))
         self.reference = reference_stats.load(settings.reference)
-        self.scorer = scorer_lib.Scorer(settings.inception, mesh, settings.clip or None)
+        self.scorer = scorer_lib.Scorer(settings.inception, mesh, settings.clip or None, resident=False)
+        # e.g. eval.batch_size 64 on 256 chips: 256 images a batch, not 64 padded to 256 rows
+        self.batch_size = mesh_lib.padded_rows(int(settings.batch_size), mesh)
         evaluation.check_reference(self.reference, self.scorer, int(config.data.image_size))
 
     def due(self, step: int) -> bool:
         return step % int(self.config.eval.every) == 0
 
     def __call__(self, ema: Any) -> dict[str, float]:
-        """The figures for the EMA parameters `ema`, keyed for TensorBoard."""
+        """The figures for the EMA parameters `ema`, keyed for TensorBoard, on process 0 (others: {})."""
         config = self.config
         steps = int(config.eval.steps) or int(config.train.sample_steps)
 
@@ -55,19 +60,26 @@ class PeriodicEval:
             )
             return images_lib.to_uint8(x)
 
+        scales = [float(scale) for scale in config.eval.guidance_scales]
+        with self.scorer.loaded():
+            scored = {
+                scale: evaluation.score_scale(
+                    sample,
+                    self.scorer,
+                    self.captions,
+                    scale,
+                    batch_size=self.batch_size,
+                    seed=int(config.eval.seed),
+                    log=lambda _: None,
+                )
+                for scale in scales
+            }
+        if jax.process_index() != 0:
+            return {}
         figures: dict[str, float] = {}
-        for scale in config.eval.guidance_scales:
-            features, clip = evaluation.score_scale(
-                sample,
-                self.scorer,
-                self.captions,
-                float(scale),
-                batch_size=int(config.eval.batch_size),
-                seed=int(config.eval.seed),
-                log=lambda _: None,
-            )
+        for scale, (features, clip) in scored.items():
             result = evaluation.summarise(features, clip, self.reference)
             for name in ("fid", "kid", "clip_score", "precision", "recall"):
                 if name in result:
-                    figures[f"eval/{name}_g{float(scale):g}"] = float(result[name])
+                    figures[f"eval/{name}_g{scale:g}"] = float(result[name])
         return figures

@@ -21,6 +21,7 @@ whole cascade needs: the TPU compiler's figure, the nearest proxy for a GPU ther
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -35,6 +36,7 @@ from imagen_jax import filesystem
 from imagen_jax.diffusion import sampler as sampler_lib
 from imagen_jax.diffusion.timesteps import resolve_steps
 from imagen_jax.errors import ConfigError, UsageError, first_line
+from imagen_jax.eval import scorer as scorer_lib
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage import config as stage_config
@@ -55,6 +57,7 @@ from imagen_jax.train import trainable
 GIB = 2**30
 # XLA's refusal when a program's temporaries do not fit: "... HLO temporaries (49.37G) exceeds available HBM ..."
 _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: .*?HLO temporaries \(([\d.]+[KMGT]?)\)")
+_AVAILABLE_HBM = re.compile(r"exceeds available HBM \(([\d.]+[KMGT]?)\)")
 # A TPU "windowed einsum": an FSDP all-gather (or reduce-scatter) split into a loop that overlaps each piece's
 # transfer with the convolution or matmul using it. XLA's cost analysis counts the loop's body once.
 _WINDOWED_LOOP = re.compile(r"\bwhile\([^\n]*body=%?[\w.\-]*windowed_dot_general_body")
@@ -188,6 +191,23 @@ def _gib(text: str) -> int:
     """XLA's human-readable sizes ('49.37G': binary units) in bytes."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     return int(float(text.rstrip("KMGT")) * units.get(text[-1], 1))
+
+
+@functools.cache
+def usable_hbm(device: Any) -> int:
+    """The HBM one program may use on `device`'s chip, as the TPU compiler states it when it refuses a program larger
+    than any chip: below the nominal capacity, which the runtime does not give away whole (libtpu 0.0.42: v4 30.75
+    of 32 GiB, v5e 15.75 of 16, v5p 95.74 of 95, v6e 31.25 of 32). What a plan's total is held against."""
+    mesh = jax.sharding.Mesh([device], ("one",))
+    too_big = jax.jit(lambda: jnp.zeros((2**38,), jnp.int8) + 1, out_shardings=mesh_lib.replicated(mesh))
+    try:
+        too_big.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = _AVAILABLE_HBM.search(str(e))
+        if found is not None:
+            return _gib(found.group(1))
+        raise ConfigError(f"the TPU compiler did not state the chip's usable HBM: {first_line(e)}") from None
+    raise ConfigError("the TPU compiler compiled a 256 GiB program for one chip; it cannot be planning for a TPU")
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -421,6 +441,8 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "batch": bytes_per_device(batch),
     }
     fine_tuning = frozen_savings(config, trainer, state, held["optimizer"])
+    usable = usable_hbm(devices[0])
+    evaluation = evaluation_bytes(config, sum(held.values()), usable)
     traced = trainer.train_step.trace(state, text.params, batch, streak)
     flops_counted = matmul_flops(traced.jaxpr)
     step = compile_program("train step", traced.lower(), sum(held.values()), n, f"the train step for {slice_name}")
@@ -443,8 +465,9 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "text": text.description,
         "per_device_bytes": {**held, "temporaries": step.temporaries, "total": step.total},
         "hbm_bytes": tpu_slice.chip.hbm_bytes,
-        "fits": step.total <= tpu_slice.chip.hbm_bytes,
-        "hbm_margin": 1.0 - step.total / tpu_slice.chip.hbm_bytes,
+        "hbm_usable_bytes": usable,
+        "fits": step.total <= usable,
+        "hbm_margin": 1.0 - step.total / usable,
         "flops_per_step_xla": step.flops_xla,
         "flops_per_step_counted": flops_counted,
         "flops_note": note,
@@ -459,7 +482,19 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "compiled": step.compiled,
         "roofline_images_per_s": config.train.batch_size / step_s if step_s else float("inf"),
         **fine_tuning,
+        **evaluation,
     }
+
+
+def evaluation_bytes(config: ml_collections.ConfigDict, held: int, usable: int) -> dict:
+    """With eval.every set: the Inception and CLIP weights on every chip while the loop evaluates (they wait in host
+    memory otherwise, train/periodic_eval.py), and whether they fit beside the held state (the sampler's own
+    temporaries come on top: `--sample` plans them). Without it, nothing."""
+    if not int(config.eval.every):
+        return {}
+    weights = scorer_lib.device_bytes(str(config.eval.clip) or None)
+    total = held + sum(weights.values())
+    return {"eval_weights_bytes": weights, "eval_held_total": total, "eval_fits": total <= usable}
 
 
 def frozen_savings(
@@ -548,7 +583,7 @@ def plan_sampling(
             )
     tpu_slice = parse_slice(slice_name)
     devices = slice_devices(tpu_slice)
-    n, chip = len(devices), tpu_slice.chip
+    n, chip, usable = len(devices), tpu_slice.chip, usable_hbm(devices[0])
     mesh = sampling_mesh(devices)
     first = configs[0].copy_and_resolve_references()
     first.data.precomputed_text = False  # the cascade always encodes its prompts
@@ -572,7 +607,7 @@ def plan_sampling(
         guidance = float(config.train.sample_guidance_scale)
         guided = guidance != 1.0
         placed = _abstract((rows, length, encoder.dim), encoder.dtype, batch)  # sampling.sample's place(text)
-        rules = mesh_lib.rules_dict(config.mesh.rules)  # sampling.sample places weights at use by these
+        rules = mesh_lib.param_rules(config.mesh)  # sampling.sample places weights at use by these
         with activation_layout(mesh, rules):
             traced = sampler_lib._condition.trace(
                 model.abstract_params, placed, mask, denoiser=model.denoiser, guided=guided
@@ -669,8 +704,9 @@ def plan_sampling(
         "peak_bytes_per_device": peak.peak,
         "peak_program": peak.program.name,
         "hbm_bytes": chip.hbm_bytes,
-        "fits": peak.peak <= chip.hbm_bytes,
-        "hbm_margin": 1.0 - peak.peak / chip.hbm_bytes,
+        "hbm_usable_bytes": usable,
+        "fits": peak.peak <= usable,
+        "hbm_margin": 1.0 - peak.peak / usable,
         "compiled": all(f.program.compiled for f in programs),
         "roofline_encode_s": programs[0].seconds,
         "roofline_cascade_s": programs[0].seconds + sum(s["roofline_stage_s"] for s in stages),

@@ -85,7 +85,7 @@ def make_train_step(
     compute = compute_dtype(config.train.compute_dtype)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
     max_nonfinite = int(config.train.max_consecutive_nonfinite)  # 0: never stop
-    rules = mesh_lib.rules_dict(config.mesh.rules)
+    rules = mesh_lib.param_rules(config.mesh)
     trained_paths = trainable.trained_paths(config, state_shardings["params"])
     trained_shardings = trainable.split(state_shardings["params"], trained_paths)[0]
 
