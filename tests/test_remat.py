@@ -28,7 +28,8 @@ def _config(kind: str, remat: str):
     return c
 
 
-def _loss_and_grads(kind: str, remat: str):
+def _loss(kind: str, remat: str):
+    """(the diffusion loss of random parameters on a fixed batch, the parameters, the model) for the tiny `kind`."""
     config = _config(kind, remat)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, TEXT_DIM)))
     params = nnx.to_pure_dict(random_state(abstract))
@@ -43,21 +44,29 @@ def _loss_and_grads(kind: str, remat: str):
     def loss(p):
         return diffusion_loss(make_apply_fn(graphdef), p, x0, text, mask, jax.random.key(0), model_kwargs=kwargs)[0]
 
+    return loss, params, nnx.merge(graphdef, abstract)
+
+
+def _loss_and_grads(kind: str, remat: str):
+    loss, params, _ = _loss(kind, remat)
     value_and_grad = jax.jit(jax.value_and_grad(loss))
     return value_and_grad(params), _primitives(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
 
 
-def _primitives(jaxpr) -> set[str]:
-    """Every primitive of a jaxpr, nested ones included."""
-    names = set()
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs included."""
     for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
+        yield eqn
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    names |= _primitives(inner)
-    return names
+                    yield from _eqns(inner)
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive of a jaxpr, nested ones included."""
+    return {eqn.primitive.name for eqn in _eqns(jaxpr)}
 
 
 @pytest.mark.parametrize(
@@ -75,37 +84,16 @@ def test_every_remat_policy_gives_the_same_gradients(kind, policies):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads)
 
 
-def _count_remat(jaxpr) -> int:
-    """How many checkpointed regions a jaxpr has, nested ones included."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        count += eqn.primitive.name in REMAT_PRIMITIVES
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    count += _count_remat(inner)
-    return count
-
-
 def _costs(policy: str) -> tuple[float, float, int, nnx.Module]:
     """(FLOPs of the loss's gradient, of the loss, checkpointed regions of the loss, the model) for the tiny base."""
-    config = _config("base", policy)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, TEXT_DIM)))
-    params = nnx.to_pure_dict(random_state(abstract))
-    rng = np.random.default_rng(1)
-    x0 = jnp.asarray(rng.uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
-    text, mask = jnp.asarray(rng.normal(size=(4, 6, TEXT_DIM)), jnp.float32), jnp.ones((4, 6), bool)
-
-    def loss(p):
-        return diffusion_loss(make_apply_fn(graphdef), p, x0, text, mask, jax.random.key(0))[0]
+    loss, params, model = _loss("base", policy)
 
     def flops(fn) -> float:
         analysis = jax.jit(fn).lower(params).compile().cost_analysis()
         return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
-    regions = _count_remat(jax.make_jaxpr(loss)(params).jaxpr)
-    return flops(jax.grad(loss)), flops(loss), regions, nnx.merge(graphdef, abstract)
+    regions = sum(eqn.primitive.name in REMAT_PRIMITIVES for eqn in _eqns(jax.make_jaxpr(loss)(params).jaxpr))
+    return flops(jax.grad(loss)), flops(loss), regions, model
 
 
 @pytest.mark.slow  # four compiles of the tiny base U-Net: ~30 s
