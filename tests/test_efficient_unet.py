@@ -12,6 +12,7 @@ from flax import nnx
 from imagen_jax.config import load_config_file
 from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import EfficientUNet, build_sr_unet, build_unet, upsample_lowres
+from tests.jaxprs import equations
 from tests.random_params import random_state
 
 TINY = dict(
@@ -117,7 +118,7 @@ def test_no_residual_block_runs_at_full_resolution(tiny):
     the output conv run, however many res blocks the levels have."""
     graphdef, state, _ = tiny
     jaxpr = jax.make_jaxpr(_apply_fn(graphdef))(state, *_inputs())
-    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    convs = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
     full = [e for e in convs if e.outvars[0].aval.shape[1] == IMAGE]
     assert len(convs) > 10 and len(full) == 3
 
@@ -164,7 +165,9 @@ def test_bfloat16_compute_close_to_float32(tiny):
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     assert rel < 0.1, rel
     convs = [
-        e for e in jax.make_jaxpr(apply16)(state, *inputs).jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+        e
+        for e in equations(jax.make_jaxpr(apply16)(state, *inputs).jaxpr)
+        if e.primitive.name == "conv_general_dilated"
     ]
     # every convolution in bfloat16 but the output layer's, in float32 (issue 29, point 6; as unet.py's)
     assert len(convs) > 2 and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs[:-1])
@@ -304,7 +307,7 @@ def test_full_res_first_level_runs_its_res_blocks_at_full_resolution():
     graphdef, abstract = nnx.split(model)
     state = random_state(abstract)
     jaxpr = jax.make_jaxpr(_apply_fn(graphdef))(state, *_inputs())
-    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    convs = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
     full = [e for e in convs if e.outvars[0].aval.shape[1] == IMAGE]
     # input conv, width conv, 2 down blocks x 2 convs, 2 up blocks x 2 convs (+1 skip conv), width conv, output conv
     assert len(full) >= 3 + 8

@@ -20,6 +20,7 @@ from imagen_jax.errors import WeightsError
 from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import if_unet, layers
 from imagen_jax.text.weight_files import DIFFUSERS_STEMS, WeightFolder
+from tests.jaxprs import equations
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "if", "unet")
 SIZE = 16
@@ -404,7 +405,7 @@ def test_bfloat16_compute_runs_close_to_float32():
     assert rel < 0.05, rel
     graphdef, state = nnx.split(model16)
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(**inputs))(state)
-    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    convs = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
     # every convolution in bfloat16 but the output layer's, in float32 (issue 29, point 6)
     assert len(convs) > 2 and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs[:-1])
     assert convs[-1].invars[0].aval.dtype == convs[-1].invars[1].aval.dtype == jnp.float32

@@ -8,6 +8,7 @@ import pytest
 from imagen_jax import config as config_lib
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.train import setup as setup_lib
+from tests.jaxprs import equations
 
 TEXT_DIM = 16
 
@@ -47,15 +48,7 @@ def test_four_microbatches_make_the_update_of_one_batch(kind):
 
 def _avals(jaxpr) -> list:
     """(primitive name, input avals) of every equation, nested ones included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        found.append((eqn.primitive.name, [v.aval for v in eqn.invars if hasattr(v, "aval")]))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _avals(inner)
-    return found
+    return [(eqn.primitive.name, [v.aval for v in eqn.invars if hasattr(v, "aval")]) for eqn in equations(jaxpr)]
 
 
 @pytest.mark.slow  # traces a train step with a tiny T5: ~15 s

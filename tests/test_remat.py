@@ -12,6 +12,7 @@ from imagen_jax import config as config_lib
 from imagen_jax.diffusion import diffusion_loss
 from imagen_jax.models.layers import REMAT_POLICIES
 from imagen_jax.stage.model import build_model, make_apply_fn
+from tests.jaxprs import equations
 from tests.random_params import random_state
 
 TEXT_DIM = 16
@@ -53,20 +54,9 @@ def _loss_and_grads(kind: str, remat: str):
     return value_and_grad(params), _primitives(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, those of nested jaxprs included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _eqns(inner)
-
-
 def _primitives(jaxpr) -> set[str]:
     """Every primitive of a jaxpr, nested ones included."""
-    return {eqn.primitive.name for eqn in _eqns(jaxpr)}
+    return {eqn.primitive.name for eqn in equations(jaxpr)}
 
 
 @pytest.mark.parametrize(
@@ -92,7 +82,7 @@ def _costs(policy: str) -> tuple[float, float, int, nnx.Module]:
         analysis = jax.jit(fn).lower(params).compile().cost_analysis()
         return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
-    regions = sum(eqn.primitive.name in REMAT_PRIMITIVES for eqn in _eqns(jax.make_jaxpr(loss)(params).jaxpr))
+    regions = sum(eqn.primitive.name in REMAT_PRIMITIVES for eqn in equations(jax.make_jaxpr(loss)(params).jaxpr))
     return flops(jax.grad(loss)), flops(loss), regions, model
 
 

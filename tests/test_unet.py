@@ -12,6 +12,7 @@ from flax import nnx
 from imagen_jax.config import load_config_file
 from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import UNet, build_unet, layers
+from tests.jaxprs import equations
 from tests.random_params import random_state
 
 TINY = dict(
@@ -76,7 +77,7 @@ def test_output_shape_dtype_and_bfloat16_close_to_float32(tiny):
     # The convolutions really run in bfloat16, except the output layer's (issue 29, point 6): eps is not rounded
     # to bfloat16's 8 bits, which x0 = (x - sigma eps) / alpha would amplify at high noise.
     jaxpr = jax.make_jaxpr(model16)(state, x, t, text, mask)
-    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    convs = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
     assert len(convs) > 2 and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs[:-1])
     assert convs[-1].invars[0].aval.dtype == convs[-1].invars[1].aval.dtype == jnp.float32
     on_bf16_grid = np.asarray(out16) == np.asarray(out16.astype(jnp.bfloat16).astype(jnp.float32))
@@ -221,20 +222,10 @@ def test_chunked_attention_has_the_same_gradients_and_keeps_a_chunk_of_logits():
     # the largest array either backward program makes: all [B, H, 16, 16] logits, or one 4x16 chunk of them
     def largest(kind):
         jaxpr = jax.make_jaxpr(jax.grad(loss(kind)))(q, k, v)
-        return max(math.prod(v.aval.shape) for e in _eqns(jaxpr.jaxpr) for v in e.outvars)
+        return max(math.prod(v.aval.shape) for e in equations(jaxpr.jaxpr) for v in e.outvars)
 
     assert largest("dot_product") == 2 * 2 * 16 * 16
     assert largest("chunked") == 2 * 2 * 4 * 16
-
-
-def _eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _eqns(inner)
 
 
 def _group_norm_reference(x, scale, bias, groups, eps, silu):

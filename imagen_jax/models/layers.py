@@ -33,23 +33,20 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from imagen_jax.models.flash_attention import flash_attention
-from imagen_jax.parallel.activations import at_use, constrain, per_shard
+from imagen_jax.parallel.activations import constrain, per_shard, use_sharding
 from imagen_jax.parallel.mesh import INNER
 
 Array = jax.Array
 
-# Every convolution's output is tagged with this name, so a remat policy can keep it (XLA's convolutions are not
-# the dot_general that jax's dots policies look for).
-CONV_OUTPUT = "conv_output"
+# Every dense and convolution layer's output is tagged with this name, so a remat policy can keep it (jax's dots
+# policies see neither a convolution nor a dot inside the layers' custom VJP).
+PROJECTION_OUTPUT = "projection_output"
 # Rematerialisation (config train.remat): what the backward pass recomputes instead of keeping from the forward.
 REMAT_POLICIES = {
     "none": None,  # keep every activation the backward pass needs
     "block": jax.checkpoint_policies.nothing_saveable,  # keep each block's inputs only; recompute the block
-    # recompute all but the outputs of matmuls and convolutions (norms, activations, attention's softmax)
-    "block_save_dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT),
-    ),
+    # recompute all but the outputs of dense and convolution layers (norms, activations, attention's softmax)
+    "block_save_dots": jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT),
     "attention": None,  # recompute the attention layers only (their [heads, N, N] logits dominate at 32x32)
 }
 
@@ -91,26 +88,115 @@ def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], names: Na
 
 
 @dataclasses.dataclass(frozen=True)
-class _PlacedAtUse:
-    """nnx.Linear's and nnx.Conv's `promote_dtype` hook: the kernel and bias laid out for the call
-    (`parallel.activations.at_use`: gathered over fsdp inside the train step) in the narrower of their dtype and
-    the layer's, then the layer's dtype cast; so the gather moves bfloat16 whether the step cast the weights
-    already (a float32 layer then widens after the gather) or the layer casts them (sampling's float32 EMA)."""
+class _Projection:
+    """What a dense or convolution layer computes, as `_project` needs it (hashable: a custom VJP's static
+    argument): 'dense' (the last axis) or 'conv' (NHWC x HWIO, square stride, symmetric padding), the compute
+    dtype, and where the kernel and the bias are used (`parallel.activations.use_sharding`, read when the layer
+    is called: the backward pass is traced later, outside `activation_layout`)."""
 
-    kernel_names: Names
+    kind: str
+    dtype: Any
+    kernel_at_use: jax.sharding.NamedSharding | None
+    bias_at_use: jax.sharding.NamedSharding | None
+    stride: int = 1
+    padding: int = 0
 
-    def __call__(self, arrays: tuple, /, *, dtype: Any = None, inexact: bool = True) -> tuple:
-        inputs, kernel, bias = arrays
+    @classmethod
+    def of(cls, layer: nnx.Linear | nnx.Conv, kind: str, stride: int = 1, padding: int = 0) -> _Projection:
+        names, kernel = layer.kernel_names, layer.kernel
+        bias = None if layer.bias is None else use_sharding(layer.bias.shape, names[-1:])
+        return cls(kind, layer.dtype, use_sharding(kernel.shape, names), bias, stride, padding)
 
-        def placed(w: Array | None, names: Names) -> Array | None:
-            if w is None:
-                return None
-            if dtype is not None and jnp.dtype(dtype).itemsize < w.dtype.itemsize:
-                w = w.astype(dtype)
-            return at_use(w, names)
+    @staticmethod
+    def placed(w: Array, sharding: jax.sharding.NamedSharding | None) -> Array:
+        return w if sharding is None else jax.lax.with_sharding_constraint(w, sharding)
 
-        placed_arrays = (inputs, placed(kernel, self.kernel_names), placed(bias, self.kernel_names[-1:]))
-        return nnx.nn.dtypes.promote_dtype(placed_arrays, dtype=dtype, inexact=inexact)
+    def apply(self, x: Array, w: Array) -> Array:
+        if self.kind == "dense":
+            return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        pad = ((self.padding, self.padding),) * 2
+        return jax.lax.conv_general_dilated(
+            x, w, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def kernel_gradient(self, x: Array, g: Array, shape: tuple[int, ...]) -> Array:
+        """d(loss)/d(kernel) from the layer's input `x` and output cotangent `g`, both in the compute dtype,
+        accumulated and returned in float32, so that the sum over the batch, and under data parallelism the
+        reduction over devices that follows it, never round to bfloat16."""
+        if self.kind == "dense":
+            x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+            return jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        # A convolution over the batch: x's channels become the batch, its examples the contracted features, the
+        # cotangent is the kernel (dilated by the stride), and the output is [kh, kw, in, out].
+        k, s, p = shape[0], self.stride, self.padding
+        pads = [(p, k + (out - 1) * s - size - p) for size, out in zip(x.shape[1:3], g.shape[1:3], strict=True)]
+        return jax.lax.conv_general_dilated(
+            x, g, (1, 1), pads, rhs_dilation=(s, s), dimension_numbers=("CHWN", "IHWO", "HWNC"),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _project(x: Array, kernel: Array, bias: Array | None, how: _Projection) -> Array:
+    """A dense or convolution layer: the kernel cast to the compute dtype where it is stored and then laid out for
+    its use (`parallel.activations.use_sharding`: under FSDP the all-gather moves bfloat16), the bias added. Its
+    custom VJP computes the kernel's and the bias's gradients in float32 (autodiff would give them in the
+    kernel's compute dtype, and XLA would reduce them over the data-parallel devices in bfloat16)."""
+    return _apply(x, kernel, bias, how)[0]
+
+
+def _apply(x: Array, kernel: Array, bias: Array | None, how: _Projection) -> tuple[Array, Array, Array]:
+    """(output, the input and the kernel as the layer computed with them)."""
+    narrower = jnp.dtype(how.dtype).itemsize < kernel.dtype.itemsize
+    w = how.placed(kernel.astype(how.dtype) if narrower else kernel, how.kernel_at_use)
+    x, w = x.astype(how.dtype), w.astype(how.dtype)
+    y = how.apply(x, w)
+    if bias is not None:
+        y = y + how.placed(bias.astype(how.dtype), how.bias_at_use)
+    return y, x, w
+
+
+def _project_forward(x, kernel, bias, how):
+    """(symbolic zeros: each argument comes with whether it is differentiated.)"""
+    y, x_used, w = _apply(x.value, kernel.value, None if bias is None else bias.value, how)
+    # The laid-out kernel is kept for the backward, as autodiff would (under remat, per block). Empty arrays carry
+    # the parameters' dtypes, which their gradients take, and None marks what is not differentiated (the input of
+    # a model's first layer): pytree structure, so it is static in the backward.
+    marks = tuple(None if a is None or not a.perturbed else jnp.zeros((0,), a.value.dtype) for a in (x, kernel, bias))
+    return y, (x_used, w, marks)
+
+
+def _project_backward(how, residuals, g):
+    x, w, (x_mark, kernel_mark, bias_mark) = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None
+    g = g.astype(how.dtype)
+    dx = dw = db = None
+    if x_mark is not None:
+        dx = jax.linear_transpose(lambda x: how.apply(x, w), x)(g)[0].astype(x_mark.dtype)
+    if kernel_mark is not None:
+        # laid out as the weights were used, as autodiff's transpose of their placement would have them
+        dw = how.placed(how.kernel_gradient(x, g, w.shape), how.kernel_at_use).astype(kernel_mark.dtype)
+    if bias_mark is not None:
+        db = how.placed(g.sum(tuple(range(g.ndim - 1)), dtype=jnp.float32), how.bias_at_use).astype(bias_mark.dtype)
+    return dx, dw, db
+
+
+_project.defvjp(_project_forward, _project_backward, symbolic_zeros=True)
+
+
+class _Dense(nnx.Linear):
+    """nnx.Linear (same parameters) computed by `_project`, its output named `PROJECTION_OUTPUT` for the remat
+    policies."""
+
+    def __init__(self, *args: Any, kernel_names: Names, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kernel_names = kernel_names
+
+    def __call__(self, inputs: Array) -> Array:
+        how = _Projection.of(self, "dense")
+        bias = None if self.bias is None else self.bias[...]
+        return checkpoint_name(_project(inputs, self.kernel[...], bias, how), PROJECTION_OUTPUT)
 
 
 def dense(
@@ -124,23 +210,32 @@ def dense(
 ) -> nnx.Linear:
     """Linear layer on the last axis with annotated float32 params (the bias named as the kernel's output) and
     ``dtype`` compute."""
-    return nnx.Linear(
+    return _Dense(
         in_features,
         out_features,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, kernel_names),
         bias_init=nnx.with_partitioning(_zeros, kernel_names[-1:]),
-        promote_dtype=_PlacedAtUse(kernel_names),
         rngs=rngs,
+        kernel_names=kernel_names,
     )
 
 
 class _Conv(nnx.Conv):
-    """nnx.Conv whose output carries the name `CONV_OUTPUT` for the remat policies."""
+    """nnx.Conv (same parameters) computed by `_project`, its output named `PROJECTION_OUTPUT` for the remat
+    policies."""
+
+    def __init__(self, *args: Any, kernel_names: Names, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kernel_names = kernel_names
 
     def __call__(self, inputs: Array) -> Array:
-        return checkpoint_name(super().__call__(inputs), CONV_OUTPUT)
+        if inputs.ndim != 4:
+            raise ValueError(f"convolutions take NHWC images, got shape {inputs.shape}")
+        how = _Projection.of(self, "conv", self.strides, self.kernel_size[0] // 2)
+        bias = None if self.bias is None else self.bias[...]
+        return checkpoint_name(_project(inputs, self.kernel[...], bias, how), PROJECTION_OUTPUT)
 
 
 def conv(
@@ -166,8 +261,8 @@ def conv(
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(_zeros if zero_init else _default_kernel, kernel_names),
         bias_init=nnx.with_partitioning(_zeros, kernel_names[-1:]),
-        promote_dtype=_PlacedAtUse(kernel_names),
         rngs=rngs,
+        kernel_names=kernel_names,
     )
 
 
@@ -783,7 +878,8 @@ class AttentionPool(nnx.Module):
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
         b = tokens.shape[0]
-        q = jnp.broadcast_to(self.query[...].astype(self.dtype), (b, *self.query.shape))
+        # cast after the broadcast, so the query's gradient is summed over the batch in float32
+        q = jnp.broadcast_to(self.query[...], (b, *self.query.shape)).astype(self.dtype)
         q = _split_heads(q, self.head_dim)
         k = _split_heads(self.k(tokens), self.head_dim)
         v = _split_heads(self.v(tokens), self.head_dim)

@@ -55,9 +55,10 @@ def drop_to_null_text(context: Array, mask: Array, null_token: Array, drop_text:
     other rows, and all rows when ``drop_text`` is None, pass."""
     if drop_text is None:
         return context, mask
-    null, first = null_tokens(null_token, context.shape[1], context.dtype)
+    null, first = null_tokens(null_token, context.shape[1], jnp.float32)
     drop = jnp.asarray(drop_text, bool)
-    context = jnp.where(drop[:, None, None], null, context)
+    # chosen in float32 (exact for bfloat16 context), so null_token's gradient is summed over the batch in float32
+    context = jnp.where(drop[:, None, None], null, context.astype(jnp.float32)).astype(context.dtype)
     mask = jnp.where(drop[:, None], first, mask)
     return context, mask
 

@@ -9,7 +9,7 @@ axes, and the inner width of a layer (a residual block's hidden channels, attent
 hidden width) over `tensor`, so tensor-parallel chips each compute their part of the layer (Megatron's split:
 column-parallel into the inner width, row-parallel out of it). Outside the context `constrain` does nothing,
 so single-device code runs unchanged. Given the parameter rules too, the layers also place their weights at each
-use with `at_use`: whole over the batch axes (FSDP's split, which stores them, undone by an all-gather there),
+use with `use_sharding`: whole over the batch axes (FSDP's split, which stores them, undone by an all-gather there),
 split over `tensor` only along a layer's inner width (logical name 'inner': the output of a column-parallel
 kernel, the input of a row-parallel one), so a block costs one reduction over `tensor` (after its row-parallel
 layer) and every other kernel is used whole. Leaving that gather to the partitioner is not only slower to reason about
@@ -57,7 +57,7 @@ _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("activat
 @contextlib.contextmanager
 def activation_layout(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
     """Within the block, `constrain` pins activations to `mesh` (batch over data x fsdp, inner widths over
-    tensor) and, with the parameters' `rules` (`mesh.param_rules` of the config's mesh), `at_use` places each
+    tensor) and, with the parameters' `rules` (`mesh.param_rules` of the config's mesh), `use_sharding` places each
     weight where it is used."""
     with _entered(Layout(mesh, rules)):
         yield
@@ -105,19 +105,18 @@ class jit:  # noqa: N801 (used as jax.jit is: a decorator, or a call on a functi
         return self._jitted._cache_size()
 
 
-def at_use(w: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Weight `w`, whose axes have the logical `names`, laid out for its use: split along its inner width as the
+def use_sharding(shape: tuple[int, ...], names: tuple[str | None, ...]) -> NamedSharding | None:
+    """Where a weight of `shape` whose axes have the logical `names` is used: split along its inner width as the
     rules store it (over `tensor`), whole along every other axis (gathered over fsdp, and over tensor where a
-    kernel is stored split but used whole), so each device holds what its part of the work needs. Outside
-    `activation_layout` with rules, the identity."""
+    kernel is stored split but used whole), so each device holds what its part of the work needs. None outside
+    `activation_layout` with rules. Read at trace time, so a custom VJP can keep it for its backward pass."""
     layout = _LAYOUT.get()
     if layout is None or layout.rules is None:
-        return w
-    mesh = layout.mesh
-    stored = spec_for(names, w.shape, mesh, layout.rules)
-    stored = (*stored, *[None] * (w.ndim - len(stored)))
+        return None
+    stored = spec_for(names, shape, layout.mesh, layout.rules)
+    stored = (*stored, *[None] * (len(shape) - len(stored)))
     spec = [axis if name == INNER else None for axis, name in zip(stored, names, strict=True)]
-    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(*spec)))
+    return NamedSharding(layout.mesh, P(*spec))
 
 
 def constrain(x: jax.Array, inner: int | None = None) -> jax.Array:

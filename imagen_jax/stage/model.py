@@ -70,13 +70,23 @@ def compute_dtype(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
+FLOAT32_LAYERS = ("out_conv",)  # the U-Nets' output layers, which compute in float32 (issue 29, point 6)
+
+
 def in_compute_dtype(params: Any, dtype: jnp.dtype) -> Any:
-    """Kernels and embeddings (floats of rank >= 2) in the compute dtype, the rest as they are: cast once, up
-    front, by the train step and by sampling, where the layers would cast them at every use (with FSDP the
-    all-gathers then move bfloat16; a sampler would re-read the float32 EMA at every step). Layers that compute in
-    float32 (the output layer) see their kernel rounded, in training and sampling alike."""
-    floating = lambda p: jnp.issubdtype(p.dtype, jnp.floating) and p.ndim >= 2  # noqa: E731
-    return jax.tree.map(lambda p: p.astype(dtype) if floating(p) else p, params)
+    """The layers' kernels in the compute dtype, cast once for sampling, where the sampler would otherwise read the
+    float32 EMA at every layer of every step; the output layers' (`FLOAT32_LAYERS`) stay float32. The train step
+    casts nothing up front: its layers cast their kernels where they are stored (before the FSDP all-gather) and
+    return float32 gradients (models/layers.py `_project`), and the few embeddings are cast where used, after any
+    broadcast over the batch, so every weight gradient is reduced over the batch and the devices in float32."""
+
+    def cast(path: tuple, p: Any) -> Any:
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[-1:] != ["kernel"] or any(k in FLOAT32_LAYERS for k in keys) or p.ndim < 2:
+            return p
+        return p.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def model_kind(config: ml_collections.ConfigDict) -> ModelKind:

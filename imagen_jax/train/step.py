@@ -41,9 +41,7 @@ from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage import lora
 from imagen_jax.stage.model import (
     FROZEN_PARAMS,
-    compute_dtype,
     conditioning_image,
-    in_compute_dtype,
     lowres_size,
     make_apply_fn,
     train_size,
@@ -82,7 +80,6 @@ def make_train_step(
     use_dropout = float(config.model.dropout) > 0
     lowres = lowres_size(config, train_size(config))  # SR stages: the low-res side of a training crop
     microbatches = int(config.train.microbatches)
-    compute = compute_dtype(config.train.compute_dtype)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
     max_nonfinite = int(config.train.max_consecutive_nonfinite)  # 0: never stop
     rules = mesh_lib.param_rules(config.mesh)
@@ -107,8 +104,8 @@ def make_train_step(
             return _micro_loss(params, part, dropout_key)
 
     def _micro_loss(params: Any, part: dict, dropout_key: jax.Array) -> tuple[jax.Array, dict]:
-        # Gradients still reach the float32 params through the cast.
-        params = in_compute_dtype(params, compute)
+        # The float32 parameters as they are: the layers cast them to the compute dtype where used, and their
+        # gradients come back in float32 (models/layers.py `_project`).
         text = part["text"]
         model_kwargs = {"dropout_key": dropout_key} if use_dropout else {}
         if lowres is not None:
