@@ -15,6 +15,9 @@ def get_config():
     c.data.image_size = 1024
     c.data.min_image_size = 1024  # an SR stage must not learn to reproduce upscaling blur
     c.data.crop_size = 256  # trained on 256x256 crops, run at 1024x1024
+    # T5 in the step encodes each batch at the smallest of these (or 128) that holds the global batch's longest
+    # caption, for one compile per length met: batches of short captions (fine-tuning) gain most
+    c.text.buckets = (16, 32, 64)
     # 382.5M parameters with T5-XXL text (4096 wide; tests/test_efficient_unet.py counts them with
     # nnx.eval_shape; the paper says 400M). Same architecture as configs/sr256.py (see its count notes)
     # without self-attention and feed-forward: after each lowest-level res block only text cross-attention.

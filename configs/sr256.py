@@ -13,6 +13,9 @@ def get_config():
     c.data.image_size = 256
     c.data.min_image_size = 256  # an SR stage must not learn to reproduce upscaling blur
     c.data.crop_size = 0  # whole images
+    # T5 in the step encodes each batch at the smallest of these (or 128) that holds the global batch's longest
+    # caption, for one compile per length met: batches of short captions (fine-tuning) gain most
+    c.text.buckets = (16, 32, 64)
     # 606.1M parameters with T5-XXL text (4096 wide; tests/test_efficient_unet.py counts them with
     # nnx.eval_shape; the paper says 600M). imagen_jax/models/efficient_unet.py documents the
     # architecture; the count rests on: the paper's widths 128/256/512/1024 and res blocks 2/4/8/8 per

@@ -32,6 +32,33 @@ def test_rates_never_count_the_compile_and_the_eta_follows_the_pace(clock, capsy
     assert out == ["compiling the train step (the first step waits for it)", "train step compiled in 30.0 s"]
 
 
+def test_a_later_compile_says_its_text_length_and_stays_out_of_the_rates(clock, capsys):
+    """Token buckets: a batch of a new text length compiles the step again, mid-run; the loop says for which length,
+    and the compile's time is taken out of the window it falls in."""
+    p = progress_lib.Progress(start_step=0, num_steps=20, batch_size=8, active=True, bar=False)
+    p.compiling(" for 16-token captions")
+    clock[0] += 30.0
+    p.dispatched()
+    clock[0] += 0.5
+    p.finished(1)
+    p.rates()
+    p.compiling(" for 32-token captions")
+    clock[0] += 20.0  # the second step waits for its compile
+    p.dispatched()
+    clock[0] += 0.5
+    p.finished(2)
+    p.dispatched()
+    clock[0] += 0.5
+    p.finished(3)
+    assert p.rates() == pytest.approx({"images_per_sec": 16.0, "steps_per_sec": 2.0})  # 2 steps in 1 s, not 21
+    assert capsys.readouterr().out.splitlines() == [
+        "compiling the train step for 16-token captions (the first step waits for it)",
+        "train step for 16-token captions compiled in 30.0 s",
+        "compiling the train step for 32-token captions (this step waits for it)",
+        "train step for 32-token captions compiled in 20.0 s",
+    ]
+
+
 def test_long_runs_read_in_hours_and_the_last_step_has_no_eta(clock):
     p = progress_lib.Progress(start_step=0, num_steps=100_000, batch_size=2048, active=True, bar=False)
     p.compiling()

@@ -29,6 +29,12 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.text.max_length = 128  # tokens per caption (EOS included); longer captions are truncated
     c.text.dtype = "bfloat16"  # T5 compute dtype: float32 | bfloat16
     c.text.lowercase = False  # captions lower-cased and stripped before tokenizing (DeepFloyd IF's preprocessing)
+    # Token buckets for the T5 in the train step: () = every batch at max_length; else increasing lengths up to
+    # max_length (itself the last bucket, implicitly): each batch is cut to the smallest bucket that holds the
+    # longest caption of the global batch (EOS included), so T5 encodes the tokens there are, for one compile of the
+    # step per bucket used (train/buckets.py). The same loss: the padding is masked (IF's U-Net, which attends to
+    # it, refuses buckets). Precomputed text (data.precomputed_text) is read at max_length, unaffected.
+    c.text.buckets = ()
 
     c.data = ml_collections.ConfigDict()
     c.data.train_shards = (

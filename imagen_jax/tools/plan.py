@@ -78,7 +78,7 @@ def format_report(config_path: str, r: dict) -> str:
         f"plan: {config_path} on {r['slice']} ({r['chip']}, {_chips(r['devices'])}, topology {r['topology']}), "
         f"mesh {r['mesh']}",
         f"U-Net {r['unet_params'] / 1e6:.1f}M params; {r['text']}: {r['t5_params'] / 1e6:.1f}M params; "
-        f"global batch {r['global_batch']} ({per_device:g} per data-parallel device)",
+        f"global batch {r['global_batch']} ({per_device:g} per data-parallel device), {_text_tokens(r)}",
         "per-device GiB: " + "  ".join(f"{k} {m[k] / GIB:.2f}" for k in kinds)
         + f"  / {_hbm(r)} -> {verdict}",
         f"FLOPs per step: {versus}{counted:.4g} (matmuls + convolutions counted{agreement})",
@@ -93,6 +93,13 @@ def format_report(config_path: str, r: dict) -> str:
         ] if "trainable_params" in r else []),
         *([_evaluation_line(r)] if "eval_weights_bytes" in r else []),
     ])  # fmt: skip
+
+
+def _text_tokens(r: dict) -> str:
+    """The text length the step was planned at: with token buckets, the largest (the most memory)."""
+    tokens, lengths = r["text_tokens"], r["text_lengths"]
+    buckets = f", the largest bucket of {', '.join(map(str, lengths))}" if len(lengths) > 1 else ""
+    return f"{tokens} text tokens{buckets}"
 
 
 def _hbm(r: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -20,12 +21,12 @@ from imagen_jax.diffusion import augment
 from imagen_jax.errors import ConfigError, TrainingDiverged
 from imagen_jax.files import write_atomically
 from imagen_jax.models import upsample_lowres
-from imagen_jax.parallel import distributed
+from imagen_jax.parallel import agree, distributed
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.stage import lora, sampling
 from imagen_jax.stage.checkpoint import Checkpointer
 from imagen_jax.stage.model import lowres_size
-from imagen_jax.train import compile_cache, init_from, trainable
+from imagen_jax.train import buckets, compile_cache, init_from, trainable
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.feed import FEED_NICE, Prefetch
 from imagen_jax.train.host_writes import HostWrites
@@ -156,6 +157,11 @@ def _train(
         weight = np.repeat(np.array([2.0, 2.0 * lam], np.float32), stream_batch)
 
     encoder = text.encoder
+    # Token buckets (train/buckets.py): each batch's ids cut to the bucket of the global batch's longest caption,
+    # which the processes agree on from their feed threads (parallel/agree.py).
+    text_lengths = buckets.lengths(config)
+    agreement = agree.MaxAgreement("text_length") if encoder is not None and len(text_lengths) > 1 else None
+    made = itertools.count()  # batches made: the agreement's index, the same on every process
 
     def next_batch() -> tuple[dict, tuple[Position, ...], list[bytes]]:
         """The next global batch, this process's stream positions after it (instance, then class stream), and
@@ -172,6 +178,9 @@ def _train(
             ids, mask = encoder.tokenizer(
                 [c.decode("utf-8", "replace") for c in raw["caption"]], config.text.max_length
             )
+            if agreement is not None:
+                length = buckets.bucket(agreement.agree(next(made), buckets.longest(mask)), text_lengths)
+                ids, mask = buckets.cut(ids, mask, length)
             local = {"image": raw["image"], "ids": ids, "mask": mask}
         if weight is not None:
             local["weight"] = weight
@@ -304,11 +313,14 @@ def _train(
     feed = Prefetch(next_batch, depth=2, name="train-feed", nice=FEED_NICE)
     streak = trainer.no_streak()
     previous = None  # (done, metrics, position) of the step dispatched before the current one
+    compiled_for: set[int | None] = set()  # the text lengths the step was compiled for (None: no buckets)
     try:
         for step in range(start_step, num_steps):
             batch, position, captions = next(feed)
-            if step == start_step:
-                progress.compiling()
+            length = None if agreement is None else batch["ids"].shape[1]
+            if length not in compiled_for:  # the first step, and with buckets each new length's
+                progress.compiling("" if length is None else f" for {length}-token captions")
+                compiled_for.add(length)
             state, metrics = trainer.train_step(state, text.params, batch, streak)
             progress.dispatched()
             streak, done = metrics["nonfinite_streak"], step + 1
@@ -335,6 +347,8 @@ def _train(
                 )
                 return last_metrics
     finally:
+        if agreement is not None:
+            agreement.close()  # a feed thread waiting for a process that stopped first
         feed.close()
     close()
     log(f"finished at step {num_steps}; checkpoints in {workdir}")

@@ -50,9 +50,9 @@ from imagen_jax.stage.model import (
     train_size,
 )
 from imagen_jax.text import T5Encoder
+from imagen_jax.train import buckets, trainable
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train import state as state_lib
-from imagen_jax.train import trainable
 
 GIB = 2**30
 # XLA's refusal when a program's temporaries do not fit: "... HLO temporaries (49.37G) exceeds available HBM ..."
@@ -460,6 +460,9 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "devices": n,
         "mesh": dict(mesh.shape),
         "global_batch": int(config.train.batch_size),
+        # planned at text.max_length: with text.buckets (T5 in the step), the largest of the lengths it compiles for
+        "text_tokens": batch["mask"].shape[1],
+        "text_lengths": [batch["mask"].shape[1]] if config.data.precomputed_text else list(buckets.lengths(config)),
         "unet_params": trainer.model.num_params,
         "t5_params": sum(math.prod(x.shape) for x in jax.tree.leaves(text.params)),
         "text": text.description,

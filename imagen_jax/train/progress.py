@@ -1,7 +1,8 @@
-"""How far a run is and how fast it goes, said as it trains: when the step is compiling and how long that took,
-then per log line the step out of the total, steps/s and images/s over the steps since the last line (never
-counting the compile), elapsed time and an estimate of the time left. On a terminal a progress bar (tqdm)
-keeps the same figures on screen and the log lines print above it; in a log file there are only lines.
+"""How far a run is and how fast it goes, said as it trains: when the step is compiling and how long that took (the
+first step; with token buckets, each new text length), then per log line the step out of the total, steps/s and
+images/s over the steps since the last line (never counting a compile), elapsed time and an estimate of the time
+left. On a terminal a progress bar (tqdm) keeps the same figures on screen and the log lines print above it; in a log
+file there are only lines.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """Fed by the loop: `dispatched()` after each train-step call returns (the first one marks the end of the
-    compile), `finished(step)` once the step's result is on the host (late: after the next step is dispatched);
-    `rates()` and `summary(step)` for the log line. `echo` prints a line (above the bar)."""
+    """Fed by the loop: `compiling(what)` before a train-step call that compiles, `dispatched()` after each call
+    returns (after a compile, its end), `finished(step)` once the step's result is on the host (late: after the next
+    step is dispatched); `rates()` and `summary(step)` for the log line. `echo` prints a line (above the bar)."""
 
     def __init__(self, start_step: int, num_steps: int, batch_size: int, *, active: bool, bar: bool | None = None):
         self.num_steps, self.batch_size = num_steps, batch_size
@@ -30,6 +31,8 @@ class Progress:
         self._first_done: float | None = None  # when the run's first step finished (compile excluded after it)
         self._first_step = start_step
         self._first_dispatched: float | None = None  # when the first train-step call returned
+        self._compiling: str | None = None  # what the pending compile is for, until its call returns
+        self._compile_s = 0.0  # seconds of later compiles (new text lengths) in the current window
         self._window_start = time.perf_counter()
         self._window_steps = 0
 
@@ -41,15 +44,23 @@ class Progress:
         else:
             print(line, flush=True)
 
-    def compiling(self) -> None:
-        self._called = time.perf_counter()
-        self.echo("compiling the train step (the first step waits for it)")
+    def compiling(self, what: str = "") -> None:
+        """Before a train-step call that compiles; `what` says for which shapes (' for 32-token captions')."""
+        self._called, self._compiling = time.perf_counter(), what
+        waits = "the first step" if self._first_dispatched is None else "this step"
+        self.echo(f"compiling the train step{what} ({waits} waits for it)")
 
     def dispatched(self) -> None:
-        """After a train-step call returns: for the first call that is after tracing and compiling."""
+        """After a train-step call returns: after a `compiling()`, the compile's end (its time is kept out of the
+        rates: the first one precedes every window, a later one is taken out of its window's time)."""
+        now = time.perf_counter()
+        if self._compiling is not None:
+            self.echo(f"train step{self._compiling} compiled in {now - self._called:.1f} s")
+            if self._first_dispatched is not None:
+                self._compile_s += now - self._called
+            self._compiling = None
         if self._first_dispatched is None:
-            self._first_dispatched = time.perf_counter()
-            self.echo(f"train step compiled in {self._first_dispatched - self._called:.1f} s")
+            self._first_dispatched = now
 
     def finished(self, step: int) -> None:
         """Step `step` (1-based count of steps done) is complete on the device."""
@@ -65,9 +76,9 @@ class Progress:
     def rates(self) -> dict[str, float]:
         """Steps/s and images/s since the last call (or the first step's dispatch), and restarts the window."""
         now = time.perf_counter()
-        elapsed = max(now - self._window_start, 1e-9)
+        elapsed = max(now - self._window_start - self._compile_s, 1e-9)
         steps = self._window_steps
-        self._window_start, self._window_steps = now, 0
+        self._window_start, self._window_steps, self._compile_s = now, 0, 0.0
         return {"images_per_sec": steps * self.batch_size / elapsed, "steps_per_sec": steps / elapsed}
 
     def summary(self, step: int) -> str:

@@ -153,7 +153,7 @@ def _at_least(config: ml_collections.ConfigDict, key: str, minimum: int) -> None
 
 def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     """Raises ConfigError naming the first field of a training config that cannot work: the stage's own checks
-    (stage.config.validate), the optimizer, sizes and intervals, the data format and shards, and the T5
+    (stage.config.validate), the optimizer, sizes and intervals, token buckets, the data format and shards, and the T5
     folder's config.json. Reads file listings and one small JSON file; builds nothing."""
     stage_config.validate(config)
     if config.train.optimizer not in optimizer_lib.OPTIMIZERS:
@@ -195,6 +195,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
             raise ConfigError(f"config.train.prior_loss_weight={weight!r} must be a finite number >= 0")
     if not config.train.learning_rate > 0:
         raise ConfigError(f"config.train.learning_rate={config.train.learning_rate!r} must be > 0")
+    _validate_buckets(config)
     if not config.data.precomputed_text:
         if not config.text.encoder:
             raise ConfigError(
@@ -228,6 +229,24 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.train.lora_alpha={alpha!r} must be a finite number > 0")
     if not config.train.lora_targets:
         raise ConfigError("config.train.lora_targets is empty but train.lora_rank is set: name the kernels to adapt")
+
+
+def _validate_buckets(config: ml_collections.ConfigDict) -> None:
+    """config.text.buckets: () or increasing token counts in [1, text.max_length] (train/buckets.py); never for IF's
+    U-Net, whose attention counts the padded positions that bucketing cuts."""
+    buckets, max_length = config.text.buckets, config.text.max_length
+    counts = isinstance(buckets, (tuple, list)) and all(isinstance(b, int) and not isinstance(b, bool) for b in buckets)
+    if not counts:
+        raise ConfigError(f"config.text.buckets={buckets!r} must be a tuple of token counts, e.g. (16, 32, 64)")
+    if any(not 1 <= b <= max_length for b in buckets):
+        raise ConfigError(f"config.text.buckets={buckets!r} must lie in [1, text.max_length={max_length}]")
+    if any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise ConfigError(f"config.text.buckets={buckets!r} must be increasing")
+    if buckets and config.model.get("kind") == "if_unet":
+        raise ConfigError(
+            f"config.text.buckets={buckets!r} cannot be used with DeepFloyd IF's U-Net, which attends to every padded "
+            "position of its text: set it to ()"
+        )
 
 
 def _validate_eval(config: ml_collections.ConfigDict) -> None:
