@@ -95,3 +95,25 @@ LAYOUTS = {
 }
 
 TOLERANCE = 0.05  # parameters and FLOPs must agree this closely for the timings to compare like with like
+
+# `side_by_side.py --layouts defaults`: each project as its users run it, at a layout's widths, blocks, attention
+# levels and heads, every other option (attention form, feed-forwards, text padding, the peer's cross-embed input,
+# pixel shuffle, global context, final res block...) at its own default. The FLOPs then differ: judged per FLOP.
+PEER_SHARED = (
+    "dim",
+    "dim_mults",
+    "num_resnet_blocks",
+    "layer_attns",
+    "layer_cross_attns",
+    "attn_heads",
+    "attn_dim_head",
+)
+OURS_SHARED = ("dim", "channel_mults", "num_res_blocks", "attn_resolutions", "head_dim")
+
+
+def defaults(layout: dict) -> dict:
+    """`layout` with both projects' options at their defaults but for the shared architecture (PEER_SHARED,
+    OURS_SHARED)."""
+    rest = {key: value for key, value in layout.items() if key not in ("peer", "ours", "ours_train")}
+    peer = {key: layout["peer"][key] for key in PEER_SHARED}
+    return {**rest, "peer": peer, "ours": {key: layout["ours"][key] for key in OURS_SHARED}}

@@ -8,6 +8,7 @@ venv="$here/.venv-peer"
 python="${1:-python3}"
 torch_version=2.13.0
 torchvision_version=0.28.0
+imagen_version=2.1.0  # the version the README's figures were measured against
 
 "$python" -m venv "$venv"
 pins="$(mktemp)"
@@ -16,6 +17,6 @@ trap 'rm -f "$pins"' EXIT
 printf 'torch==%s\ntorchvision==%s\n' "$torch_version" "$torchvision_version" >"$pins"
 "$venv/bin/pip" install --quiet --upgrade pip
 "$venv/bin/pip" install --quiet "torch==$torch_version"
-"$venv/bin/pip" install --quiet -c "$pins" imagen-pytorch
+"$venv/bin/pip" install --quiet -c "$pins" "imagen-pytorch==$imagen_version"
 "$venv/bin/python" "$here/peer_worker.py" --check
 echo "peer venv ready: $venv"

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -79,15 +80,38 @@ def test_agreement_check_names_what_differs():
 def test_spread_and_report(monkeypatch):
     assert side_by_side.spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
     timing = {"peer": side_by_side.spread([2.0]), "ours": side_by_side.spread([1.0])}
-    result = {"layout": {"batch": 8}, "counts": {"peer": {"params": 1e6, "flops": 2e9}, "ours": {"params": 1e6,
-              "flops": 2e9}}, "timings": {"train": timing}}  # fmt: skip
+    result = {"layout": {"batch": 8}, "layouts": "defaults", "counts": {"peer": {"params": 1e6, "flops": 2e9},
+              "ours": {"params": 1e6, "flops": 3e9}}, "timings": {"train": timing}}  # fmt: skip
     monkeypatch.setenv("LD_PRELOAD", "/lib/libtcmalloc_minimal.so.4")
-    text = side_by_side.report({"m": result})
-    assert text.startswith("Allocator (both sides): /lib/libtcmalloc_minimal.so.4\n")
+    text = side_by_side.report({"m": result}, 2)
+    assert text.startswith("Allocator (both sides): /lib/libtcmalloc_minimal.so.4; 2 CPU threads each\n")
     monkeypatch.delenv("LD_PRELOAD")
-    assert side_by_side.report({"m": result}).startswith("Allocator (both sides): the C library malloc\n")
-    assert "| m | train | 2.000 (2.000-2.000) s/step (batch 8), n=1 | 1.000 (1.000-1.000)" in text
-    assert text.endswith("| 2.00x |")
+    assert side_by_side.report({"m": result}, 2).startswith("Allocator (both sides): the C library malloc;")
+    assert "| m | defaults | train | 2.000 (2.000-2.000) s/step (batch 8), n=1 | 1.000 (1.000-1.000)" in text
+    # twice as fast in wall-clock, doing 1.5x the FLOPs: 3x as fast per FLOP
+    assert text.endswith("| 2.00x | 3.00x |")
+
+
+def test_defaults_keep_the_shared_architecture_and_drop_every_matching_option():
+    import ours
+
+    for name, layout in layouts.LAYOUTS.items():
+        plain = layouts.defaults(layout)
+        assert set(plain["peer"]) == set(layouts.PEER_SHARED) and set(plain["ours"]) == set(layouts.OURS_SHARED)
+        assert all(plain["peer"][k] == layout["peer"][k] for k in layouts.PEER_SHARED), name
+        assert "ours_train" not in plain and plain["image_size"] == layout["image_size"]
+        config = ours.stage_config(plain)
+        assert config.model.get("attn_placement", "every_block") == "every_block", name
+        assert config.train.attention == "dot_product" and config.model.get("ffn_mult", 0) == 0, name
+
+
+def test_threads_pin_the_process_to_that_many_cpus(monkeypatch):
+    calls = []
+    monkeypatch.setattr(side_by_side.os, "sched_getaffinity", lambda pid: {3, 1, 2})
+    monkeypatch.setattr(side_by_side.os, "sched_setaffinity", lambda pid, cpus: calls.append(list(cpus)))
+    assert side_by_side.pin_threads(2) == [1, 2] and calls == [[1, 2]]
+    with pytest.raises(side_by_side.HarnessError, match="may run on 3 CPUs"):
+        side_by_side.pin_threads(4)
 
 
 def test_missing_peer_venv_is_one_line_naming_the_setup_command(tmp_path, capsys):
