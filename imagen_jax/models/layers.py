@@ -185,18 +185,22 @@ def _project_backward(how, residuals, g):
 _project.defvjp(_project_forward, _project_backward, symbolic_zeros=True)
 
 
-class _Dense(nnx.Linear):
-    """nnx.Linear (same parameters) computed by `_project`, its output named `PROJECTION_OUTPUT` for the remat
-    policies."""
+class _Projected(nnx.Module):
+    """What `_Dense` and `_Conv` add to nnx.Linear and nnx.Conv (same parameters): the kernel's logical axis names,
+    and a call through `_project` whose output is named `PROJECTION_OUTPUT` for the remat policies."""
 
     def __init__(self, *args: Any, kernel_names: Names, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kernel_names = kernel_names
 
-    def __call__(self, inputs: Array) -> Array:
-        how = _Projection.of(self, "dense")
+    def _projected(self, inputs: Array, how: _Projection) -> Array:
         bias = None if self.bias is None else self.bias[...]
         return checkpoint_name(_project(inputs, self.kernel[...], bias, how), PROJECTION_OUTPUT)
+
+
+class _Dense(_Projected, nnx.Linear):
+    def __call__(self, inputs: Array) -> Array:
+        return self._projected(inputs, _Projection.of(self, "dense"))
 
 
 def dense(
@@ -222,20 +226,11 @@ def dense(
     )
 
 
-class _Conv(nnx.Conv):
-    """nnx.Conv (same parameters) computed by `_project`, its output named `PROJECTION_OUTPUT` for the remat
-    policies."""
-
-    def __init__(self, *args: Any, kernel_names: Names, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.kernel_names = kernel_names
-
+class _Conv(_Projected, nnx.Conv):
     def __call__(self, inputs: Array) -> Array:
         if inputs.ndim != 4:
             raise ValueError(f"convolutions take NHWC images, got shape {inputs.shape}")
-        how = _Projection.of(self, "conv", self.strides, self.kernel_size[0] // 2)
-        bias = None if self.bias is None else self.bias[...]
-        return checkpoint_name(_project(inputs, self.kernel[...], bias, how), PROJECTION_OUTPUT)
+        return self._projected(inputs, _Projection.of(self, "conv", self.strides, self.kernel_size[0] // 2))
 
 
 def conv(
