@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from imagen_jax.errors import WeightsError
@@ -229,32 +228,22 @@ def test_parameters_carry_logical_axis_names(encoders):
 
 def test_reads_only_encoder_tensors(gated_dir, monkeypatch):
     read: list[str] = []
+    original = weight_files.SafetensorsFile.get
 
-    class Spy:
-        def __init__(self, path, framework):
-            self.handle = safe_open(path, framework=framework)
+    def spy(self, name, region=None):
+        read.append(name)
+        return original(self, name, region)
 
-        def __enter__(self):
-            self.inner = self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(weight_files, "safe_open", Spy)
-    T5Encoder.from_pretrained(gated_dir)
+    monkeypatch.setattr(weight_files.SafetensorsFile, "get", spy)
+    encoder = T5Encoder.from_pretrained(gated_dir)
     with open(os.path.join(gated_dir, "model.safetensors.index.json")) as f:
         stored = json.load(f)["weight_map"]
     assert any(k.startswith("decoder.") for k in stored)
     assert len(read) == len(set(read))
     assert set(read) == {k for k in stored if k.startswith("encoder.")} | {"shared.weight"}
+    # every byte read is an encoder tensor's, each once; and they are what the files hold for them
+    files = {name: load_file(os.path.join(gated_dir, name)) for name in set(stored.values())}
+    assert encoder.bytes_read == encoder.bytes_stored == sum(files[stored[k]][k].nbytes for k in read)
 
 
 def _read_json(path: str) -> dict:
@@ -336,9 +325,9 @@ def test_sharded_pytorch_checkpoint_reads_only_encoder_tensors(tmp_path_factory,
     read: list[str] = []
     original = weight_files.TorchCheckpoint.get
 
-    def spy(self, name):
+    def spy(self, name, region=None):
         read.append(name)
-        return original(self, name)
+        return original(self, name, region)
 
     monkeypatch.setattr(weight_files.TorchCheckpoint, "get", spy)
     folder = _with_spiece(tmp_path_factory, "gated_bin")
@@ -435,8 +424,8 @@ def _to_ram(folder: str, url: str) -> str:
 
 
 def test_url_folder_loads_as_the_local_one(tmp_path_factory, tmp_path, monkeypatch, capsys):
-    """A T5 folder at a URL (ram:// standing in for gs://): config, tokenizer and the weight files the encoder
-    reads are copied to the cache once (the decoder-only shard never), and the encoder equals the local load."""
+    """A T5 folder at a URL (ram:// standing in for gs://): config and tokenizer are copied to the cache once, the
+    weight files are read in place (the encoder's tensors, no whole file), and the encoder equals the local load."""
     import tensorflow as tf
 
     monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "cache"))
@@ -444,12 +433,10 @@ def test_url_folder_loads_as_the_local_one(tmp_path_factory, tmp_path, monkeypat
     url = _to_ram(local, f"ram://{tmp_path.name}/gated_bin")
     remote = T5Encoder.from_pretrained(url)
     copied = [line.split()[1] for line in capsys.readouterr().err.splitlines() if line.startswith("copying ")]
-    assert sorted(copied) == [
-        f"{url}/{n}" for n in ("pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "spiece.model")
-    ]
-    for (path, a), (_, b) in zip(
-        nnx.to_flat_state(remote.state), nnx.to_flat_state(T5Encoder.from_pretrained(local).state)
-    ):
+    assert copied == [f"{url}/spiece.model"]
+    plain = T5Encoder.from_pretrained(local)
+    assert remote.bytes_read == plain.bytes_read == plain.bytes_stored
+    for (path, a), (_, b) in zip(nnx.to_flat_state(remote.state), nnx.to_flat_state(plain.state)):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
     emb, mask = remote.encode(TEXTS, max_length=GOLDEN["ids"].shape[1])
     np.testing.assert_array_equal(np.asarray(mask), GOLDEN["mask"])
@@ -480,3 +467,62 @@ def test_url_folder_loads_as_the_local_one(tmp_path_factory, tmp_path, monkeypat
     tf.io.gfile.remove(f"{url}/spiece.model")
     with pytest.raises(FileNotFoundError, match=f"^{url}: no tokenizer in the T5 folder"):
         Tokenizer(url)
+
+
+_TWO_HOSTS = """
+import json, sys
+import jax
+index, port = int(sys.argv[1]), sys.argv[2]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=index)
+import numpy as np
+from flax import nnx
+from imagen_jax import config as config_lib
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.text import T5Encoder, regions
+
+regions.LOCAL_GAP = 0  # every run read apart: the bytes read are exactly those of this host's slices
+c = config_lib.load_config_file("configs/demo.py")
+c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.replicate_below = 1, 4, 1, 0
+mesh = mesh_lib.make_mesh(c.mesh, jax.devices())
+place = lambda abstract: mesh_lib.state_shardings(abstract, mesh, mesh_lib.param_rules(c.mesh))
+report = {}
+for folder in sys.argv[3:]:
+    sharded = T5Encoder.from_pretrained(folder, place=place)
+    plain = T5Encoder.from_pretrained(folder, place=lambda a: jax.tree.map(lambda _: mesh_lib.replicated(mesh), a))
+    half = whole = 0
+    for (path, a), (_, b) in zip(nnx.to_flat_state(sharded.state), nnx.to_flat_state(plain.state)):
+        a, b = a.get_value(), b.get_value()
+        for shard in a.addressable_shards:  # this host's slices hold the checkpoint's values there
+            np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(b.addressable_data(0))[shard.index])
+        split = any(axis is not None for axis in a.sharding.spec)
+        half, whole = half + split * b.size, whole + (not split) * b.size
+    itemsize = plain.bytes_stored / (half + whole)
+    report[folder] = [sharded.bytes_read, plain.bytes_read, plain.bytes_stored, (half / 2 + whole) * itemsize]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow  # two JAX processes: ~15 s
+def test_each_host_reads_only_the_slices_its_devices_hold(tmp_path_factory):
+    """Two processes of two devices each, T5 over fsdp=4: each process reads from the files the bytes of its own
+    halves of the split tensors and the unsplit ones whole (issue 29, point 4), for safetensors and PyTorch
+    shards alike, and its slices hold the checkpoint's values."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO, free_port
+
+    folders = [_with_spiece(tmp_path_factory, "gated_bin"), _with_spiece(tmp_path_factory, "gated")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, str(i), str(port), *folders], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
+    for out, _ in outputs:
+        for folder, (read, read_whole, stored, expected) in json.loads(out.strip().splitlines()[-1]).items():
+            assert read_whole == stored and read == expected < 0.6 * stored, (folder, read, stored, expected)

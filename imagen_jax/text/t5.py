@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from imagen_jax.errors import MissingError, WeightsError
 from imagen_jax.flax_settings import init_rngs
 from imagen_jax.parallel import activations
 from imagen_jax.parallel.activations import constrain
+from imagen_jax.text import regions
 from imagen_jax.text.tokenizer import VOCAB_FILES, Tokenizer
 from imagen_jax.text.weight_files import WeightFolder
 
@@ -238,31 +239,37 @@ def stored_name(key: str, reader: WeightFolder) -> str:
 
 def _load_params(
     folder: str, cfg: T5Config, abstract: nnx.State, dtype: DTypeLike, shardings: nnx.State | None
-) -> Iterator[tuple]:
-    """Yields (path, Param with the checkpoint's value) for every parameter of the module, each placed in its
-    sharding (when given) as soon as it is read: a process copies to its devices only the slices they hold, and
-    the host array is dropped before the next tensor is read."""
+) -> tuple[list[tuple], tuple[int, int]]:
+    """(path, Param with the checkpoint's value) for every parameter of the module, each placed in its sharding
+    (when given) as soon as it is read, and (bytes read, bytes the tensors have in the files). A process reads
+    from the files only the box of each tensor that its own devices' slices cover (regions.host_region: on a pod
+    host, a few slices of each, not the checkpoint) and drops it before the next tensor is read."""
     names = hf_tensor_names(cfg)
     where = {} if shardings is None else {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
+    stored, params = 0, []
     with contextlib.ExitStack() as stack:
         reader = WeightFolder(folder, stack)
         for path, variable in nnx.to_flat_state(abstract):
             key, transpose = names[path]
             key = stored_name(key, reader)
-            array = reader.get(key)
-            if transpose:
-                array = array.T
-            if array.shape != variable.shape:
-                raise WeightsError(
-                    f"{reader.source}: tensor '{key}' has shape {array.shape}, expected {variable.shape}"
-                )
-            array = array.astype(jnp.dtype(dtype), copy=False)
+            shape = reader.shape(key)
+            if (shape[::-1] if transpose else shape) != variable.shape:
+                raise WeightsError(f"{reader.source}: tensor '{key}' has shape {shape}, expected {variable.shape}")
+            region = regions.whole(variable.shape)
             if path in where:
-                placed = jax.make_array_from_callback(array.shape, where[path], lambda index, a=array: a[index])
+                slices = where[path].addressable_devices_indices_map(variable.shape).values()
+                region = regions.host_region(slices, variable.shape)
+            array = reader.get(key, region[::-1] if transpose else region)
+            stored += math.prod(shape) * array.dtype.itemsize
+            array = (array.T if transpose else array).astype(jnp.dtype(dtype), copy=False)
+            if path in where:
+                local = lambda index, a=array, r=region, n=variable.shape: a[regions.local_index(index, r, n)]  # noqa: E731
+                placed = jax.make_array_from_callback(variable.shape, where[path], local)
             else:
                 placed = jnp.asarray(array)
             del array
-            yield path, variable.replace(placed)
+            params.append((path, variable.replace(placed)))
+        return params, (reader.bytes_read, stored)
 
 
 def tokenizer_folder(path: str) -> str:
@@ -286,6 +293,7 @@ class T5Encoder:
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(module)
         self._forward = activations.jit(self.apply)
+        self.bytes_read = self.bytes_stored = 0  # weight bytes this process read, of those in the files
 
     @classmethod
     def from_pretrained(
@@ -313,8 +321,10 @@ class T5Encoder:
         abstract = nnx.eval_shape(lambda: T5EncoderModule(cfg, dtype=dtype, rngs=init_rngs(0)))
         graphdef, state = nnx.split(abstract)
         shardings = None if place is None else place(state)
-        loaded = nnx.from_flat_state(list(_load_params(path, cfg, state, dtype, shardings)))
-        return cls(nnx.merge(graphdef, loaded), tokenizer)
+        params, (read, stored) = _load_params(path, cfg, state, dtype, shardings)
+        encoder = cls(nnx.merge(graphdef, nnx.from_flat_state(params)), tokenizer)
+        encoder.bytes_read, encoder.bytes_stored = read, stored
+        return encoder
 
     @classmethod
     def abstract(cls, config_json: str, dtype: DTypeLike = jnp.float32) -> T5Encoder:

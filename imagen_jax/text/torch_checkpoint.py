@@ -9,7 +9,8 @@ every pickle is read by an unpickler that knows four things (an ordered dict, a 
 parameter wrapping one, and the storage types) and refuses every other global or persistent id with a one-line
 `WeightsError`, so nothing a file names is ever imported or called. Tensors come back as `LazyTensor`s (storage,
 offset, shape, strides) and are read from the file one at a time, when asked for: loading T5-XXL holds one tensor
-at a time.
+at a time. A box of a contiguous tensor (`get(name, region)`) reads only the bytes it covers (text/regions.py): the
+archive's entries are stored uncompressed, so a storage's bytes sit at a known offset of the file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -26,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from imagen_jax.errors import WeightsError
+from imagen_jax.text import regions
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
@@ -110,16 +113,21 @@ class _TensorUnpickler(pickle.Unpickler):
         return self.storages.setdefault(str(pid[2]), _Storage(str(pid[2]), pid[1].dtype, int(pid[4])))
 
 
+def _contiguous(t: LazyTensor) -> bool:
+    return all(s == math.prod(t.shape[d + 1 :]) for d, s in enumerate(t.strides) if t.shape[d] > 1)
+
+
 class TorchCheckpoint:
     """One PyTorch checkpoint (zip archive or legacy stream): its tensor names, and each tensor read on demand as a
-    NumPy array."""
+    NumPy array. `file`: the checkpoint already open (seekable, e.g. a tf.io.gfile.GFile of a URL), else `path` is
+    opened; `gap`: see regions.read_region. `bytes_read` counts the tensor bytes read so far."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, file: BinaryIO | None = None, gap: int = regions.LOCAL_GAP) -> None:
+        self.path, self._gap, self.bytes_read = path, gap, 0
         self._zip: zipfile.ZipFile | None = None
-        self._file: BinaryIO | None = None
-        self._where: dict[str, tuple[int, int]] = {}  # legacy: storage key -> (byte offset, elements stored)
-        state = self._open_zip() if zipfile.is_zipfile(path) else self._open_legacy()
+        self._file: BinaryIO = file if file is not None else open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._where: dict[str, tuple[int, int]] = {}  # storage key -> (byte offset, elements stored)
+        state = self._open_zip() if zipfile.is_zipfile(self._file) else self._open_legacy()
         if not isinstance(state, dict) or not all(isinstance(v, LazyTensor) for v in state.values()):
             self.close()
             raise WeightsError(f"{path}: the pickle is not a state dict of tensors")
@@ -137,7 +145,7 @@ class TorchCheckpoint:
             raise WeightsError(f"{self.path}: unreadable state dict pickle ({type(e).__name__}: {e})") from None
 
     def _open_zip(self) -> Any:
-        self._zip = zipfile.ZipFile(self.path)
+        self._zip = zipfile.ZipFile(self._file)
         pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             self.close()
@@ -146,7 +154,8 @@ class TorchCheckpoint:
         return self._unpickle(io.BytesIO(self._zip.read(pickles[0])))[0]
 
     def _open_legacy(self) -> Any:
-        self._file = f = open(self.path, "rb")  # closed by close()
+        f = self._file
+        f.seek(0)
         try:
             magic = _TensorUnpickler(f).load()
         except (_Refused, *_PICKLE_ERRORS):
@@ -168,7 +177,8 @@ class TorchCheckpoint:
         if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
             self.close()
             raise WeightsError(f"{self.path}: the storage list does not match the storages the state dict names")
-        size, end = os.fstat(f.fileno()).st_size, f.tell()
+        end = f.tell()
+        size = f.seek(0, os.SEEK_END)
         for key in map(str, keys):
             f.seek(end)
             head = f.read(8)
@@ -180,22 +190,62 @@ class TorchCheckpoint:
             raise WeightsError(f"{self.path}: truncated: its storages need {end} bytes, the file has {size}")
         return state
 
+    def _entry(self, name: str, storage: _Storage) -> zipfile.ZipInfo:
+        try:
+            return self._zip.getinfo(f"{self._prefix}data/{storage.key}")
+        except KeyError:
+            raise WeightsError(f"{self.path}: storage {storage.key} of tensor '{name}' is missing") from None
+
+    def _offset(self, name: str, storage: _Storage) -> int | None:
+        """The file offset of a storage's first byte, when its bytes lie there as they are (None: compressed)."""
+        if self._zip is None:
+            return self._where[storage.key][0]
+        entry = self._entry(name, storage)
+        if entry.compress_type != zipfile.ZIP_STORED:
+            return None
+        if storage.key not in self._where:
+            self._file.seek(entry.header_offset)
+            header = self._file.read(30)  # the entry's local header: its name and extra field come after it
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise WeightsError(f"{self.path}: storage {storage.key} of tensor '{name}' has no local header")
+            skip = int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+            self._where[storage.key] = (entry.header_offset + 30 + skip, storage.numel)
+        return self._where[storage.key][0]
+
     def _read(self, name: str, storage: _Storage) -> bytes:
         if self._zip is not None:
-            try:
-                return self._zip.read(f"{self._prefix}data/{storage.key}")
-            except KeyError:
-                raise WeightsError(f"{self.path}: storage {storage.key} of tensor '{name}' is missing") from None
-        offset, numel = self._where[storage.key]
-        self._file.seek(offset)
-        return self._file.read(max(numel, 0) * storage.dtype.itemsize)
+            data = self._zip.read(self._entry(name, storage).filename)
+        else:
+            offset, numel = self._where[storage.key]
+            self._file.seek(offset)
+            data = self._file.read(max(numel, 0) * storage.dtype.itemsize)
+        self.bytes_read += len(data)
+        return data
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor `name` as a contiguous array (its storage is read from the file, nothing else)."""
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def get(self, name: str, region: regions.Region | None = None) -> np.ndarray:
+        """The tensor `name` (or its box `region`, [start, stop) per dimension) as a contiguous array. A box of a
+        contiguous tensor reads only the bytes it covers; otherwise the tensor's storage is read whole."""
         t = self.tensors[name]
+        if region is not None and region != regions.whole(t.shape) and _contiguous(t):
+            base = self._offset(name, t.storage)
+            item = t.storage.dtype.itemsize
+            if base is not None and t.offset >= 0 and t.offset + math.prod(t.shape) <= t.storage.numel:
+                array, read = regions.read_region(
+                    self._file, base + t.offset * item, t.storage.dtype, t.shape, region, self._gap,
+                    f"{self.path}: tensor '{name}'",
+                )  # fmt: skip
+                self.bytes_read += read
+                return array
+        whole = self._whole(name, t)
+        return whole if region is None else np.array(whole[tuple(slice(a, b) for a, b in region)])
+
+    def _whole(self, name: str, t: LazyTensor) -> np.ndarray:
         flat = np.frombuffer(self._read(name, t.storage), dtype=t.storage.dtype)
         last = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.strides) if n > 0)
         if flat.size < t.storage.numel or t.offset < 0 or min(t.strides, default=0) < 0 or last >= max(flat.size, 1):

@@ -8,23 +8,25 @@ shards, as `save_pretrained(variant="fp16")` writes them). google/t5-v1_1-xxl's 
 `pytorch_model.bin` only; DeepFloyd IF's text encoder ships fp16 shards. A diffusers model folder (`unet/`) names
 its files `diffusion_pytorch_model.*` instead (`DIFFUSERS_STEMS`).
 Tensors are read when asked for, so a loader that wants the encoder never reads a
-decoder, and memory holds one tensor at a time. A folder at a URL (gs://...) is read through tf.io.gfile; each
-weight file is copied to the local cache (filesystem.local_copy) when a tensor is first read from it, so only
-the shards that hold the tensors asked for are copied.
+decoder, and memory holds one tensor at a time; `get(key, region)` reads only a box of a tensor (a pod host's
+slices of it: text/regions.py). Files are read in place, a folder at a URL (gs://...) through tf.io.gfile's
+seekable files, so a host reads the bytes it uses and no more (`bytes_read`); nothing is copied.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from imagen_jax import filesystem
 from imagen_jax.errors import MissingError, WeightsError
+from imagen_jax.text import regions
 from imagen_jax.text.torch_checkpoint import TorchCheckpoint
 
 TRANSFORMERS_STEMS = ("model", "pytorch_model")  # file stems of (safetensors, PyTorch) weights
@@ -43,6 +45,67 @@ def _formats(stems: tuple[str, str]) -> list[tuple[str, str, str]]:
             else:
                 formats.append((f"{stem}.{extension}.index.{variant}.json", f"{stem}.{variant}.{extension}", kind))
     return formats
+
+
+# safetensors' dtype names (its format specification), as NumPy dtypes
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+    "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}  # fmt: skip
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on a header's size
+
+
+class SafetensorsFile:
+    """A safetensors file read in place: an 8-byte little-endian header size, a JSON header naming each tensor's
+    dtype, shape and [begin, end) byte offsets into the payload that follows, then the payload. Tensors (or boxes
+    of them) are read from a seekable file when asked for; `bytes_read` counts their bytes."""
+
+    def __init__(self, path: str, file: Any, gap: int) -> None:
+        self.path, self._file, self._gap, self.bytes_read = path, file, gap, 0
+        size = file.seek(0, os.SEEK_END)
+        file.seek(0)
+        head = file.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER, size - 8):
+            raise WeightsError(f"{path}: not a safetensors file (header size {length}, file size {size})")
+        try:
+            header = json.loads(file.read(length))
+        except ValueError as e:
+            raise WeightsError(f"{path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise WeightsError(f"{path}: the safetensors header is not a JSON object")
+        self._base, payload = 8 + length, size - 8 - length
+        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]), tuple(int(n) for n in info["shape"])
+                begin, end = (int(n) for n in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise WeightsError(f"{path}: tensor '{name}' has an unreadable entry {str(info)[:120]}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= payload:
+                raise WeightsError(
+                    f"{path}: tensor '{name}' ({info['dtype']} {list(shape)}) does not fit its bytes "
+                    f"[{begin}, {end}) of a {payload}-byte payload"
+                )
+            self.tensors[name] = (dtype, shape, begin)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][1]
+
+    def get(self, name: str, region: regions.Region | None = None) -> np.ndarray:
+        dtype, shape, begin = self.tensors[name]
+        array, read = regions.read_region(
+            self._file, self._base + begin, dtype, shape, region or regions.whole(shape), self._gap,
+            f"{self.path}: tensor '{name}'",
+        )  # fmt: skip
+        self.bytes_read += read
+        return array
 
 
 class WeightFolder:
@@ -80,14 +143,18 @@ class WeightFolder:
         if path not in self._handles:
             if not self._fs.exists(path) or self._fs.isdir(path):
                 raise MissingError(f"{path}: weight file named in {self.source} not found")
-            local = filesystem.local_copy(path)
+            file = self._stack.enter_context(self._fs.GFile(path, "rb"))
+            gap = regions.LOCAL_GAP if self._fs is filesystem.LOCAL else regions.URL_GAP
             if self.kind == "safetensors":
-                self._handles[path] = self._stack.enter_context(safe_open(local, framework="np"))
+                self._handles[path] = SafetensorsFile(path, file, gap)
             else:
-                checkpoint = TorchCheckpoint(local)
-                self._stack.callback(checkpoint.close)
-                self._handles[path] = checkpoint
+                self._handles[path] = TorchCheckpoint(path, file, gap)
         return self._handles[path]
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far, from every file."""
+        return sum(handle.bytes_read for handle in self._handles.values())
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -95,12 +162,18 @@ class WeightFolder:
     def keys(self) -> list[str]:
         return list(self.where)
 
-    def get(self, key: str) -> np.ndarray:
+    def _handle(self, key: str) -> Any:
         if key not in self.where:
             raise WeightsError(f"{self.source}: missing tensor '{key}'")
         handle = self._open(self.where[key])
-        if self.kind == "safetensors":
-            return handle.get_tensor(key)
         if key not in handle.tensors:
             raise WeightsError(f"{self.where[key]}: missing tensor '{key}' (named in {self.source})")
-        return handle.get(key)
+        return handle
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of tensor `key` (its file's header is read; none of its elements)."""
+        return self._handle(key).shape(key)
+
+    def get(self, key: str, region: regions.Region | None = None) -> np.ndarray:
+        """Tensor `key`, or only its box `region` ([start, stop) per stored dimension), read from its file."""
+        return self._handle(key).get(key, region)

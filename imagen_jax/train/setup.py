@@ -67,7 +67,9 @@ def load_text(config: ml_collections.ConfigDict, mesh: Mesh) -> Text:
         encoder.state,
         jax.tree.map(lambda x: x.sharding, encoder.state),  # where `place` put each parameter
         encoder.dim,
-        f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length})",
+        f"text encoder: {config.text.encoder} (d_model {encoder.dim}, max_length {config.text.max_length}; "
+        f"this process read {encoder.bytes_read / 2**20:.1f} of its {encoder.bytes_stored / 2**20:.1f} MiB of "
+        "weights: its devices' slices)",
     )
 
 
