@@ -61,9 +61,10 @@ def test_plans_hold_totals_against_the_hbm_the_compiler_lets_a_program_use():
     }
 
 
-@pytest.mark.slow  # two TPU compiles, ~1 min
+@pytest.mark.slow  # four TPU compiles, ~2 min
 def test_plan_compiles_for_a_tpu_slice_and_its_figures_add_up(tmp_path):
     pytest.importorskip("libtpu", reason='the TPU compiler: pip install -e ".[plan]"')
+    from imagen_jax.tools.plan import format_report
     from imagen_jax.train.plan import plan
 
     config, t5 = _tiny_config(tmp_path, data=4, fsdp=1)
@@ -96,6 +97,16 @@ def test_plan_compiles_for_a_tpu_slice_and_its_figures_add_up(tmp_path):
     assert looped["roofline_step_s"] == pytest.approx(max(compute_s, memory_s, looped["collective_s"]))
     assert (looped["compute_s"], looped["memory_s"]) == (pytest.approx(compute_s), pytest.approx(memory_s))
 
+    # two v5e-4 slices (Multislice): the gradient reduction crosses the data-center network, once per step
+    config, t5 = _tiny_config(tmp_path, data=2, fsdp=4)
+    multi = plan(config, "v5e-4", t5, slices=2)
+    assert (multi["slices"], multi["devices"], multi["mesh"]["data"]) == (2, 8, 2)
+    crossing = sum(c["bytes"] for c in multi["dcn_per_device"].values())
+    assert crossing > 0 and multi["dcn_s"] == pytest.approx(crossing / 3.125e9)
+    terms = (multi["compute_s"], multi["memory_s"], multi["collective_s"], multi["dcn_s"])
+    assert multi["roofline_step_s"] == pytest.approx(max(terms))
+    assert "sent per device to other slices (data-center network): all-reduce" in format_report("demo", multi)
+
 
 def test_plan_cli_errors_are_one_line(capsys):
     from imagen_jax.tools import plan as plan_tool
@@ -127,6 +138,26 @@ def test_counted_conv_flops_skip_padding_like_xla(stride):
         xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
         assert matmul_flops(jax.make_jaxpr(fn)(x, w)) == xla
     assert matmul_flops(jax.make_jaxpr(conv)(x, w)) < 2 * out_positions * 27  # fewer than the padded windows' taps
+
+
+def test_flash_attention_counts_its_other_platforms_form_once_per_example():
+    """`flash` attention is a `platform_dependent` cond: the TPU branch's Pallas kernel (whose body is one block of
+    a grid, so counts nothing) and the other platforms' form. The count takes the largest branch, once: the
+    attention's own matmuls, proportional to the batch (summing both branches and the kernel's one block made a
+    2-micro-batch step count 1.4% more than one batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from imagen_jax.models import layers
+    from imagen_jax.train.plan import matmul_flops
+
+    def count(batch: int, kind: str) -> float:
+        q = jnp.ones((batch, 64, 2, 8))
+        return matmul_flops(jax.make_jaxpr(lambda q: layers.attention(q, q, q, kind=kind, chunk=32))(q))
+
+    plain = 2 * 2 * (64 * 64 * 8) * 2  # QK^T and PV, per head, per example
+    assert count(1, "dot_product") == plain and count(3, "dot_product") == 3 * plain
+    assert count(1, "flash") == plain and count(3, "flash") == 3 * plain
 
 
 def test_windowed_einsum_loops_are_found_and_the_roofline_counts_their_trips():
@@ -243,6 +274,40 @@ def test_collective_bytes_read_every_form_of_replica_groups():
     assert sent["reduce-scatter"] == {"count": 1, "bytes": 4 * 8 * 4 * 1}
     assert sent["all-reduce"] == {"count": 1, "bytes": 2 * (16 * 4 + 32 * 2) * 3 / 4}
     assert sent["all-to-all"]["count"] == sent["collective-permute"]["count"] == 0
+
+
+def test_multislice_meshes_put_data_across_slices_and_the_plan_counts_what_crosses():
+    """Two v5e-4 slices joined over the data-center network (Multislice): the mesh's `data` axis spans them (a
+    `data` that is not a multiple of the slices is refused in one line); a gradient reduced over `data` crosses as
+    the Multislice runtime's all-reduce of each device's fsdp shard, 2 R (s - 1) / s bytes per device, timed at v5e's
+    published share of the network (3.125 GB/s per chip) as a roofline term of its own; v4 publishes none."""
+    pytest.importorskip("libtpu", reason='the TPU compiler: pip install -e ".[plan]"')
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from imagen_jax.train.plan import CHIPS, dcn_bytes, roofline, slice_devices
+
+    devices = slice_devices(parse_slice("v5e-4"), 2)
+    assert sorted(d.slice_index for d in devices) == [0] * 4 + [1] * 4
+    config = config_lib.load_config_file("configs/demo.py")
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+    config.mesh.data, config.mesh.fsdp = 1, 8
+    with pytest.raises(ConfigError, match=r"^mesh: data=1 must be a multiple of the 2 slices \(only data"):
+        mesh_lib.make_mesh(config.mesh, devices)
+
+    w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+    x = jax.ShapeDtypeStruct((64, 1024), jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+    grad = jax.jit(jax.grad(lambda w, x: jnp.tanh(x @ w).sum()), out_shardings=w.sharding)
+    sent = dcn_bytes(grad.lower(w, x).compile().as_text(), 2)
+    shard = 1024 * 1024 * 4 / 4
+    assert sent == {"all-reduce": {"count": 1, "bytes": 2 * shard * (2 - 1) / 2}}
+    seconds, bound = roofline(1e9, 1e6, CHIPS["v5e"], 8, 1e6, sent["all-reduce"]["bytes"])
+    assert bound == "data-center network" and seconds == pytest.approx(shard / 3.125e9)
+    assert roofline(1e9, 1e6, CHIPS["v4"], 8, 1e6, sent["all-reduce"]["bytes"])[1] != "data-center network"
 
 
 def test_one_and_two_chip_slices_have_their_devices():

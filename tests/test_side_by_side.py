@@ -102,7 +102,7 @@ def test_defaults_keep_the_shared_architecture_and_drop_every_matching_option():
         assert "ours_train" not in plain and plain["image_size"] == layout["image_size"]
         config = ours.stage_config(plain)
         assert config.model.get("attn_placement", "every_block") == "every_block", name
-        assert config.train.attention == "dot_product" and config.model.get("ffn_mult", 0) == 0, name
+        assert config.train.attention == "auto" and config.model.get("ffn_mult", 0) == 0, name
 
 
 def test_threads_pin_the_process_to_that_many_cpus(monkeypatch):

@@ -206,6 +206,32 @@ def test_attention_matches_numpy_and_survives_empty_mask(kind, chunk):
     np.testing.assert_allclose(out[1], np.broadcast_to(v[1].mean(0), (6, 2, 4)), atol=1e-5)
 
 
+def test_auto_attention_is_the_fastest_kind_of_the_platform_the_model_is_built_for():
+    """train.attention = auto (the default): chunked on a CPU, XLA's dot_product elsewhere (TPU and GPU: not
+    measured faster), read from the mesh's devices by stage_model, so the planner's TPU compiles get TPU's kind;
+    a kind that is set stays."""
+    from imagen_jax.parallel import mesh as mesh_lib
+    from imagen_jax.stage.model import build_model, stage_model
+
+    assert [layers.platform_attention("auto", p) for p in ("tpu", "cpu", "gpu")] == [
+        "dot_product",
+        "chunked",
+        "dot_product",
+    ]
+    assert layers.platform_attention("flash", "cpu") == "flash"
+    config = load_config_file("configs/demo.py")
+    assert config.train.attention == "auto" and config.train.attention_chunk == 256
+
+    def kinds(model):
+        return {m.attention for _, m in nnx.iter_modules(model) if isinstance(m, layers._PixelAttention)}
+
+    model = stage_model(config, 16, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
+    assert kinds(nnx.merge(model.graphdef, nnx.eval_shape(lambda: nnx.state(build_model(config, 16))))) == {"chunked"}
+    assert kinds(nnx.eval_shape(lambda: build_model(config, 16, platform="tpu"))) == {"dot_product"}
+    config.train.attention = "flash"
+    assert kinds(nnx.eval_shape(lambda: build_model(config, 16, platform="cpu"))) == {"flash"}
+
+
 def test_chunked_attention_has_the_same_gradients_and_keeps_a_chunk_of_logits():
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 4)), jnp.float32) for _ in range(3))

@@ -519,6 +519,17 @@ ATTENTION_KINDS = (
     # logits never exist whole, in either pass. Elsewhere (CPU, GPU) it computes as 'chunked'.
     "flash",
 )
+# The config's default, resolved where the model is built for a platform (`platform_attention`) into the kind
+# measured fastest there: chunked on a CPU (base64-small's step: 1.12x, 2026-12-04; 1.29x at our default layout,
+# 2026-12-07); elsewhere XLA's fused dot_product until another kind is measured faster there (on TPU flash
+# planned 348 ms against 365 for mini_base64's step on v5e-8, with 0.77 GiB more temporaries per chip: README).
+AUTO_ATTENTION = "auto"
+PLATFORM_ATTENTION = {"cpu": "chunked"}
+
+
+def platform_attention(kind: str, platform: str) -> str:
+    """`kind` with AUTO_ATTENTION replaced by the fastest kind on `platform` (a jax device's .platform)."""
+    return PLATFORM_ATTENTION.get(platform, "dot_product") if kind == AUTO_ATTENTION else kind
 
 
 def check_attention(kind: str) -> None:

@@ -12,7 +12,7 @@ import ml_collections
 
 from imagen_jax.diffusion import OBJECTIVES, SCHEDULES, THRESHOLD_MODES, VARIANCE_LOSSES, VARIANCES
 from imagen_jax.errors import ConfigError
-from imagen_jax.models.layers import ATTENTION_KINDS, REMAT_POLICIES
+from imagen_jax.models.layers import ATTENTION_KINDS, AUTO_ATTENTION, REMAT_POLICIES
 from imagen_jax.stage import lora
 from imagen_jax.stage.model import DTYPES, MODEL_KINDS, model_kind
 
@@ -130,9 +130,11 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     # all [heads, queries, keys] logits at once) | chunked (queries in blocks of attention_chunk, each recomputed
     # in the backward pass: a block's logits instead of all of them, for one more attention forward) | flash (on
     # TPU the Pallas flash-attention kernel, per device: no logits in memory and no second forward; 'chunked'
-    # on other platforms). On a CPU, chunked with attention_chunk 256 is also faster (base64-small's step: 1.12x).
-    c.train.attention = "dot_product"
-    c.train.attention_chunk = 1024
+    # on other platforms) | auto (the fastest measured where the step runs, read from the mesh's devices: chunked
+    # on a CPU, where base64-small's step ran 1.12x-1.29x faster; dot_product elsewhere, TPU included, until flash
+    # is measured there). The planner resolves it for the TPU it compiles for.
+    c.train.attention = "auto"
+    c.train.attention_chunk = 256  # queries per block (chunked); 128 and 512 were 0.99x and 0.97x on a CPU
     # Gradient accumulation: the global batch in this many sequential parts per step (same update, a k-th of the
     # activations); batch_size must be divisible by microbatches x the data-parallel devices.
     c.train.microbatches = 1
@@ -260,7 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, "diffusion.threshold_max", minimum=0)
     _choice(config, "train.compute_dtype", tuple(DTYPES))
     _choice(config, "train.remat", tuple(REMAT_POLICIES))
-    _choice(config, "train.attention", ATTENTION_KINDS)
+    _choice(config, "train.attention", (*ATTENTION_KINDS, AUTO_ATTENTION))
     _positive(config, "train.attention_chunk")
     _choice(config, "text.dtype", tuple(DTYPES))
     _positive(config, "text.max_length")

@@ -25,6 +25,7 @@ from imagen_jax.diffusion.denoiser import Denoiser
 from imagen_jax.errors import ConfigError
 from imagen_jax.flax_settings import init_rngs
 from imagen_jax.models import efficient_unet, if_unet, unet
+from imagen_jax.models.layers import platform_attention
 from imagen_jax.parallel import mesh as mesh_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -123,10 +124,12 @@ def train_size(config: ml_collections.ConfigDict) -> int:
     return int(config.data.crop_size or config.data.image_size)
 
 
-def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0) -> nnx.Module:
+def build_model(
+    config: ml_collections.ConfigDict, text_dim: int, seed: int = 0, platform: str | None = None
+) -> nnx.Module:
     """The stage's U-Net (params float32, activations in train.compute_dtype, rematerialised in the backward
-    pass as train.remat says, attention computed as train.attention says: the parameters are the same whatever
-    either is)."""
+    pass as train.remat says, attention computed as train.attention says, 'auto' resolved for `platform`, by
+    default JAX's default backend's: the parameters are the same whatever either is)."""
     return model_kind(config).build(
         config.model,
         image_size=config.data.image_size,
@@ -134,7 +137,7 @@ def build_model(config: ml_collections.ConfigDict, text_dim: int, seed: int = 0)
         rngs=init_rngs(seed),
         dtype=compute_dtype(config.train.compute_dtype),
         remat=config.train.remat,
-        attention=config.train.attention,
+        attention=platform_attention(config.train.attention, platform or jax.default_backend()),
         attention_chunk=config.train.attention_chunk,
     )
 
@@ -187,8 +190,10 @@ class StageModel:
 
 
 def stage_model(config: ml_collections.ConfigDict, text_dim: int, mesh: Mesh) -> StageModel:
-    """Shapes and shardings of the stage's U-Net on `mesh` (by the config's mesh.rules), via jax.eval_shape."""
-    abstract_model = nnx.eval_shape(lambda: build_model(config, text_dim))
+    """Shapes and shardings of the stage's U-Net on `mesh` (by the config's mesh.rules), via jax.eval_shape; its
+    computation (the graphdef) for the platform of the mesh's devices (e.g. TPU in the planner's compiles)."""
+    platform = mesh.devices.flat[0].platform
+    abstract_model = nnx.eval_shape(lambda: build_model(config, text_dim, platform=platform))
     graphdef, abstract, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"the U-Net has non-parameter state, which the train state does not carry: {rest}")

@@ -2,13 +2,16 @@
 the memory and FLOPs the TPU compiler reports.
 
     pip install -e ".[plan]"   # libtpu, the TPU compiler (the version jax[tpu] pins)
-    python -m imagen_jax.tools.plan --config configs/base64.py --topology v4-512 [--t5 xxl] [--json]
+    python -m imagen_jax.tools.plan --config configs/base64.py --topology v4-512 [--slices 1] [--t5 xxl] [--json]
         [--config.train.batch_size=2048 ...]
 
 --topology names a slice as Cloud TPU does: v4-N and v5p-N count TensorCores (two per chip: v4-512 is 256
 chips), v5e-N and v6e-N count chips. --t5 is the shape of the frozen T5 inside the step: xxl, xl or large
 (the shipped config.json of google/t5-v1_1-*), or a T5 folder or config.json of your own; no weights are read.
-With --config.data.precomputed_text=True the step has no T5 (compare both set-ups).
+With --config.data.precomputed_text=True the step has no T5 (compare both set-ups). --slices N plans N such
+slices joined over the data-center network (Multislice): the mesh's `data` axis spans them (it must be a multiple
+of N), and the bytes each device sends to other slices, by kind, get their own roofline term at the chip's share of
+the network (v5p 6.25 GB/s, v5e 3.125 GB/s, as published; v4 and v6e publish none: bytes only).
 
 Printed per device: parameters, optimizer state, EMA, T5 and the batch (from the arrays' shardings), the
 compiler's temporaries (activations, gradients, workspace), their total against the HBM the TPU compiler lets a
@@ -75,8 +78,8 @@ def format_report(config_path: str, r: dict) -> str:
     if r.get("flops_note"):
         agreement += f"; {r['flops_note']}"
     return "\n".join([
-        f"plan: {config_path} on {r['slice']} ({r['chip']}, {_chips(r['devices'])}, topology {r['topology']}), "
-        f"mesh {r['mesh']}",
+        f"plan: {config_path} on {_slices(r)} ({r['chip']}, {_chips(r['devices'])}, topology {r['topology']}), "
+        f"mesh {r['mesh']}, attention {r['attention']}",
         f"U-Net {r['unet_params'] / 1e6:.1f}M params; {r['text']}: {r['t5_params'] / 1e6:.1f}M params; "
         f"global batch {r['global_batch']} ({per_device:g} per data-parallel device), {_text_tokens(r)}",
         "per-device GiB: " + "  ".join(f"{k} {m[k] / GIB:.2f}" for k in kinds)
@@ -86,6 +89,7 @@ def format_report(config_path: str, r: dict) -> str:
         f"{r['roofline_images_per_s']:.0f} images/s; terms: compute {r['compute_s'] * 1e3:.1f} ms at peak, "
         f"memory {r['memory_s'] * 1e3:.1f} ms, communication {r['collective_s'] * 1e3:.1f} ms",
         *([_collectives_line(r["collectives_per_device"])] if r.get("collectives_per_device") else []),
+        *([_dcn_line(r)] if r["slices"] > 1 else []),
         *([
             f"trainable: {r['trainable_params'] / 1e6:.2f}M of {r['all_params'] / 1e6:.1f}M params "
             f"({r['trainable_params'] / r['all_params']:.2%}); the frozen ones save "
@@ -172,6 +176,20 @@ def _collectives_line(collectives: dict) -> str:
     return "collectives sent per device (ring algorithms; a loop body once): " + (", ".join(kinds) or "none")
 
 
+def _slices(r: dict) -> str:
+    return f"{r['slices']} x {r['slice']} (Multislice)" if r["slices"] > 1 else r["slice"]
+
+
+def _dcn_line(r: dict) -> str:
+    kinds = [f"{kind} {c['bytes'] / GIB:.3f} GiB ({c['count']})" for kind, c in (r["dcn_per_device"] or {}).items()]
+    time = (
+        f": {r['dcn_s'] * 1e3:.1f} ms at the chip's share of the network"
+        if r["dcn_s"] is not None
+        else f": no published data-center network bandwidth for {r['chip']}, so no time"
+    )
+    return f"sent per device to other slices (data-center network): {', '.join(kinds) or 'none'}{time}"
+
+
 def _planned_here(r: dict) -> str:
     minutes, seconds = divmod(int(r["planned_here_s"]), 60)
     return (
@@ -201,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", action="append", required=True, help="configs/<stage>.py; with --sample, once per stage"
     )
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v4-8, v4-512, v5e-8, v5e-256, v5p-128")
+    parser.add_argument("--slices", type=int, default=1, help="that many slices joined over DCN (Multislice)")
     parser.add_argument("--t5", default="xxl", help="T5 shape: xxl | xl | large | a T5 folder or config.json")
     parser.add_argument("--sample", action="store_true", help="plan the cascade's sampling, not a train step")
     parser.add_argument("--batch_size", default=None, help=f"--sample: prompts per batch (default {DEFAULT_PROMPTS})")
@@ -225,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sample:
             result = plan_sampling(configs, args.config, args.topology, args.t5, batch_size)
         else:
-            result = plan(configs[0], args.topology, args.t5)
+            result = plan(configs[0], args.topology, args.t5, args.slices)
         result["planned_here_s"] = round(time.monotonic() - start, 1)
         result["host_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         if args.json:

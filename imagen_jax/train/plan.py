@@ -37,6 +37,7 @@ from imagen_jax.diffusion import sampler as sampler_lib
 from imagen_jax.diffusion.timesteps import resolve_steps
 from imagen_jax.errors import ConfigError, UsageError, first_line
 from imagen_jax.eval import scorer as scorer_lib
+from imagen_jax.models.layers import platform_attention
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel.activations import activation_layout
 from imagen_jax.stage import config as stage_config
@@ -81,13 +82,17 @@ class Chip:
     # and v6e 102.4 TB/s over 256), half its bidirectional ICI bandwidth where that is given (v5e 400, v6e 800
     # GB/s); v5p publishes only its ICI (1200 GB/s): half of it. The collectives' bytes are sent at this rate.
     collective_gbps: float
+    # A chip's share of the data-center network between slices (Multislice), GB/s: v5p 50 Gbit/s per chip, v5e
+    # 6.4 Tbit/s per 256-chip pod (both Cloud TPU's published tables); None where no figure is published (v4, v6e):
+    # the plan then gives the bytes sent over it, not their time.
+    dcn_gbps: float | None
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GIB, 275.0, 1200.0, 2, "v4", 3, 268.6),
-    "v5p": Chip("TPU v5p", 95 * GIB, 459.0, 2765.0, 2, "v5", 3, 600.0),
-    "v5e": Chip("TPU v5e", 16 * GIB, 197.0, 819.0, 1, "v5e", 2, 200.0),
-    "v6e": Chip("TPU v6e", 32 * GIB, 918.0, 1640.0, 1, "v6e", 2, 400.0),
+    "v4": Chip("TPU v4", 32 * GIB, 275.0, 1200.0, 2, "v4", 3, 268.6, None),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459.0, 2765.0, 2, "v5", 3, 600.0, 50 / 8),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197.0, 819.0, 1, "v5e", 2, 200.0, 6400 / 256 / 8),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918.0, 1640.0, 1, "v6e", 2, 400.0, None),
 }
 
 
@@ -128,8 +133,9 @@ def _torus(chips: int, dims: int) -> list[int]:
     return shape
 
 
-def slice_devices(tpu_slice: Slice) -> list:
-    """Compile-only devices of the slice (no TPU needed; libtpu must be installed)."""
+def slice_devices(tpu_slice: Slice, slices: int = 1) -> list:
+    """Compile-only devices of the slice, or of `slices` copies of it joined over the data-center network
+    (Multislice; each device's `slice_index` says which), with no TPU needed (libtpu must be installed)."""
     # libtpu on a machine without TPUs: never ask the cloud metadata server what this VM is, do not take the
     # single-process lock (several plans may run at once), and say what the host is so it does not guess.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -143,7 +149,7 @@ def slice_devices(tpu_slice: Slice) -> list:
         grid = _torus(tpu_slice.chips, tpu_slice.chip.torus_dims) + [1] * (3 - tpu_slice.chip.torus_dims)
         description = topologies.get_topology_desc(
             tpu_slice.topology, "tpu", chip_config_name="megacore" if tpu_slice.chip.torus_dims == 3 else "default",
-            chips_per_host_bounds=tuple(min(g, h) for g, h in zip(grid, (2, 2, 1))), num_slices=1,
+            chips_per_host_bounds=tuple(min(g, h) for g, h in zip(grid, (2, 2, 1))), num_slices=slices,
         )  # fmt: skip
     except (RuntimeError, ValueError, ImportError) as e:
         raise UsageError(
@@ -221,11 +227,18 @@ def bytes_per_device(tree: Any) -> int:
 
 def matmul_flops(jaxpr: Any) -> float:
     """FLOPs of the dot_generals and convolutions of a (closed) jaxpr, counted from their shapes (2 per
-    multiply-add), through nested jaxprs (jit, remat, custom derivatives; scans times their length)."""
+    multiply-add), through nested jaxprs (jit, remat, custom derivatives; scans times their length; a cond's
+    largest branch, as one runs: `platform_dependent` attention holds the TPU kernel and the other platforms'
+    form). A Pallas call counts nothing: its body is one block of a grid, so the branch without it is the count."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
+        if name == "pallas_call":
+            continue
+        if name == "cond":
+            total += max(matmul_flops(branch) for branch in eqn.params["branches"])
+            continue
         if name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
@@ -323,6 +336,26 @@ def collective_bytes(hlo: str) -> dict[str, dict[str, float]]:
     return found
 
 
+# A transfer between slices: the TPU compiler lowers a collective over devices of several slices to host
+# transfers that the Multislice runtime carries over the data-center network (a send per device and piece).
+_DCN_SEND = re.compile(
+    r"= \((?P<result>[^\n]*?), u32\[\], token\[\]\) send\([^\n]*_xla_megascale_transfer_type=\"(?P<kind>\w+)\""
+)
+
+
+def dcn_bytes(hlo: str, slices: int) -> dict[str, dict[str, float]]:
+    """Per kind of transfer between `slices` slices in a compiled per-device program (ALL_REDUCE, ...): how many,
+    and the bytes one device sends over the data-center network for them, by a ring over the slices: an
+    all-reduce of R bytes 2 R (s - 1) / s, any other kind R (s - 1) / s. A loop's body is counted once."""
+    found: dict[str, dict[str, float]] = {}
+    for m in _DCN_SEND.finditer(hlo):
+        size, share = sum(_shapes_bytes(m["result"])), (slices - 1) / slices
+        entry = found.setdefault(m["kind"].lower().replace("_", "-"), {"count": 0, "bytes": 0.0})
+        entry["count"] += 1
+        entry["bytes"] += size * share * (2 if m["kind"] == "ALL_REDUCE" else 1)
+    return found
+
+
 def flops_note(microbatches: int, windowed: int, flops_xla: float | None, flops_counted: float) -> tuple[str, float]:
     """Why XLA's FLOPs fall short of the step's, if they do, and the FLOPs the roofline should use.
 
@@ -365,12 +398,13 @@ class Program:
     windowed: int  # windowed-einsum loops in the compiled program
     output_shardings: Any = None
     collectives: dict | None = None  # collective_bytes of the compiled program; None if not compiled
+    dcn: dict | None = None  # dcn_bytes of the compiled program (between slices)
 
 
-def compile_program(name: str, lowered: Any, arguments: int, devices: int, what: str) -> Program:
-    """Compiles `lowered` with the TPU compiler. When the compiler refuses for lack of HBM, the Program carries
-    the temporaries it said it needs and `arguments` (its inputs' bytes, from their shardings) for the total;
-    any other refusal is a one-line ConfigError naming `what`."""
+def compile_program(name: str, lowered: Any, arguments: int, devices: int, what: str, slices: int = 1) -> Program:
+    """Compiles `lowered` with the TPU compiler (for `slices` slices: Multislice). When the compiler refuses for
+    lack of HBM, the Program carries the temporaries it said it needs and `arguments` (its inputs' bytes, from
+    their shardings) for the total; any other refusal is a one-line ConfigError naming `what`."""
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # the compiler's own verdict when temporaries exceed the HBM left
@@ -396,21 +430,25 @@ def compile_program(name: str, lowered: Any, arguments: int, devices: int, what:
         windowed_loops(hlo := compiled.as_text()),
         compiled.output_shardings,
         collective_bytes(hlo),
+        dcn_bytes(hlo, slices),
     )
 
 
 def roofline(
-    flops: float, bytes_accessed: float, chip: Chip, devices: int, collective: float = 0.0
+    flops: float, bytes_accessed: float, chip: Chip, devices: int, collective: float = 0.0, dcn: float = 0.0
 ) -> tuple[float, str]:
-    """(seconds, the dominant term: 'compute', 'memory' or 'communication'): the largest of FLOPs over the devices'
-    bf16 peak, one device's bytes accessed over its HBM bandwidth and the bytes its collectives send
-    (`collective_bytes`) over its share of the interconnect (`Chip.collective_gbps`); the three overlap (XLA runs
-    collectives asynchronously), so the step takes the longest."""
+    """(seconds, the dominant term: 'compute', 'memory', 'communication' or 'data-center network'): the largest
+    of FLOPs over the devices' bf16 peak, one device's bytes accessed over its HBM bandwidth, the bytes its
+    collectives send (`collective_bytes`) over its share of the interconnect (`Chip.collective_gbps`) and those it
+    sends to other slices (`dcn_bytes`) over its share of the data-center network (`Chip.dcn_gbps`, where
+    published); they overlap (XLA runs collectives asynchronously), so the step takes the longest."""
     terms = {
         "compute": flops / devices / (chip.bf16_tflops * 1e12),
         "memory": bytes_accessed / (chip.hbm_gbps * 1e9),
         "communication": collective / (chip.collective_gbps * 1e9),
     }
+    if dcn and chip.dcn_gbps:
+        terms["data-center network"] = dcn / (chip.dcn_gbps * 1e9)
     bound = max(terms, key=terms.get)
     return terms[bound], bound
 
@@ -420,12 +458,20 @@ def collective_total(program: Program) -> float:
     return sum(c["bytes"] for c in (program.collectives or {}).values())
 
 
-def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "xxl") -> dict:
-    """Compiles the train step of `config` for the TPU slice `slice_name` and returns the figures (see the
-    module docstring); mesh axes set to -1 in the config take the slice's devices."""
+def dcn_total(program: Program) -> float:
+    """The bytes one device sends to other slices (0 when not compiled or on one slice)."""
+    return sum(c["bytes"] for c in (program.dcn or {}).values())
+
+
+def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "xxl", slices: int = 1) -> dict:
+    """Compiles the train step of `config` for the TPU slice `slice_name`, or for `slices` of them joined over the
+    data-center network (Multislice: the mesh's `data` axis spans them), and returns the figures (see the module
+    docstring); mesh axes set to -1 in the config take the slices' devices."""
     stage_config.validate(config)
     tpu_slice = parse_slice(slice_name)
-    devices = slice_devices(tpu_slice)
+    if slices < 1:
+        raise UsageError(f"--slices {slices}: expected 1 or more")
+    devices = slice_devices(tpu_slice, slices)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     setup_lib.check_batch_split(config, mesh)
     text = abstract_text(config, t5_config, mesh)
@@ -445,20 +491,26 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
     evaluation = evaluation_bytes(config, sum(held.values()), usable)
     traced = trainer.train_step.trace(state, text.params, batch, streak)
     flops_counted = matmul_flops(traced.jaxpr)
-    step = compile_program("train step", traced.lower(), sum(held.values()), n, f"the train step for {slice_name}")
+    where = f"{slices} x {slice_name}" if slices > 1 else slice_name
+    step = compile_program("train step", traced.lower(), sum(held.values()), n, f"the train step for {where}", slices)
     note, compute_flops = flops_note(int(config.train.microbatches), step.windowed, step.flops_xla, flops_counted)
     # The micro-batch loop's bytes are counted once too: scaled by its trip count (which counts the optimizer's
     # share k times, so a slight overestimate).
     loops = int(config.train.microbatches)
+    # Between slices the step sends its gradient reduction, once per step (after the micro-batch loop): not scaled.
     step_s, bound = roofline(
-        compute_flops, (step.bytes_accessed or 0.0) * loops, tpu_slice.chip, n, collective_total(step) * loops
-    )
+        compute_flops, (step.bytes_accessed or 0.0) * loops, tpu_slice.chip, n, collective_total(step) * loops,
+        dcn_total(step),
+    )  # fmt: skip
+    dcn_gbps = tpu_slice.chip.dcn_gbps
     return {
         "slice": slice_name,
+        "slices": slices,
         "topology": tpu_slice.topology,
         "chip": tpu_slice.chip.name,
         "devices": n,
         "mesh": dict(mesh.shape),
+        "attention": platform_attention(config.train.attention, devices[0].platform),
         "global_batch": int(config.train.batch_size),
         # planned at text.max_length: with text.buckets (T5 in the step), the largest of the lengths it compiles for
         "text_tokens": batch["mask"].shape[1],
@@ -478,6 +530,8 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "bytes_accessed_per_device": step.bytes_accessed,
         "collectives_per_device": step.collectives,  # one pass of the micro-batch loop's body
         "collective_s": collective_total(step) * loops / (tpu_slice.chip.collective_gbps * 1e9),
+        "dcn_per_device": step.dcn,
+        "dcn_s": dcn_total(step) / (dcn_gbps * 1e9) if dcn_gbps else None,
         "compute_s": compute_flops / n / (tpu_slice.chip.bf16_tflops * 1e12),
         "memory_s": (step.bytes_accessed or 0.0) * loops / (tpu_slice.chip.hbm_gbps * 1e9),
         "roofline_step_s": step_s,
