@@ -520,7 +520,7 @@ ATTENTION_KINDS = (
     "flash",
 )
 # The config's default, resolved where the model is built for a platform (`platform_attention`) into the kind
-# measured fastest there: chunked on a CPU (base64-small's step: 1.12x, 2026-12-04; 1.29x at our default layout,
+# measured fastest there: chunked on a CPU (base64-small's step: 1.12x, 2026-12-04; 1.70x at our default layout,
 # 2026-12-07); elsewhere XLA's fused dot_product until another kind is measured faster there (on TPU flash
 # planned 348 ms against 365 for mini_base64's step on v5e-8, with 0.77 GiB more temporaries per chip: README).
 AUTO_ATTENTION = "auto"

@@ -131,7 +131,7 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     # in the backward pass: a block's logits instead of all of them, for one more attention forward) | flash (on
     # TPU the Pallas flash-attention kernel, per device: no logits in memory and no second forward; 'chunked'
     # on other platforms) | auto (the fastest measured where the step runs, read from the mesh's devices: chunked
-    # on a CPU, where base64-small's step ran 1.12x-1.29x faster; dot_product elsewhere, TPU included, until flash
+    # on a CPU, where base64-small's step ran 1.12x-1.70x faster; dot_product elsewhere, TPU included, until flash
     # is measured there). The planner resolves it for the TPU it compiles for.
     c.train.attention = "auto"
     c.train.attention_chunk = 256  # queries per block (chunked); 128 and 512 were 0.99x and 0.97x on a CPU

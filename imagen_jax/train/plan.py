@@ -312,15 +312,29 @@ def _group_size(attrs: str) -> int:
     return 1
 
 
+# The TPU compiler writes a reduce-scatter as a fusion of an all-reduce and the slice each device keeps: the
+# all-reduce inside a computation of this name is a reduce-scatter of its (whole) result.
+_REDUCE_SCATTER_FUSION = re.compile(r"^%all-reduce-scatter[\w.-]* \(", re.M)
+_COMPUTATION_END = re.compile(r"^\}", re.M)
+
+
+def _reduce_scatter_spans(hlo: str) -> list[tuple[int, int]]:
+    return [(m.start(), _COMPUTATION_END.search(hlo, m.end()).start()) for m in _REDUCE_SCATTER_FUSION.finditer(hlo)]
+
+
 def collective_bytes(hlo: str) -> dict[str, dict[str, float]]:
     """Per kind of collective in a compiled per-device program (`compiled.as_text()`): how many, and the bytes one
     device sends over the interconnect for them, by ring algorithms over a group of n devices: an all-gather to R
     bytes sends R (n - 1) / n, a reduce-scatter to a shard of R bytes R (n - 1), an all-reduce of R bytes
-    2 R (n - 1) / n, an all-to-all R (n - 1) / n, a permute R. A loop's body is counted once, as in XLA's cost
+    2 R (n - 1) / n, an all-to-all R (n - 1) / n, a permute R. An all-reduce inside the TPU compiler's
+    reduce-scatter fusion is that fusion's reduce-scatter. A loop's body is counted once, as in XLA's cost
     analysis."""
     found = {kind: {"count": 0, "bytes": 0.0} for kind in COLLECTIVES}
+    scatters = _reduce_scatter_spans(hlo)
     for m in _COLLECTIVE.finditer(hlo):
         kind, sizes = m["kind"], _shapes_bytes(m["result"])
+        if kind == "all-reduce" and any(a < m.start() < b for a, b in scatters):
+            kind, sizes = "reduce-scatter", [size / _group_size(m["attrs"]) for size in sizes]
         if m["start"] and kind in ("all-gather", "collective-permute"):  # async: (operands..., outputs...)
             sizes = sizes[len(sizes) // 2 :]
         size, n = sum(sizes), _group_size(m["attrs"])
