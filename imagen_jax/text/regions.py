@@ -50,12 +50,12 @@ def local_index(index: tuple[slice, ...], region: Region, shape: tuple[int, ...]
 def _runs(shape: tuple[int, ...], region: Region) -> tuple[np.ndarray, int]:
     """Element offsets (increasing) of the contiguous runs that make up `region` of a C-contiguous `shape`, and
     the elements in each: the dimensions after the last partly taken one are whole, so each run spans them."""
+    if not shape:
+        return np.zeros(1, np.int64), 1
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
     k = len(shape) - 1
     while k > 0 and region[k] == (0, shape[k]):
         k -= 1
-    if not shape:
-        return np.zeros(1, np.int64), 1
     run = (region[k][1] - region[k][0]) * strides[k]
     starts = np.array([region[k][0] * strides[k]], np.int64)
     for d in range(k - 1, -1, -1):

@@ -171,9 +171,14 @@ def format_sampling_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _kinds(table: dict | None) -> str:
+    """A `collective_bytes` or `dcn_bytes` table as 'kind GiB (count), ...'."""
+    kinds = [f"{kind} {c['bytes'] / GIB:.3f} GiB ({c['count']})" for kind, c in (table or {}).items() if c["count"]]
+    return ", ".join(kinds) or "none"
+
+
 def _collectives_line(collectives: dict) -> str:
-    kinds = [f"{kind} {c['bytes'] / GIB:.3f} GiB ({c['count']})" for kind, c in collectives.items() if c["count"]]
-    return "collectives sent per device (ring algorithms; a loop body once): " + (", ".join(kinds) or "none")
+    return "collectives sent per device (ring algorithms; a loop body once): " + _kinds(collectives)
 
 
 def _slices(r: dict) -> str:
@@ -181,13 +186,12 @@ def _slices(r: dict) -> str:
 
 
 def _dcn_line(r: dict) -> str:
-    kinds = [f"{kind} {c['bytes'] / GIB:.3f} GiB ({c['count']})" for kind, c in (r["dcn_per_device"] or {}).items()]
     time = (
         f": {r['dcn_s'] * 1e3:.1f} ms at the chip's share of the network"
         if r["dcn_s"] is not None
         else f": no published data-center network bandwidth for {r['chip']}, so no time"
     )
-    return f"sent per device to other slices (data-center network): {', '.join(kinds) or 'none'}{time}"
+    return f"sent per device to other slices (data-center network): {_kinds(r['dcn_per_device'])}{time}"
 
 
 def _planned_here(r: dict) -> str:

@@ -467,14 +467,10 @@ def roofline(
     return terms[bound], bound
 
 
-def collective_total(program: Program) -> float:
-    """The bytes one device sends for the program's collectives (0 when not compiled)."""
-    return sum(c["bytes"] for c in (program.collectives or {}).values())
-
-
-def dcn_total(program: Program) -> float:
-    """The bytes one device sends to other slices (0 when not compiled or on one slice)."""
-    return sum(c["bytes"] for c in (program.dcn or {}).values())
+def sent_total(table: dict | None) -> float:
+    """The bytes one device sends, summed over the kinds of a `collective_bytes` or `dcn_bytes` table (0 for None:
+    not compiled)."""
+    return sum(c["bytes"] for c in (table or {}).values())
 
 
 def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "xxl", slices: int = 1) -> dict:
@@ -512,10 +508,8 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
     # share k times, so a slight overestimate).
     loops = int(config.train.microbatches)
     # Between slices the step sends its gradient reduction, once per step (after the micro-batch loop): not scaled.
-    step_s, bound = roofline(
-        compute_flops, (step.bytes_accessed or 0.0) * loops, tpu_slice.chip, n, collective_total(step) * loops,
-        dcn_total(step),
-    )  # fmt: skip
+    collective, dcn = sent_total(step.collectives) * loops, sent_total(step.dcn)
+    step_s, bound = roofline(compute_flops, (step.bytes_accessed or 0.0) * loops, tpu_slice.chip, n, collective, dcn)
     dcn_gbps = tpu_slice.chip.dcn_gbps
     return {
         "slice": slice_name,
@@ -543,9 +537,9 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, t5_config: str = "x
         "windowed_loops": step.windowed,
         "bytes_accessed_per_device": step.bytes_accessed,
         "collectives_per_device": step.collectives,  # one pass of the micro-batch loop's body
-        "collective_s": collective_total(step) * loops / (tpu_slice.chip.collective_gbps * 1e9),
+        "collective_s": collective / (tpu_slice.chip.collective_gbps * 1e9),
         "dcn_per_device": step.dcn,
-        "dcn_s": dcn_total(step) / (dcn_gbps * 1e9) if dcn_gbps else None,
+        "dcn_s": dcn / (dcn_gbps * 1e9) if dcn_gbps else None,
         "compute_s": compute_flops / n / (tpu_slice.chip.bf16_tflops * 1e12),
         "memory_s": (step.bytes_accessed or 0.0) * loops / (tpu_slice.chip.hbm_gbps * 1e9),
         "roofline_step_s": step_s,
@@ -613,7 +607,7 @@ def _figures(traced: Any, name: str, takes: str, weights: int, inputs: int, chip
     program = compile_program(name, traced.lower(), weights + inputs, devices, f"the {name} program")
     counted = matmul_flops(traced.jaxpr)
     note, flops = flops_note(1, program.windowed, program.flops_xla, counted)
-    seconds, bound = roofline(flops, program.bytes_accessed or 0.0, chip, devices, collective_total(program))
+    seconds, bound = roofline(flops, program.bytes_accessed or 0.0, chip, devices, sent_total(program.collectives))
     return _Figures(program, takes, inputs, counted, flops, note, seconds, bound)
 
 
